@@ -1,0 +1,162 @@
+// CPU kernels of the BackSlash rate ops (schemas in csrc/ops.cpp): one pass over all tensors,
+// split into fixed chunks run with at::parallel_for; per-chunk partial sums in double are added
+// in chunk order, so results do not depend on the thread count.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <type_traits>
+#include <vector>
+
+#include "kernels/rate_terms.h"
+
+namespace slimrate {
+namespace {
+
+// 64 Ki elements per task: large enough to amortise scheduling, small enough to balance
+// ~50 tensors of uneven sizes over the cores.
+constexpr int64_t kChunk = int64_t{1} << 16;
+
+#define SLIMRATE_CPU_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+
+template <class Fmt>
+SLIMRATE_CPU_CLONES void stats_span(const typename Fmt::storage* x, int64_t n, double* out) {
+  double sum_abs = 0.0, sum_sq = 0.0;
+#pragma omp simd reduction(+ : sum_abs, sum_sq)
+  for (int64_t i = 0; i < n; ++i) {
+    double v = Fmt::load(x[i]);
+    sum_abs += v < 0 ? -v : v;
+    sum_sq += v * v;
+  }
+  out[0] = sum_abs;
+  out[1] = sum_sq;
+}
+
+// grad[i] += scale·g(θ[i]); returns Σ r(θ[i]).  theta and grad may be the same memory
+// (decoupled update): each element is read before it is written.
+template <class Fmt, class Math>
+SLIMRATE_CPU_CLONES double rate_grad_span(const typename Fmt::storage* theta, typename Fmt::storage* grad,
+                                          int64_t n, double nu, double eps, double scale) {
+  double sum_r = 0.0;
+#pragma omp simd reduction(+ : sum_r)
+  for (int64_t i = 0; i < n; ++i) {
+    double r, g;
+    rate_term<Math>(Fmt::load(theta[i]), nu, eps, r, g);
+    grad[i] = Fmt::store(Fmt::load(grad[i]) + scale * g);
+    sum_r += r;
+  }
+  return sum_r;
+}
+
+struct Chunk {
+  size_t tensor;
+  int64_t begin, end;
+};
+
+std::vector<Chunk> make_chunks(const std::vector<at::Tensor>& tensors) {
+  std::vector<Chunk> chunks;
+  for (size_t t = 0; t < tensors.size(); ++t)
+    for (int64_t b = 0; b < tensors[t].numel(); b += kChunk)
+      chunks.push_back({t, b, std::min(b + kChunk, tensors[t].numel())});
+  return chunks;
+}
+
+void check_float_cpu(const at::Tensor& t, const char* what, size_t i) {
+  TORCH_CHECK(t.device().is_cpu(), what, "[", i, "]: expected a CPU tensor, got ", t.device());
+  auto st = t.scalar_type();
+  TORCH_CHECK(st == at::kFloat || st == at::kDouble || st == at::kBFloat16 || st == at::kHalf, what, "[", i,
+              "]: expected float32/float64/bfloat16/float16, got ", st);
+}
+
+// Calls fn with the storage format tag of dtype (checked to be one of the four).
+template <class Fn>
+auto with_format(at::ScalarType st, Fn&& fn) {
+  switch (st) {
+    case at::kFloat: return fn(F32{});
+    case at::kDouble: return fn(F64{});
+    case at::kBFloat16: return fn(BF16{});
+    default: return fn(F16{});
+  }
+}
+
+template <class Fmt>
+const typename Fmt::storage* data_of(const at::Tensor& t) {
+  return reinterpret_cast<const typename Fmt::storage*>(t.const_data_ptr());
+}
+
+at::Tensor rate_stats_cpu(at::TensorList tensors) {
+  std::vector<at::Tensor> xs;
+  int64_t n = 0;
+  for (size_t i = 0; i < tensors.size(); ++i) {
+    check_float_cpu(tensors[i], "tensors", i);
+    xs.push_back(tensors[i].contiguous());
+    n += tensors[i].numel();
+  }
+  auto chunks = make_chunks(xs);
+  std::vector<double> partial(2 * chunks.size());
+  at::parallel_for(0, static_cast<int64_t>(chunks.size()), 1, [&](int64_t lo, int64_t hi) {
+    for (int64_t c = lo; c < hi; ++c) {
+      const Chunk& ch = chunks[c];
+      with_format(xs[ch.tensor].scalar_type(), [&](auto fmt) {
+        using Fmt = decltype(fmt);
+        stats_span<Fmt>(data_of<Fmt>(xs[ch.tensor]) + ch.begin, ch.end - ch.begin, &partial[2 * c]);
+      });
+    }
+  });
+  double sum_abs = 0.0, sum_sq = 0.0;
+  for (size_t c = 0; c < chunks.size(); ++c) {
+    sum_abs += partial[2 * c];
+    sum_sq += partial[2 * c + 1];
+  }
+  return at::tensor({static_cast<double>(n), sum_abs, sum_sq}, at::dtype(at::kDouble));
+}
+
+at::Tensor rate_grad_cpu(at::TensorList params, at::TensorList grads, double lam, double nu, double eps) {
+  TORCH_CHECK(params.size() == grads.size(), "grads: expected ", params.size(), " tensors, got ", grads.size());
+  TORCH_CHECK(nu > 0 && eps >= 0, "nu must be > 0 and eps >= 0, got nu=", nu, " eps=", eps);
+  std::vector<at::Tensor> thetas, gs;
+  int64_t n = 0;
+  for (size_t i = 0; i < params.size(); ++i) {
+    check_float_cpu(params[i], "params", i);
+    check_float_cpu(grads[i], "grads", i);
+    TORCH_CHECK(grads[i].sizes() == params[i].sizes() && grads[i].scalar_type() == params[i].scalar_type(),
+                "grads[", i, "]: expected shape ", params[i].sizes(), " and dtype ", params[i].scalar_type(),
+                ", got ", grads[i].sizes(), " ", grads[i].scalar_type());
+    thetas.push_back(params[i].contiguous());
+    gs.push_back(grads[i].contiguous());  // a copy only when grads[i] is strided; written back below
+    n += params[i].numel();
+  }
+  if (n == 0) return at::zeros({}, at::dtype(at::kDouble));
+  double scale = lam * nu / static_cast<double>(n);
+  auto chunks = make_chunks(thetas);
+  std::vector<double> partial(chunks.size());
+  at::parallel_for(0, static_cast<int64_t>(chunks.size()), 1, [&](int64_t lo, int64_t hi) {
+    for (int64_t c = lo; c < hi; ++c) {
+      const Chunk& ch = chunks[c];
+      with_format(thetas[ch.tensor].scalar_type(), [&](auto fmt) {
+        using Fmt = decltype(fmt);
+        auto* grad = reinterpret_cast<typename Fmt::storage*>(gs[ch.tensor].data_ptr()) + ch.begin;
+        const auto* theta = data_of<Fmt>(thetas[ch.tensor]) + ch.begin;
+        int64_t len = ch.end - ch.begin;
+        if constexpr (std::is_same_v<Fmt, F64>)
+          partial[c] = rate_grad_span<Fmt, LibMath>(theta, grad, len, nu, eps, scale);
+        else
+          partial[c] = rate_grad_span<Fmt, PolyMath>(theta, grad, len, nu, eps, scale);
+      });
+    }
+  });
+  for (size_t i = 0; i < grads.size(); ++i)
+    if (!gs[i].is_same(grads[i])) grads[i].copy_(gs[i]);
+  double sum_r = 0.0;
+  for (double p : partial) sum_r += p;
+  return at::scalar_tensor(sum_r / static_cast<double>(n), at::dtype(at::kDouble));
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(slimrate, CPU, m) {
+  m.impl("rate_stats", &rate_stats_cpu);
+  m.impl("rate_grad_", &rate_grad_cpu);
+}
+
+}  // namespace slimrate
