@@ -16,20 +16,27 @@ from collections.abc import Callable
 
 import torch
 
+from slimrate.ops import reference
+
 BACKENDS = ("native", "triton", "reference")
 BUILD_HINT = "build it with `make build` (or `pip install -e . --no-build-isolation`) in the slimrate checkout"
 
 
+# Importing slimrate._C registers the torch.ops.slimrate kernels. A missing build is reported when a
+# native op is called; a build that exists but fails to import raises here, loudly.
+_EXTENSION = importlib.import_module("slimrate._C") if importlib.util.find_spec("slimrate._C") else None
+
+
 def extension_available() -> bool:
     """True when the compiled extension slimrate._C is installed."""
-    return importlib.util.find_spec("slimrate._C") is not None
+    return _EXTENSION is not None
 
 
 def load_extension():
-    """Import slimrate._C (which registers the torch.ops.slimrate kernels) or raise ImportError."""
-    if not extension_available():
+    """The imported slimrate._C module, or ImportError saying how to build it."""
+    if _EXTENSION is None:
         raise ImportError(f"slimrate's compiled extension slimrate._C is missing; {BUILD_HINT}")
-    return importlib.import_module("slimrate._C")
+    return _EXTENSION
 
 
 def backend_name(backend: str | None) -> str:
@@ -55,4 +62,4 @@ def pick_backend(op: str, backend: str | None, device: torch.device) -> Callable
                              "before triton is imported")
         kernels = importlib.import_module("slimrate.triton_kernels")
         return getattr(kernels, op.rstrip("_") + "_triton")
-    return getattr(importlib.import_module("slimrate.ops.reference"), op)
+    return getattr(reference, op)

@@ -9,7 +9,7 @@ from collections.abc import Iterable
 
 import torch
 
-from slimrate.ops.backend import extension_available, load_extension, pick_backend
+from slimrate.ops.backend import extension_available, pick_backend
 from slimrate.ops.checks import finite_number, float_tensor_list
 
 
@@ -52,8 +52,6 @@ def rate_grad_(params: Iterable[torch.Tensor], grads: Iterable[torch.Tensor], la
 
 
 if extension_available():
-    load_extension()
-
     @torch.library.register_fake("slimrate::rate_stats")
     def _rate_stats_fake(tensors):
         return tensors[0].new_empty((3,), dtype=torch.float64)

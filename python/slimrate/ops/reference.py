@@ -35,5 +35,6 @@ def rate_grad_(params: list[torch.Tensor], grads: list[torch.Tensor], lam: float
     for p, g in zip(params, grads):
         a = p.abs() + eps
         total += (a ** nu).double().sum()
-        g.add_(lam * (nu / n) * torch.sign(p) * a ** (nu - 1))
+        # sign(0) = 0 even where (0 + ε)^(ν−1) is infinite (ε = 0, ν < 1)
+        g.add_(lam * (nu / n) * torch.sign(p) * torch.where(a > 0, a, 1) ** (nu - 1))
     return total / n

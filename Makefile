@@ -1,0 +1,39 @@
+# The README's commands. Each sets up .venv when missing and rebuilds only what is out of date.
+PYTHON ?= python3
+VENV := .venv
+VPY := $(VENV)/bin/python
+DEPS_STAMP := $(VENV)/.slimrate-deps
+BUILD_STAMP := $(VENV)/.slimrate-build
+EXT_SOURCES := setup.py $(shell find csrc -name '*.cpp' -o -name '*.h' -o -name '*.cu' -o -name '*.cuh')
+JOBS ?= $(shell nproc)
+
+.PHONY: demo test bench build lint clean
+
+demo: $(BUILD_STAMP)
+	$(VENV)/bin/slimrate demo
+
+test: $(BUILD_STAMP)
+	$(VPY) -m pytest -q tests
+
+bench: $(BUILD_STAMP)
+	$(VPY) -m pytest bench --benchmark-only --benchmark-json bench/results/rate_grad.json
+	$(VPY) bench/summarize.py bench/results/rate_grad.json bench/results/rate_grad.md
+
+build: $(BUILD_STAMP)
+
+lint: $(DEPS_STAMP)
+	$(VENV)/bin/ruff check python triton_kernels tests bench tools
+
+$(VPY):
+	$(PYTHON) -m venv $(VENV)
+
+$(DEPS_STAMP): pyproject.toml tools/install_deps.py | $(VPY)
+	$(VPY) tools/install_deps.py
+	touch $@
+
+$(BUILD_STAMP): $(DEPS_STAMP) $(EXT_SOURCES)
+	MAX_JOBS=$(JOBS) $(VPY) -m pip install -q --disable-pip-version-check --no-build-isolation --no-deps -e .
+	touch $@
+
+clean:
+	rm -rf build python/slimrate/*.so $(BUILD_STAMP)

@@ -1,0 +1,35 @@
+"""Test helpers: readable ids, the flash-attention error rule, backend availability."""
+
+import importlib.util
+
+import pytest
+import torch
+
+from slimrate.ops import extension_available
+
+DTYPE_IDS = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.float64: "fp64"}
+
+
+def rel_err(out: torch.Tensor, ref64: torch.Tensor) -> float:
+    """‖out − ref64‖ / ‖ref64‖ in float64."""
+    return ((out.double() - ref64).norm() / ref64.norm().clamp_min(1e-300)).item()
+
+
+def assert_close_flash(out: torch.Tensor, ref_same: torch.Tensor, ref64: torch.Tensor, dtype: torch.dtype,
+                       ulps: int = 4, what: str = "output") -> None:
+    """flash-attention's rule (STYLE.md): err(kernel) ≤ 2·err(reference run in the same dtype) + a few ulps."""
+    err, err_ref = rel_err(out, ref64), rel_err(ref_same, ref64)
+    bound = 2 * err_ref + ulps * torch.finfo(dtype).eps
+    if err > bound:
+        diff = (out.double() - ref64).abs().flatten()
+        i = int(diff.argmax())
+        raise AssertionError(f"{what}: rel err {err:.3g} > bound {bound:.3g} (reference in {dtype}: {err_ref:.3g}); "
+                             f"max abs err {diff[i]:.3g} at flat index {i}, shape {tuple(out.shape)}")
+
+
+def skip_unless_backend(backend: str, device: str) -> None:
+    """Skip with a reason when ``backend`` cannot run on ``device`` here."""
+    if backend == "native" and not extension_available():
+        pytest.skip("slimrate._C is not built")
+    if backend == "triton" and importlib.util.find_spec("triton") is None:
+        pytest.skip("triton is not installed")

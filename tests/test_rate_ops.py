@@ -1,0 +1,246 @@
+"""rate_stats and rate_grad_ on every backend against the float64 reference (ops/reference.py)."""
+
+import pytest
+import torch
+
+from conftest import DEVICES
+from helpers import DTYPE_IDS, assert_close_flash, rel_err, skip_unless_backend
+from slimrate import ops
+from slimrate.ops import reference
+
+BACKENDS = ["native", "triton", "reference"]
+DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
+# Lists of tensor shapes: odd sizes, single elements, empty tensors, and one list larger than the
+# C++ kernel's 64 Ki-element chunk so several chunks of one tensor run in parallel.
+SHAPE_LISTS = {
+    "odd": [(5, 123), (127,), (3, 7, 11), (1,)],
+    "empty": [(0,), (4, 0)],
+    "with-empty": [(0,), (33, 17), (0, 3)],
+    "chunks": [(300, 257), (19,)],
+}
+# Moment sums: float64 accumulation in C++ and the reference; Triton accumulates float32 partials of
+# at most one block each, then float64 (relative error of a few float32 ulps).
+STATS_RTOL = {"native": 1e-12, "reference": 1e-12, "triton": 1e-6}
+
+
+def make_params(shapes, dtype, device, scale=0.05):
+    return [(torch.randn(s, dtype=torch.float64) * scale).to(dtype=dtype, device=device) for s in shapes]
+
+
+def run_rate_grad(backend, params, lam, nu, eps, grads=None):
+    """Returns (R, grads after the call); grads default to fresh N(0, 0.1²) values."""
+    if grads is None:
+        grads = [torch.randn_like(p) * 0.1 for p in params]
+    r = ops.rate_grad_(params, grads, lam, nu, eps, backend=backend)
+    return r, grads
+
+
+def check_rate_grad(backend, shapes, dtype, device, nu, eps, noncontiguous=False):
+    params = make_params(shapes, dtype, device)
+    grads0 = [torch.randn_like(p) * 0.1 for p in params]
+    if noncontiguous:  # transposed views of tensors with their own storage
+        params = [p.t().contiguous().t() if p.dim() == 2 else p for p in params]
+        grads0 = [g.t().contiguous().t() if g.dim() == 2 else g for g in grads0]
+    n = sum(p.numel() for p in params)
+    lam = float(max(n, 1))  # so lam·ν/N is O(1) and the update is not lost in the grad's rounding
+    grads = [g.clone() for g in grads0]
+    r = ops.rate_grad_(params, grads, lam, nu, eps, backend=backend)
+    grads64 = [g.double() for g in grads0]
+    r64 = reference.rate_grad_([p.double() for p in params], grads64, lam, nu, eps)
+    grads_same = [g.clone() for g in grads0]
+    r_same = reference.rate_grad_(params, grads_same, lam, nu, eps)
+    assert r.dtype == torch.float64 and r.shape == () and r.device.type == device
+    if n == 0:
+        assert r.item() == 0.0
+        assert all(torch.equal(g, g0) for g, g0 in zip(grads, grads0))
+        return
+    # R is a sum of n terms: another summation order may differ by about √n ulps (random walk).
+    assert_close_flash(r.reshape(1), r_same.reshape(1), r64.reshape(1), dtype, ulps=4 + int(n**0.5), what="R")
+    for i, (g, gs, g64) in enumerate(zip(grads, grads_same, grads64)):
+        assert g.dtype == dtype and g.shape == g64.shape
+        if g.numel():
+            assert_close_flash(g, gs, g64, dtype, what=f"grads[{i}]")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("shapes", SHAPE_LISTS.values(), ids=SHAPE_LISTS.keys())
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS.get)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_rate_grad_matches_reference(backend, dtype, shapes, device):
+    skip_unless_backend(backend, device)
+    check_rate_grad(backend, shapes, dtype, device, nu=0.7, eps=1e-2)
+
+
+@pytest.mark.parametrize("nu,eps", [(0.5, 1.0), (1.0, 1e-3), (2.0, 0.0), (0.3, 0.0), (2.7, 1e-6)])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_rate_grad_matches_reference_over_nu_and_eps(backend, nu, eps):
+    skip_unless_backend(backend, "cpu")
+    check_rate_grad(backend, SHAPE_LISTS["odd"], torch.float32, "cpu", nu=nu, eps=eps)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=DTYPE_IDS.get)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_rate_grad_handles_noncontiguous_inputs(backend, dtype):
+    skip_unless_backend(backend, "cpu")
+    check_rate_grad(backend, [(37, 29), (64, 3), (11,)], dtype, "cpu", nu=0.8, eps=1e-2, noncontiguous=True)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_rate_grad_zero_weight_has_zero_gradient_with_eps_zero(backend):
+    skip_unless_backend(backend, "cpu")
+    p = torch.randn(50)
+    p[::7] = 0.0
+    g = torch.randn(50)
+    expected = g.clone()
+    r = ops.rate_grad_([p], [g], 3.0, 0.5, 0.0, backend=backend)
+    assert torch.equal(g[::7], expected[::7]), "sign(0) = 0: zero weights must get no gradient"
+    assert torch.isfinite(g).all() and torch.isfinite(r)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_rate_grad_in_place_on_params_applies_decoupled_shrink(backend):
+    skip_unless_backend(backend, "cpu")
+    params = make_params([(40, 31), (9,)], torch.float32, "cpu", scale=0.5)
+    before = [p.double() for p in params]
+    expected = [p.clone() for p in before]
+    r64 = reference.rate_grad_(before, expected, -2.0, 0.6, 1.0)
+    r = ops.rate_grad_(params, params, -2.0, 0.6, 1.0, backend=backend)
+    assert abs(r.item() - r64.item()) <= 1e-6 * abs(r64.item())
+    for p, e in zip(params, expected):
+        assert rel_err(p, e) <= 4 * torch.finfo(torch.float32).eps
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("shapes", SHAPE_LISTS.values(), ids=SHAPE_LISTS.keys())
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS.get)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_rate_stats_matches_reference(backend, dtype, shapes, device):
+    skip_unless_backend(backend, device)
+    tensors = make_params(shapes, dtype, device, scale=1.0)
+    out = ops.rate_stats(tensors, backend=backend)
+    ref = reference.rate_stats(tensors)
+    assert out.dtype == torch.float64 and out.shape == (3,) and out.device.type == device
+    assert out[0].item() == sum(t.numel() for t in tensors)
+    torch.testing.assert_close(out, ref, rtol=STATS_RTOL[backend], atol=1e-300)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_rate_stats_handles_noncontiguous_inputs(backend):
+    skip_unless_backend(backend, "cpu")
+    base = torch.randn(64, 48)
+    tensors = [base[::2, 1::3], base.t()]
+    out = ops.rate_stats(tensors, backend=backend)
+    torch.testing.assert_close(out, reference.rate_stats([t.contiguous() for t in tensors]),
+                               rtol=STATS_RTOL[backend], atol=0.0)
+
+
+def test_empty_lists_give_zeros():
+    assert torch.equal(ops.rate_stats([]), torch.zeros(3, dtype=torch.float64))
+    assert ops.rate_grad_([], [], 1.0, 0.5, 1.0).item() == 0.0
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_opcheck_native_ops(device):
+    skip_unless_backend("native", device)
+    params = make_params([(17, 5), (3,)], torch.float32, device)
+    grads = [torch.randn_like(p) for p in params]
+    torch.library.opcheck(torch.ops.slimrate.rate_stats.default, (params,))
+    torch.library.opcheck(torch.ops.slimrate.rate_grad_.default, (params, grads, 2.0, 0.7, 1e-2))
+
+
+def test_rate_grad_under_torch_compile_fullgraph():
+    skip_unless_backend("native", "cpu")
+    params = make_params([(33, 9), (7,)], torch.float32, "cpu")
+    grads = [torch.randn_like(p) for p in params]
+    grads_eager = [g.clone() for g in grads]
+
+    @torch.compile(fullgraph=True, backend="aot_eager")
+    def step(ps, gs):
+        stats = ops.rate_stats(ps)
+        return ops.rate_grad_(ps, gs, 5.0, 0.7, 1e-2), stats
+
+    r, stats = step(params, grads)
+    r_eager = ops.rate_grad_(params, grads_eager, 5.0, 0.7, 1e-2)
+    torch.testing.assert_close(r, r_eager)
+    torch.testing.assert_close(stats, ops.rate_stats(params))
+    for g, ge in zip(grads, grads_eager):
+        torch.testing.assert_close(g, ge)
+
+
+# ---- bad inputs: each check has its test -------------------------------------------------------
+
+def test_rate_grad_rejects_mismatched_list_lengths():
+    with pytest.raises(ValueError, match="grads: expected one gradient per parameter"):
+        ops.rate_grad_([torch.randn(3), torch.randn(2)], [torch.randn(3)], 1.0, 0.5, 1.0)
+
+
+def test_rate_grad_rejects_mismatched_shapes():
+    with pytest.raises(ValueError, match=r"grads\[0\]: expected shape \(3,\)"):
+        ops.rate_grad_([torch.randn(3)], [torch.randn(4)], 1.0, 0.5, 1.0)
+
+
+def test_rate_grad_rejects_mismatched_dtypes():
+    with pytest.raises(ValueError, match=r"grads\[0\]: expected .*torch.float32"):
+        ops.rate_grad_([torch.randn(3)], [torch.randn(3, dtype=torch.float64)], 1.0, 0.5, 1.0)
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int32, torch.bool])
+def test_rate_ops_reject_integer_tensors(dtype):
+    bad = torch.ones(4, dtype=dtype)
+    with pytest.raises(TypeError, match=r"params\[1\]: expected a float dtype"):
+        ops.rate_grad_([torch.randn(4), bad], [torch.randn(4), bad], 1.0, 0.5, 1.0)
+    with pytest.raises(TypeError, match=r"tensors\[0\]: expected a float dtype"):
+        ops.rate_stats([bad])
+
+
+@pytest.mark.parametrize("nu", [0.0, -1.0, float("nan")])
+def test_rate_grad_rejects_bad_nu(nu):
+    with pytest.raises(ValueError, match="nu"):
+        ops.rate_grad_([torch.randn(3)], [torch.randn(3)], 1.0, nu, 1.0)
+
+
+def test_rate_grad_rejects_negative_eps():
+    with pytest.raises(ValueError, match="eps: expected a value >= 0"):
+        ops.rate_grad_([torch.randn(3)], [torch.randn(3)], 1.0, 0.5, -1e-3)
+
+
+def test_rate_grad_rejects_non_number_lam():
+    with pytest.raises(TypeError, match="lam: expected a Python number"):
+        ops.rate_grad_([torch.randn(3)], [torch.randn(3)], torch.tensor(1.0), 0.5, 1.0)
+
+
+def test_rate_ops_reject_mixed_devices():
+    with pytest.raises(ValueError, match=r"tensors\[1\]: all tensors must be on one device"):
+        ops.rate_stats([torch.randn(3), torch.randn(3, device="meta")])
+
+
+def test_rate_ops_reject_a_bare_tensor():
+    with pytest.raises(TypeError, match="wrap a single tensor"):
+        ops.rate_stats(torch.randn(3))
+
+
+def test_unknown_backend_lists_valid_names():
+    with pytest.raises(ValueError, match="native.*triton.*reference"):
+        ops.rate_stats([torch.randn(3)], backend="fast")
+
+
+def test_native_kernel_checks_keep_direct_calls_safe():
+    skip_unless_backend("native", "cpu")
+    with pytest.raises(RuntimeError, match="expected float32/float64/bfloat16/float16"):
+        torch.ops.slimrate.rate_stats([torch.ones(3, dtype=torch.int64)])
+    with pytest.raises(RuntimeError, match=r"grads\[0\]: expected shape"):
+        torch.ops.slimrate.rate_grad_([torch.randn(3)], [torch.randn(5)], 1.0, 0.5, 1.0)
+
+
+def test_missing_extension_raises_import_error_with_build_command(monkeypatch):
+    from slimrate.ops import backend
+
+    monkeypatch.setattr(backend, "_EXTENSION", None)
+    with pytest.raises(ImportError, match="make build"):
+        ops.rate_stats([torch.randn(3)], backend="native")
+
+
+def test_triton_on_cpu_without_interpreter_is_refused(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(ValueError, match="TRITON_INTERPRET=1"):
+        ops.rate_stats([torch.randn(3)], backend="triton")
