@@ -1,0 +1,28 @@
+"""Size proxies reported by the demo and studies: the empirical entropy of quantized weights."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+
+
+def quantized_entropy_bits(tensors: Iterable[torch.Tensor], step: float) -> float:
+    """Empirical entropy H(q), in bits per parameter, of q = round(θ/step) pooled over all tensors.
+
+    The lower bound for any symbol-by-symbol code of the quantized weights (papers/backslash.md §6).
+    """
+    if step <= 0:
+        raise ValueError(f"step: expected a quantization step > 0, got {step}")
+    symbols = torch.cat([torch.round(t.detach().double().flatten() / step) for t in tensors])
+    if symbols.numel() == 0:
+        raise ValueError("tensors: expected at least one element to measure")
+    _, counts = torch.unique(symbols, return_counts=True)
+    p = counts.double() / symbols.numel()
+    return float(-(p * torch.log2(p)).sum())
+
+
+def small_weight_share(tensors: Iterable[torch.Tensor], threshold: float = 1e-3) -> float:
+    """Share of elements with |θ| < threshold, pooled over all tensors."""
+    flat = torch.cat([t.detach().flatten().abs() for t in tensors])
+    return float((flat < threshold).double().mean())
