@@ -1,6 +1,7 @@
 """slimrate: rate-constrained training, compressed models and the kernels that make them fast."""
 
-from slimrate import ops
+from slimrate import backslash, ops
+from slimrate.backslash import RateConstraint, estimate_shape, rate
 
 __version__ = "0.1.0"
-__all__ = ["ops", "__version__"]
+__all__ = ["RateConstraint", "backslash", "estimate_shape", "ops", "rate", "__version__"]

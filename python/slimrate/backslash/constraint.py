@@ -1,0 +1,254 @@
+"""RateConstraint: apply the BackSlash rate penalty λ·R(θ) to a model at every training step.
+
+R(θ) = (1/N)·Σ (|θ|+ε)^ν over the constrained parameters (N = their total element count), with ν
+re-estimated from the weights' moments (papers/backslash.md §2–§5).  Two application modes:
+
+- ``mode="grad"`` (§5a, J = D + λ·R): ``step()`` after ``loss.backward()`` and before
+  ``optimizer.step()`` adds λ·∂R/∂θ into ``p.grad``; the optimizer then applies it, so the learning
+  rate, its schedule, momentum and Adam's preconditioning all act on the rate term.
+- ``mode="decoupled"`` (§5b, the authors' re-implementation): ``step()`` after ``optimizer.step()``
+  does θ ← θ − λ·∂R/∂θ directly, with no learning rate and no optimizer state (their setting:
+  λ = 2000, ε = 1).  It is a proximal-style shrink with no zero-crossing guard: a weight smaller than
+  its step flips sign and oscillates around 0, as in their code.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+from torch import nn
+
+from slimrate.backslash.shape import shape_from_moments
+from slimrate.ops import rate_grad_, rate_stats
+from slimrate.ops.checks import finite_number, float_tensor_list
+
+MODES = ("grad", "decoupled")
+SHAPE_SCOPES = ("global", "tensor")
+INCLUDES = ("weights", "all")
+# ν of a tensor (or pool) whose values are all zero is undefined; it keeps its previous ν, starting
+# from the Gaussian's 2.  That ν only changes R's value: sign(0) = 0, so those weights get no gradient.
+NU_UNDEFINED_START = 2.0
+_STATE_KEYS = ("lam", "eps", "nu", "mode", "shape_every", "shape_scope", "steps", "last_rate",
+               "nu_per_tensor", "num_params", "num_tensors")
+
+ParamFilter = Callable[[str, nn.Module, nn.Parameter], bool]
+
+
+def weight_layer_types() -> tuple[type, ...]:
+    """Layers whose ``weight`` include="weights" constrains: Linear, Conv1d/2d/3d, Embedding, and
+    transformers' GPT-2 style ``Conv1D`` (a Linear with transposed weight) when transformers is loaded."""
+    types: tuple[type, ...] = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Embedding)
+    hf_layers = sys.modules.get("transformers.pytorch_utils")  # never import transformers ourselves
+    if hf_layers is not None and hasattr(hf_layers, "Conv1D"):
+        types += (hf_layers.Conv1D,)
+    return types
+
+
+def select_parameters(module: nn.Module, include: str | ParamFilter) -> tuple[list[str], list[nn.Parameter]]:
+    """(names, parameters) of ``module`` chosen by ``include``; trainable ones only, each shared
+    (tied) parameter once.  include: "weights" (weights of the layers in ``weight_layer_types``,
+    no biases or norms), "all" (every float parameter) or a callable (name, module, param) -> bool."""
+    layer_types = weight_layer_types()
+    names: list[str] = []
+    params: list[nn.Parameter] = []
+    taken: set[int] = set()
+    for module_name, sub in module.named_modules():
+        for param_name, p in sub.named_parameters(recurse=False):
+            if id(p) in taken or not p.requires_grad:
+                continue
+            name = f"{module_name}.{param_name}" if module_name else param_name
+            if include == "weights":
+                keep = isinstance(sub, layer_types) and param_name == "weight"
+            elif include == "all":
+                keep = p.is_floating_point()
+            else:
+                keep = bool(include(name, sub, p))
+            if keep:
+                taken.add(id(p))
+                names.append(name)
+                params.append(p)
+    return names, params
+
+
+class RateConstraint:
+    """The BackSlash rate constraint λ·R(θ) on a model's weights, applied once per training step.
+
+    module_or_params: an ``nn.Module`` (its trainable parameters chosen by ``include``) or an
+        iterable of parameters (taken as given; ``include`` must then stay "weights").
+    lam: λ ≥ 0.  eps: ε ≥ 0 in (|θ|+ε)^ν (soft gradient clipping; 1 in the authors' code).
+    nu: "auto" (re-estimate ν̂ ∈ [0.1, 3] by moment matching every ``shape_every`` steps, before
+        applying) or a fixed ν > 0.
+    mode: "grad" — call ``step()`` after ``loss.backward()``, before ``optimizer.step()``: adds
+        λ·∂R/∂θ into ``p.grad`` (creating zero grads where None), so the LR, its schedule and Adam's
+        preconditioning apply to it (gradient clipping does too if it runs after ``step()``);
+        "decoupled" — call ``step()`` after ``optimizer.step()``: θ ← θ − λ·∂R/∂θ under no_grad, with
+        no LR (papers/backslash.md §5b; no zero-crossing guard).
+    include: "weights" (Linear/Conv/Embedding weights; not biases or norms), "all", or a callable
+        (name, module, param) -> bool.  Frozen parameters (requires_grad=False) are never taken.
+    shape_scope: "global" (one ν pooled over all constrained parameters, as the authors' code) or
+        "tensor" (ν per tensor; R keeps the global N, so the gradient is λ·(ν_t/N)·sign·(|θ|+ε)^(ν_t−1)).
+
+    ``step()`` returns R (float, before the update; one device sync).  Attributes: ``last_rate``,
+    ``nu`` (the ν in use, first estimated at construction when "auto"; in "tensor" scope the
+    element-weighted mean of ``nu_per_tensor``),
+    ``nu_per_tensor``, ``num_params`` (N), ``steps``, ``params``, ``param_names``.
+    ``lam`` may be changed between steps (e.g. a warm-up).  Cost per step: one fused pass over the
+    constrained parameters, plus one moment pass when ν is re-estimated.
+    """
+
+    def __init__(self, module_or_params: nn.Module | Iterable[torch.Tensor], lam: float, eps: float = 1.0,
+                 nu: float | str = "auto", mode: str = "grad", shape_every: int = 1,
+                 include: str | ParamFilter = "weights", shape_scope: str = "global") -> None:
+        self.params, self.param_names = _collect(module_or_params, include)
+        self.num_params = sum(p.numel() for p in self.params)
+        self.steps = 0
+        self.last_rate = math.nan
+        self._configure(lam=lam, eps=eps, nu=nu, mode=mode, shape_every=shape_every, shape_scope=shape_scope)
+        if self.auto_nu:
+            self.nu_per_tensor = [NU_UNDEFINED_START] * len(self.params)
+            self._update_shape()
+        else:
+            self.nu_per_tensor = [self._fixed_nu] * len(self.params)
+
+    def _configure(self, *, lam, eps, nu, mode, shape_every, shape_scope) -> None:
+        """Check every setting, then assign them all (a bad one leaves the constraint unchanged)."""
+        lam = finite_number("lam", lam, nonnegative=True)
+        eps = finite_number("eps", eps, nonnegative=True)
+        if isinstance(nu, str) and nu != "auto":
+            raise ValueError(f"nu: expected 'auto' or a number > 0, got {nu!r}")
+        auto_nu = isinstance(nu, str)
+        fixed_nu = math.nan if auto_nu else finite_number("nu", nu, positive=True)
+        if mode not in MODES:
+            raise ValueError(f"mode: expected one of {MODES}, got {mode!r}")
+        if isinstance(shape_every, bool) or not isinstance(shape_every, int):
+            raise TypeError(f"shape_every: expected an int, got {type(shape_every).__name__}")
+        if shape_every < 1:
+            raise ValueError(f"shape_every: expected an int >= 1, got {shape_every}")
+        if shape_scope not in SHAPE_SCOPES:
+            raise ValueError(f"shape_scope: expected one of {SHAPE_SCOPES}, got {shape_scope!r}")
+        self.lam, self.eps, self.auto_nu, self._fixed_nu = lam, eps, auto_nu, fixed_nu
+        self.mode, self.shape_every, self.shape_scope = mode, shape_every, shape_scope
+
+    @property
+    def nu(self) -> float:
+        """The ν in use (global scope), or the element-weighted mean of the per-tensor ν."""
+        if self.shape_scope == "global":
+            return self.nu_per_tensor[0]
+        weighted = sum(nu * p.numel() for nu, p in zip(self.nu_per_tensor, self.params, strict=True))
+        return weighted / self.num_params
+
+    def step(self) -> float:
+        """Apply λ·∂R/∂θ (to the grads in mode "grad", to the weights in mode "decoupled"); return R."""
+        with torch.no_grad():
+            if self.auto_nu and self.steps % self.shape_every == 0:
+                self._update_shape()
+            targets = self._grads() if self.mode == "grad" else self.params
+            lam = self.lam if self.mode == "grad" else -self.lam  # decoupled: θ += −λ·∂R/∂θ in place
+            if self.shape_scope == "global":
+                value = rate_grad_(self.params, targets, lam, self.nu_per_tensor[0], self.eps)
+            else:
+                # Per-tensor calls normalise by the tensor's n_t; scaling λ and R by n_t/N restores
+                # R's global N: R = Σ_t (n_t/N)·R_t and λ·(n_t/N)·(ν_t/n_t) = λ·ν_t/N.
+                value = torch.zeros((), dtype=torch.float64, device=self.params[0].device)
+                for p, t, nu in zip(self.params, targets, self.nu_per_tensor, strict=True):
+                    share = p.numel() / self.num_params
+                    value += share * rate_grad_([p], [t], lam * share, nu, self.eps)
+        self.steps += 1
+        self.last_rate = value.item()
+        return self.last_rate
+
+    def _grads(self) -> list[torch.Tensor]:
+        grads = []
+        for name, p in zip(self.param_names, self.params, strict=True):
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            elif p.grad.layout != torch.strided:
+                raise ValueError(f"{name}: its gradient is {p.grad.layout}, mode='grad' needs dense "
+                                 "gradients; use sparse=False in the layer or mode='decoupled'")
+            grads.append(p.grad)
+        return grads
+
+    def _update_shape(self) -> None:
+        if self.shape_scope == "global":
+            pooled = rate_stats(self.params).tolist()
+            nu = self._shape_or_keep("parameters", pooled, self.nu_per_tensor[0])
+            self.nu_per_tensor = [nu] * len(self.params)
+        else:
+            # One device sync for all tensors, not one per tensor.
+            stats = torch.stack([rate_stats([p]) for p in self.params]).tolist()
+            named = zip(self.param_names, stats, self.nu_per_tensor, strict=True)
+            self.nu_per_tensor = [self._shape_or_keep(name, s, nu) for name, s, nu in named]
+
+    @staticmethod
+    def _shape_or_keep(name: str, stats: list[float], previous: float) -> float:
+        n, sum_abs, sum_sq = stats
+        if not (math.isfinite(sum_abs) and math.isfinite(sum_sq)):
+            raise ValueError(f"{name}: contain NaN or Inf (Σ|θ| = {sum_abs}, Σθ² = {sum_sq}); ν cannot be "
+                             "estimated, so training has diverged or the weights are corrupt")
+        if n == 0 or sum_abs == 0 or sum_sq == 0:
+            return previous  # no shape to estimate (see NU_UNDEFINED_START)
+        return shape_from_moments(n, sum_abs, sum_sq)
+
+    def state_dict(self) -> dict[str, Any]:
+        """Settings and progress as plain Python values (torch.save-able)."""
+        return {"lam": self.lam, "eps": self.eps, "nu": "auto" if self.auto_nu else self._fixed_nu,
+                "mode": self.mode, "shape_every": self.shape_every, "shape_scope": self.shape_scope,
+                "steps": self.steps, "last_rate": self.last_rate, "nu_per_tensor": list(self.nu_per_tensor),
+                "num_params": self.num_params, "num_tensors": len(self.params)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what ``state_dict()`` returned; the constrained parameters must match in count."""
+        missing = [k for k in _STATE_KEYS if k not in state]
+        if missing:
+            raise ValueError(f"state: missing keys {missing}; pass a dict from RateConstraint.state_dict()")
+        if state["num_tensors"] != len(self.params) or state["num_params"] != self.num_params:
+            raise ValueError(f"state: saved for {state['num_tensors']} tensors / {state['num_params']} "
+                             f"elements, this constraint has {len(self.params)} / {self.num_params}; build "
+                             "it over the same parameters")
+        nus = [finite_number(f"state['nu_per_tensor'][{i}]", v, positive=True)
+               for i, v in enumerate(state["nu_per_tensor"])]
+        if len(nus) != len(self.params):
+            raise ValueError(f"state['nu_per_tensor']: expected {len(self.params)} values, got {len(nus)}")
+        self._configure(lam=state["lam"], eps=state["eps"], nu=state["nu"], mode=state["mode"],
+                        shape_every=state["shape_every"], shape_scope=state["shape_scope"])
+        self.steps = int(state["steps"])
+        self.last_rate = float(state["last_rate"])
+        self.nu_per_tensor = nus
+
+    def __repr__(self) -> str:
+        nu = "auto" if self.auto_nu else self._fixed_nu
+        return (f"RateConstraint(lam={self.lam}, eps={self.eps}, nu={nu!r}, mode={self.mode!r}, "
+                f"shape_every={self.shape_every}, shape_scope={self.shape_scope!r}, "
+                f"tensors={len(self.params)}, num_params={self.num_params}, steps={self.steps})")
+
+
+def _collect(module_or_params: nn.Module | Iterable[torch.Tensor],
+             include: str | ParamFilter) -> tuple[list[torch.Tensor], list[str]]:
+    if not (include in INCLUDES or callable(include)):
+        raise ValueError(f"include: expected one of {INCLUDES} or a callable (name, module, param) -> bool, "
+                         f"got {include!r}")
+    if isinstance(module_or_params, nn.Module):
+        names, params = select_parameters(module_or_params, include)
+        where = f"{type(module_or_params).__name__} with include={include!r}"
+    else:
+        if include != "weights":
+            raise ValueError("include: only applies to a module; with a list of parameters, filter the list")
+        if isinstance(module_or_params, torch.Tensor) or not isinstance(module_or_params, Iterable):
+            raise TypeError(f"module_or_params: expected an nn.Module or an iterable of parameters, got "
+                            f"{type(module_or_params).__name__}; wrap a single tensor as [t]")
+        params, taken = [], set()
+        for p in module_or_params:
+            if id(p) not in taken:  # a tied parameter listed twice would count twice in N
+                taken.add(id(p))
+                params.append(p)
+        names = [f"params[{i}]" for i in range(len(params))]
+        where = "the given parameters"
+    if not params:
+        raise ValueError(f"module_or_params: no parameters to constrain in {where}; pass a module with "
+                         "trainable Linear/Conv/Embedding layers, include='all', or a non-empty list")
+    float_tensor_list("module_or_params", params)  # float dtypes, one device
+    return params, names

@@ -1,0 +1,57 @@
+"""RateConstraintCallback: run a RateConstraint inside a transformers ``Trainer``.
+
+Imports transformers; ``slimrate.backslash`` loads this module only when the callback is first used.
+"""
+
+from __future__ import annotations
+
+from slimrate.backslash.constraint import RateConstraint
+
+try:
+    from transformers import TrainerCallback
+except ImportError as error:
+    raise ImportError("RateConstraintCallback needs transformers; install it with "
+                      "`pip install 'slimrate[hf]'`") from error
+
+# Keys added to the Trainer's logs (state.log_history, and callbacks after this one).
+RATE_LOG_KEY = "backslash_rate"
+NU_LOG_KEY = "backslash_nu"
+
+
+class RateConstraintCallback(TrainerCallback):
+    """Apply ``constraint.step()`` once per optimizer step of a transformers ``Trainer``.
+
+    mode "grad": on ``on_pre_optimizer_step``.  In transformers 5.x the Trainer calls it after the
+        backward passes of all accumulation micro-batches and after gradient clipping (which always
+        runs, with max_norm = inf when ``max_grad_norm`` is 0, so AMP gradients are already unscaled),
+        right before ``optimizer.step()``.  So λ·∂R/∂θ is added to the clipped gradient: the LR, its
+        schedule and Adam's preconditioning apply to it, the clipping does not.
+    mode "decoupled": on ``on_step_end``, after ``optimizer.step()`` (as the authors' re-implementation,
+        papers/backslash.md §5b): θ ← θ − λ·∂R/∂θ with no LR.
+    On every log, R and ν of the last step are added as "backslash_rate" and "backslash_nu" to the
+    logged dict and to ``state.log_history``; reporting integrations (``report_to``) run before user
+    callbacks, so to have them record these too, put this callback first:
+    ``trainer.callback_handler.callbacks.insert(0, callback)``.
+    Not for DeepSpeed, whose engine owns the gradients and the step.
+    """
+
+    def __init__(self, constraint: RateConstraint) -> None:
+        if not isinstance(constraint, RateConstraint):
+            raise TypeError(f"constraint: expected a RateConstraint, got {type(constraint).__name__}")
+        self.constraint = constraint
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        if self.constraint.mode == "grad":
+            self.constraint.step()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.constraint.mode == "decoupled":
+            self.constraint.step()
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs is None or self.constraint.steps == 0:
+            return
+        entries = {RATE_LOG_KEY: self.constraint.last_rate, NU_LOG_KEY: self.constraint.nu}
+        logs.update(entries)
+        if state.log_history:  # Trainer.log appends a copy of ``logs`` just before on_log
+            state.log_history[-1].update(entries)
