@@ -10,8 +10,6 @@ if not torch.cuda.is_available():
     # Must happen before anything imports triton (DESIGN.md "No GPU here").
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-
 
 @pytest.fixture(autouse=True)
 def _seed_per_test(request):

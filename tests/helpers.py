@@ -7,6 +7,7 @@ import torch
 
 from slimrate.ops import extension_available
 
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 DTYPE_IDS = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.float64: "fp64"}
 
 

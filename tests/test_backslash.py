@@ -10,8 +10,9 @@ import sys
 import pytest
 import scipy.special
 import torch
-from slimrate.backslash import RateConstraint, estimate_shape, rate, shape_from_moments
 from torch import nn
+
+from slimrate.backslash import RateConstraint, estimate_shape, rate, shape_from_moments
 
 # float64 throughout: R and ∂R/∂θ are computed in float64 by the op and by autograd; they differ only
 # in summation order and pow's rounding, a few ulps of float64.

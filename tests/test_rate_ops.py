@@ -3,10 +3,10 @@
 import pytest
 import torch
 
-from conftest import DEVICES
-from helpers import DTYPE_IDS, assert_close_flash, rel_err, skip_unless_backend
 from slimrate import ops
 from slimrate.ops import reference
+
+from helpers import DEVICES, DTYPE_IDS, assert_close_flash, rel_err, skip_unless_backend
 
 BACKENDS = ["native", "triton", "reference"]
 DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
@@ -52,11 +52,11 @@ def check_rate_grad(backend, shapes, dtype, device, nu, eps, noncontiguous=False
     assert r.dtype == torch.float64 and r.shape == () and r.device.type == device
     if n == 0:
         assert r.item() == 0.0
-        assert all(torch.equal(g, g0) for g, g0 in zip(grads, grads0))
+        assert all(torch.equal(g, g0) for g, g0 in zip(grads, grads0, strict=False))
         return
     # R is a sum of n terms: another summation order may differ by about √n ulps (random walk).
     assert_close_flash(r.reshape(1), r_same.reshape(1), r64.reshape(1), dtype, ulps=4 + int(n**0.5), what="R")
-    for i, (g, gs, g64) in enumerate(zip(grads, grads_same, grads64)):
+    for i, (g, gs, g64) in enumerate(zip(grads, grads_same, grads64, strict=False)):
         assert g.dtype == dtype and g.shape == g64.shape
         if g.numel():
             assert_close_flash(g, gs, g64, dtype, what=f"grads[{i}]")
@@ -106,7 +106,7 @@ def test_rate_grad_in_place_on_params_applies_decoupled_shrink(backend):
     r64 = reference.rate_grad_(before, expected, -2.0, 0.6, 1.0)
     r = ops.rate_grad_(params, params, -2.0, 0.6, 1.0, backend=backend)
     assert abs(r.item() - r64.item()) <= 1e-6 * abs(r64.item())
-    for p, e in zip(params, expected):
+    for p, e in zip(params, expected, strict=False):
         assert rel_err(p, e) <= 4 * torch.finfo(torch.float32).eps
 
 
@@ -163,7 +163,7 @@ def test_rate_grad_under_torch_compile_fullgraph():
     r_eager = ops.rate_grad_(params, grads_eager, 5.0, 0.7, 1e-2)
     torch.testing.assert_close(r, r_eager)
     torch.testing.assert_close(stats, ops.rate_stats(params))
-    for g, ge in zip(grads, grads_eager):
+    for g, ge in zip(grads, grads_eager, strict=False):
         torch.testing.assert_close(g, ge)
 
 

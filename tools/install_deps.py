@@ -9,8 +9,9 @@ import importlib.metadata as metadata
 import re
 import subprocess
 import sys
-import tomllib
 from pathlib import Path
+
+import tomllib
 
 TORCH_PIN = "torch==2.13.0"
 MIN_TORCH = (2, 11)

@@ -43,7 +43,7 @@ def rate_grad_(params: Iterable[torch.Tensor], grads: Iterable[torch.Tensor], la
     eps = finite_number("eps", eps, nonnegative=True)
     if len(ps) != len(gs):
         raise ValueError(f"grads: expected one gradient per parameter ({len(ps)}), got {len(gs)}")
-    for i, (p, g) in enumerate(zip(ps, gs)):
+    for i, (p, g) in enumerate(zip(ps, gs, strict=False)):
         if g.shape != p.shape or g.dtype != p.dtype or g.device != p.device:
             raise ValueError(f"grads[{i}]: expected shape {tuple(p.shape)}, {p.dtype} on {p.device} like "
                              f"params[{i}], got {tuple(g.shape)}, {g.dtype} on {g.device}")

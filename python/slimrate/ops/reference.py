@@ -32,7 +32,7 @@ def rate_grad_(params: list[torch.Tensor], grads: list[torch.Tensor], lam: float
     total = torch.zeros((), dtype=torch.float64, device=device)
     if n == 0:
         return total
-    for p, g in zip(params, grads):
+    for p, g in zip(params, grads, strict=False):
         a = p.abs() + eps
         total += (a ** nu).double().sum()
         # sign(0) = 0 even where (0 + ε)^(ν−1) is infinite (ε = 0, ν < 1)
