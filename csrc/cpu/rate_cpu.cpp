@@ -17,7 +17,23 @@ namespace {
 // ~50 tensors of uneven sizes over the cores.
 constexpr int64_t kChunk = int64_t{1} << 16;
 
+// One build runs vectorised on AVX-512, AVX2 and baseline x86-64; the loops below are written for
+// GCC's auto-vectoriser (setup.py adds -fno-trapping-math so it may if-convert the selects).
+// rate_grad_span sums through lanes, not `omp simd reduction`: with that pragma GCC 12 vectorised
+// its loop only in the AVX-512 clone; lanes plus -fno-trapping-math took 16M fp32 weights from
+// 108 ms to 20 ms on this 2-core AVX-512 machine.
 #define SLIMRATE_CPU_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+
+// Independent partial sums, so the float64 sum of r vectorises without reassociation (no -ffast-math).
+constexpr int kLanes = 8;
+// Elements per inner block of rate_grad_span: its r values sit in a stack buffer (2 KiB).
+constexpr int64_t kBlock = 256;
+
+SLIMRATE_HD double add_lanes(const double (&lanes)[kLanes]) {
+  double total = 0.0;
+  for (double v : lanes) total += v;
+  return total;
+}
 
 template <class Fmt>
 SLIMRATE_CPU_CLONES void stats_span(const typename Fmt::storage* x, int64_t n, double* out) {
@@ -33,19 +49,27 @@ SLIMRATE_CPU_CLONES void stats_span(const typename Fmt::storage* x, int64_t n, d
 }
 
 // grad[i] += scale·g(θ[i]); returns Σ r(θ[i]).  theta and grad may be the same memory
-// (decoupled update): each element is read before it is written.
+// (decoupled update): each element is read before it is written, hence `ivdep`.
 template <class Fmt, class Math>
 SLIMRATE_CPU_CLONES double rate_grad_span(const typename Fmt::storage* theta, typename Fmt::storage* grad,
                                           int64_t n, double nu, double eps, double scale) {
-  double sum_r = 0.0;
-#pragma omp simd reduction(+ : sum_r)
-  for (int64_t i = 0; i < n; ++i) {
-    double r, g;
-    rate_term<Math>(Fmt::load(theta[i]), nu, eps, r, g);
-    grad[i] = Fmt::store(Fmt::load(grad[i]) + scale * g);
-    sum_r += r;
+  double sum_r[kLanes] = {};
+  double r[kBlock];
+  for (int64_t begin = 0; begin < n; begin += kBlock) {
+    int64_t len = n - begin < kBlock ? n - begin : kBlock;
+    const auto* th = theta + begin;
+    auto* gr = grad + begin;
+#pragma GCC ivdep
+    for (int64_t i = 0; i < len; ++i) {
+      RateTerm term = rate_term<Math>(Fmt::load(th[i]), nu, eps);
+      gr[i] = Fmt::store(Fmt::load(gr[i]) + scale * term.g);
+      r[i] = term.r;
+    }
+    for (int64_t i = len; i < kBlock; ++i) r[i] = 0.0;
+    for (int64_t i = 0; i < kBlock; i += kLanes)
+      for (int j = 0; j < kLanes; ++j) sum_r[j] += r[i + j];
   }
-  return sum_r;
+  return add_lanes(sum_r);
 }
 
 struct Chunk {

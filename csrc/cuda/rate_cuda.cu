@@ -156,10 +156,9 @@ __global__ void __launch_bounds__(kThreads)
     P g = *reinterpret_cast<const P*>(grad + i);
 #pragma unroll
     for (int j = 0; j < decltype(width)::value; ++j) {
-      double r, dr;
-      rate_term<DeviceMath<Fmt>>(Fmt::load(th.v[j]), nu, eps, r, dr);
-      g.v[j] = Fmt::store(Fmt::load(g.v[j]) + scale * dr);
-      acc[0] += r;
+      RateTerm term = rate_term<DeviceMath<Fmt>>(Fmt::load(th.v[j]), nu, eps);
+      g.v[j] = Fmt::store(Fmt::load(g.v[j]) + scale * term.g);
+      acc[0] += term.r;
     }
     *reinterpret_cast<P*>(grad + i) = g;
   });

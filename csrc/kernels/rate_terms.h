@@ -14,7 +14,9 @@ struct PolyMath {
   // |s| ≤ 0.172, series to s^9 (next term < 7e-10).
   SLIMRATE_HD static double log(double x) {
     uint64_t u = f64_to_bits(x);
-    double e = static_cast<double>(static_cast<int64_t>((u >> 52) & 0x7FF) - 1023);
+    // The exponent field as a double without an int64 → double conversion (AVX-512DQ only):
+    // 2^52 + field, built in the bits, minus 2^52.
+    double e = (bits_to_f64(0x4330000000000000ull | ((u >> 52) & 0x7FF)) - 4503599627370496.0) - 1023.0;
     double m = bits_to_f64((u & 0x000FFFFFFFFFFFFFull) | 0x3FF0000000000000ull);
     bool big = m > 1.4142135623730951;
     m = big ? 0.5 * m : m;
@@ -34,8 +36,9 @@ struct PolyMath {
     double r = (y - n * 0.6931471803691238) - n * 1.9082149292705877e-10;  // ln2 split hi + lo
     double p = 1.0 + r * (1.0 + r * (1.0 / 2 + r * (1.0 / 6 + r * (1.0 / 24 + r * (1.0 / 120 +
                r * (1.0 / 720 + r * (1.0 / 5040 + r * (1.0 / 40320))))))));
-    int64_t k = static_cast<int64_t>(n);
-    return p * bits_to_f64(static_cast<uint64_t>(k + 1023) << 52);
+    // 2^n from the bits of `shifted`, whose low 12 bits hold n mod 4096 (no double → int64
+    // conversion): n + 1023 ∈ [1, 2046] is the biased exponent; higher bits shift out.
+    return p * bits_to_f64((f64_to_bits(shifted) + 1023) << 52);
   }
 };
 
@@ -47,14 +50,17 @@ struct LibMath {
 
 // For one weight t:  r = (|t|+ε)^ν  and  g = sign(t)·(|t|+ε)^(ν−1),  so that
 // ∂R/∂t = (ν/N)·g.  sign(0) = 0; with ε = 0 a zero weight gives r = 0 and g = 0.
+struct RateTerm {
+  double r, g;
+};
+
 template <class Math>
-SLIMRATE_HD void rate_term(double t, double nu, double eps, double& r, double& g) {
+SLIMRATE_HD RateTerm rate_term(double t, double nu, double eps) {
   double a = (t < 0 ? -t : t) + eps;
   bool zero = a == 0.0;
   double p = Math::exp((nu - 1.0) * Math::log(zero ? 1.0 : a));  // (|t|+ε)^(ν−1)
   double sign = static_cast<double>((t > 0) - (t < 0));
-  r = zero ? 0.0 : a * p;
-  g = zero ? 0.0 : sign * p;
+  return {zero ? 0.0 : a * p, zero ? 0.0 : sign * p};
 }
 
 }  // namespace slimrate
