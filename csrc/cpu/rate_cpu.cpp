@@ -21,7 +21,7 @@ constexpr int64_t kChunk = int64_t{1} << 16;
 // GCC's auto-vectoriser (setup.py adds -fno-trapping-math so it may if-convert the selects).
 // rate_grad_span sums through lanes, not `omp simd reduction`: with that pragma GCC 12 vectorised
 // its loop only in the AVX-512 clone; lanes plus -fno-trapping-math took 16M fp32 weights from
-// 108 ms to 20 ms on this 2-core AVX-512 machine.
+// 108 ms to 20 ms on this 2-core AVX-512 machine (13 ms with the float32 math of rate_terms.h).
 #define SLIMRATE_CPU_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 
 // Independent partial sums, so the float64 sum of r vectorises without reassociation (no -ffast-math).
@@ -52,7 +52,9 @@ SLIMRATE_CPU_CLONES void stats_span(const typename Fmt::storage* x, int64_t n, d
 // (decoupled update): each element is read before it is written, hence `ivdep`.
 template <class Fmt, class Math>
 SLIMRATE_CPU_CLONES double rate_grad_span(const typename Fmt::storage* theta, typename Fmt::storage* grad,
-                                          int64_t n, double nu, double eps, double scale) {
+                                          int64_t n, double nu_d, double eps_d, double scale_d) {
+  using T = typename Math::real;
+  T nu = static_cast<T>(nu_d), eps = static_cast<T>(eps_d), scale = static_cast<T>(scale_d);
   double sum_r[kLanes] = {};
   double r[kBlock];
   for (int64_t begin = 0; begin < n; begin += kBlock) {
@@ -61,7 +63,7 @@ SLIMRATE_CPU_CLONES double rate_grad_span(const typename Fmt::storage* theta, ty
     auto* gr = grad + begin;
 #pragma GCC ivdep
     for (int64_t i = 0; i < len; ++i) {
-      RateTerm term = rate_term<Math>(Fmt::load(th[i]), nu, eps);
+      auto term = rate_term<Math>(Fmt::load(th[i]), nu, eps);
       gr[i] = Fmt::store(Fmt::load(gr[i]) + scale * term.g);
       r[i] = term.r;
     }
@@ -165,7 +167,7 @@ at::Tensor rate_grad_cpu(at::TensorList params, at::TensorList grads, double lam
         if constexpr (std::is_same_v<Fmt, F64>)
           partial[c] = rate_grad_span<Fmt, LibMath>(theta, grad, len, nu, eps, scale);
         else
-          partial[c] = rate_grad_span<Fmt, PolyMath>(theta, grad, len, nu, eps, scale);
+          partial[c] = rate_grad_span<Fmt, PolyMathF32>(theta, grad, len, nu, eps, scale);
       });
     }
   });

@@ -47,8 +47,9 @@ struct GradArgs {
 // log and exp in float32 for 16/32-bit storage: results are rounded to float32 or lower anyway,
 // and double-precision transcendentals run at 1/2 (H100) to 1/64 (consumer GPUs) of the float rate.
 struct F32Math {
-  SLIMRATE_HD static double log(double x) { return logf(static_cast<float>(x)); }
-  SLIMRATE_HD static double exp(double y) { return expf(static_cast<float>(y)); }
+  using real = float;
+  SLIMRATE_HD static float log(float x) { return logf(x); }
+  SLIMRATE_HD static float exp(float y) { return expf(y); }
 };
 
 template <class Fmt>
@@ -156,7 +157,7 @@ __global__ void __launch_bounds__(kThreads)
     P g = *reinterpret_cast<const P*>(grad + i);
 #pragma unroll
     for (int j = 0; j < decltype(width)::value; ++j) {
-      RateTerm term = rate_term<DeviceMath<Fmt>>(Fmt::load(th.v[j]), nu, eps);
+      auto term = rate_term<DeviceMath<Fmt>>(Fmt::load(th.v[j]), nu, eps);
       g.v[j] = Fmt::store(Fmt::load(g.v[j]) + scale * term.g);
       acc[0] += term.r;
     }

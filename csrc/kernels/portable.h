@@ -80,26 +80,31 @@ SLIMRATE_HD uint16_t f32_to_f16(float f) {
   return static_cast<uint16_t>((sign >> 16) | (shl1_w > 0xFF000000u ? 0x7E00u : nonsign));
 }
 
-// Storage formats: `storage` is what lies in memory, load/store convert to and from `compute`.
+// Storage formats: `storage` is what lies in memory; load/store convert to and from `compute`,
+// float32 for the 16/32-bit formats and float64 for float64.
 struct F32 {
   using storage = float;
-  SLIMRATE_HD static double load(float v) { return v; }
-  SLIMRATE_HD static float store(double v) { return static_cast<float>(v); }
+  using compute = float;
+  SLIMRATE_HD static float load(float v) { return v; }
+  SLIMRATE_HD static float store(float v) { return v; }
 };
 struct F64 {
   using storage = double;
+  using compute = double;
   SLIMRATE_HD static double load(double v) { return v; }
   SLIMRATE_HD static double store(double v) { return v; }
 };
 struct BF16 {
   using storage = uint16_t;
-  SLIMRATE_HD static double load(uint16_t v) { return bf16_to_f32(v); }
-  SLIMRATE_HD static uint16_t store(double v) { return f32_to_bf16(static_cast<float>(v)); }
+  using compute = float;
+  SLIMRATE_HD static float load(uint16_t v) { return bf16_to_f32(v); }
+  SLIMRATE_HD static uint16_t store(float v) { return f32_to_bf16(v); }
 };
 struct F16 {
   using storage = uint16_t;
-  SLIMRATE_HD static double load(uint16_t v) { return f16_to_f32(v); }
-  SLIMRATE_HD static uint16_t store(double v) { return f32_to_f16(static_cast<float>(v)); }
+  using compute = float;
+  SLIMRATE_HD static float load(uint16_t v) { return f16_to_f32(v); }
+  SLIMRATE_HD static uint16_t store(float v) { return f32_to_f16(v); }
 };
 
 }  // namespace slimrate

@@ -31,8 +31,8 @@ def rate_grad_(params: Iterable[torch.Tensor], grads: Iterable[torch.Tensor], la
 
     params, grads: matching lists, same shapes and dtype per pair (float16/bfloat16/float32/float64),
     one device.  grads[i] += lam·(ν/N)·sign(θ)·(|θ|+ε)^(ν−1) with sign(0) = 0, N = Σ numel, computed
-    in float64 (C++) or float32 (CUDA, Triton; float64 for float64 inputs) and rounded once into the
-    grad's dtype; R is summed in float64 on every backend.  grads[i] may be params[i] itself (then θ is
+    in float32 (float64 for float64 inputs) and rounded once into the grad's dtype; R is summed in
+    float64 on every backend.  grads[i] may be params[i] itself (then θ is
     updated in place, e.g. lam < 0 for the decoupled shrink); partial overlap is not allowed.
     Returns R = (1/N) Σ (|θ|+ε)^ν as a float64 [] tensor (0 when N = 0).
     """
