@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "kernels/rate_terms.h"
+#include "rate_inputs.h"
 
 namespace slimrate {
 namespace {
@@ -87,13 +88,6 @@ std::vector<Chunk> make_chunks(const std::vector<at::Tensor>& tensors) {
   return chunks;
 }
 
-void check_float_cpu(const at::Tensor& t, const char* what, size_t i) {
-  TORCH_CHECK(t.device().is_cpu(), what, "[", i, "]: expected a CPU tensor, got ", t.device());
-  auto st = t.scalar_type();
-  TORCH_CHECK(st == at::kFloat || st == at::kDouble || st == at::kBFloat16 || st == at::kHalf, what, "[", i,
-              "]: expected float32/float64/bfloat16/float16, got ", st);
-}
-
 // Calls fn with the storage format tag of dtype (checked to be one of the four).
 template <class Fn>
 auto with_format(at::ScalarType st, Fn&& fn) {
@@ -111,13 +105,8 @@ const typename Fmt::storage* data_of(const at::Tensor& t) {
 }
 
 at::Tensor rate_stats_cpu(at::TensorList tensors) {
-  std::vector<at::Tensor> xs;
-  int64_t n = 0;
-  for (size_t i = 0; i < tensors.size(); ++i) {
-    check_float_cpu(tensors[i], "tensors", i);
-    xs.push_back(tensors[i].contiguous());
-    n += tensors[i].numel();
-  }
+  RateInputs in = stats_inputs(tensors, at::kCPU);
+  const std::vector<at::Tensor>& xs = in.thetas;
   auto chunks = make_chunks(xs);
   std::vector<double> partial(2 * chunks.size());
   at::parallel_for(0, static_cast<int64_t>(chunks.size()), 1, [&](int64_t lo, int64_t hi) {
@@ -134,24 +123,13 @@ at::Tensor rate_stats_cpu(at::TensorList tensors) {
     sum_abs += partial[2 * c];
     sum_sq += partial[2 * c + 1];
   }
-  return at::tensor({static_cast<double>(n), sum_abs, sum_sq}, at::dtype(at::kDouble));
+  return at::tensor({static_cast<double>(in.numel), sum_abs, sum_sq}, at::dtype(at::kDouble));
 }
 
 at::Tensor rate_grad_cpu(at::TensorList params, at::TensorList grads, double lam, double nu, double eps) {
-  TORCH_CHECK(params.size() == grads.size(), "grads: expected ", params.size(), " tensors, got ", grads.size());
-  TORCH_CHECK(nu > 0 && eps >= 0, "nu must be > 0 and eps >= 0, got nu=", nu, " eps=", eps);
-  std::vector<at::Tensor> thetas, gs;
-  int64_t n = 0;
-  for (size_t i = 0; i < params.size(); ++i) {
-    check_float_cpu(params[i], "params", i);
-    check_float_cpu(grads[i], "grads", i);
-    TORCH_CHECK(grads[i].sizes() == params[i].sizes() && grads[i].scalar_type() == params[i].scalar_type(),
-                "grads[", i, "]: expected shape ", params[i].sizes(), " and dtype ", params[i].scalar_type(),
-                ", got ", grads[i].sizes(), " ", grads[i].scalar_type());
-    thetas.push_back(params[i].contiguous());
-    gs.push_back(grads[i].contiguous());  // a copy only when grads[i] is strided; written back below
-    n += params[i].numel();
-  }
+  RateInputs in = grad_inputs(params, grads, nu, eps, at::kCPU);
+  const std::vector<at::Tensor>& thetas = in.thetas;
+  int64_t n = in.numel;
   if (n == 0) return at::zeros({}, at::dtype(at::kDouble));
   double scale = lam * nu / static_cast<double>(n);
   auto chunks = make_chunks(thetas);
@@ -161,7 +139,7 @@ at::Tensor rate_grad_cpu(at::TensorList params, at::TensorList grads, double lam
       const Chunk& ch = chunks[c];
       with_format(thetas[ch.tensor].scalar_type(), [&](auto fmt) {
         using Fmt = decltype(fmt);
-        auto* grad = reinterpret_cast<typename Fmt::storage*>(gs[ch.tensor].data_ptr()) + ch.begin;
+        auto* grad = reinterpret_cast<typename Fmt::storage*>(in.grads[ch.tensor].data_ptr()) + ch.begin;
         const auto* theta = data_of<Fmt>(thetas[ch.tensor]) + ch.begin;
         int64_t len = ch.end - ch.begin;
         if constexpr (std::is_same_v<Fmt, F64>)
@@ -171,8 +149,7 @@ at::Tensor rate_grad_cpu(at::TensorList params, at::TensorList grads, double lam
       });
     }
   });
-  for (size_t i = 0; i < grads.size(); ++i)
-    if (!gs[i].is_same(grads[i])) grads[i].copy_(gs[i]);
+  write_back(grads, in);
   double sum_r = 0.0;
   for (double p : partial) sum_r += p;
   return at::scalar_tensor(sum_r / static_cast<double>(n), at::dtype(at::kDouble));

@@ -1,5 +1,5 @@
 // ATen glue of the CUDA rate ops (schemas in csrc/ops.cpp, kernels in rate_cuda.cu): checks that
-// keep memory safe, contiguous copies, one launcher call per dtype; mirrors csrc/cpu/rate_cpu.cpp.
+// keep memory safe and contiguous copies (csrc/rate_inputs.h), one launcher call per dtype.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -8,20 +8,12 @@
 #include <vector>
 
 #include "cuda/rate_cuda.h"
+#include "rate_inputs.h"
 
 namespace slimrate {
 namespace {
 
 constexpr StorageKind kKinds[] = {StorageKind::F32, StorageKind::F64, StorageKind::BF16, StorageKind::F16};
-
-// The dispatcher sends a list here when any tensor in it is on CUDA, so every one is checked.
-void check_float_cuda(const at::Tensor& t, const char* what, size_t i, const at::Device& device) {
-  TORCH_CHECK(t.device() == device, what, "[", i, "]: expected a tensor on ", device, " like the first, got ",
-              t.device());
-  auto st = t.scalar_type();
-  TORCH_CHECK(st == at::kFloat || st == at::kDouble || st == at::kBFloat16 || st == at::kHalf, what, "[", i,
-              "]: expected float32/float64/bfloat16/float16, got ", st);
-}
 
 at::Device first_cuda_device(at::TensorList tensors, const char* what) {
   TORCH_CHECK(!tensors.empty(), what, ": expected at least one tensor");
@@ -63,18 +55,12 @@ void check_launch(cudaError_t err, const char* op) {
 at::Tensor rate_stats_cuda(at::TensorList tensors) {
   at::Device device = first_cuda_device(tensors, "tensors");
   c10::cuda::CUDAGuard guard(device);
-  std::vector<at::Tensor> xs;
-  int64_t n = 0;
-  for (size_t i = 0; i < tensors.size(); ++i) {
-    check_float_cuda(tensors[i], "tensors", i, device);
-    xs.push_back(tensors[i].contiguous());
-    n += tensors[i].numel();
-  }
+  RateInputs in = stats_inputs(tensors, device);
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device.index()).stream();
   auto out = at::zeros({3}, at::dtype(at::kDouble).device(device));  // N, Σ|θ|, Σθ²
-  out.select(0, 0).fill_(static_cast<double>(n));
+  out.select(0, 0).fill_(static_cast<double>(in.numel));
   for (StorageKind kind : kKinds) {
-    KindGroup g = group_of(kind, xs, nullptr);
+    KindGroup g = group_of(kind, in.thetas, nullptr);
     check_launch(rate_stats_cuda_launch(kind, g.src.data(), g.numel.data(), static_cast<int>(g.src.size()),
                                         out.data_ptr<double>() + 1, stream),
                  "rate_stats");
@@ -83,35 +69,22 @@ at::Tensor rate_stats_cuda(at::TensorList tensors) {
 }
 
 at::Tensor rate_grad_cuda(at::TensorList params, at::TensorList grads, double lam, double nu, double eps) {
-  TORCH_CHECK(params.size() == grads.size(), "grads: expected ", params.size(), " tensors, got ", grads.size());
-  TORCH_CHECK(nu > 0 && eps >= 0, "nu must be > 0 and eps >= 0, got nu=", nu, " eps=", eps);
   at::Device device = first_cuda_device(params, "params");
   c10::cuda::CUDAGuard guard(device);
-  std::vector<at::Tensor> thetas, gs;
-  int64_t n = 0;
-  for (size_t i = 0; i < params.size(); ++i) {
-    check_float_cuda(params[i], "params", i, device);
-    check_float_cuda(grads[i], "grads", i, device);
-    TORCH_CHECK(grads[i].sizes() == params[i].sizes() && grads[i].scalar_type() == params[i].scalar_type(),
-                "grads[", i, "]: expected shape ", params[i].sizes(), " and dtype ", params[i].scalar_type(),
-                ", got ", grads[i].sizes(), " ", grads[i].scalar_type());
-    thetas.push_back(params[i].contiguous());
-    gs.push_back(grads[i].contiguous());  // a copy only when grads[i] is strided; written back below
-    n += params[i].numel();
-  }
+  RateInputs in = grad_inputs(params, grads, nu, eps, device);
+  int64_t n = in.numel;
   auto sum_r = at::zeros({}, at::dtype(at::kDouble).device(device));
   if (n == 0) return sum_r;
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device.index()).stream();
   double inv_n = 1.0 / static_cast<double>(n);
   for (StorageKind kind : kKinds) {
-    KindGroup g = group_of(kind, thetas, &gs);
+    KindGroup g = group_of(kind, in.thetas, &in.grads);
     check_launch(rate_grad_cuda_launch(kind, g.src.data(), g.dst.data(), g.numel.data(),
                                        static_cast<int>(g.src.size()), nu, eps, lam * nu * inv_n, inv_n,
                                        sum_r.data_ptr<double>(), stream),
                  "rate_grad_");
   }
-  for (size_t i = 0; i < grads.size(); ++i)
-    if (!gs[i].is_same(grads[i])) grads[i].copy_(gs[i]);
+  write_back(grads, in);
   return sum_r;  // Σ r/N, the kernels scale each block's share
 }
 
