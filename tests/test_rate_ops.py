@@ -154,7 +154,7 @@ def test_rate_grad_under_torch_compile_fullgraph():
     grads = [torch.randn_like(p) for p in params]
     grads_eager = [g.clone() for g in grads]
 
-    @torch.compile(fullgraph=True, backend="aot_eager")
+    @torch.compile(fullgraph=True)
     def step(ps, gs):
         stats = ops.rate_stats(ps)
         return ops.rate_grad_(ps, gs, 5.0, 0.7, 1e-2), stats
