@@ -1,13 +1,15 @@
 """rate_grad_ and rate_stats over a model-sized parameter list, beside what users write today.
 
-rate_grad_ rows per size (group "rate_grad_-<size>-fp32"):
-- native:  slimrate.ops.rate_grad_(params, grads, λ, ν, ε), the fused C++ pass;
+rate_grad_ rows per size and device (group "rate_grad_-<size>-fp32-<device>"):
+- native:  slimrate.ops.rate_grad_(params, grads, λ, ν, ε), the fused C++ (CPU) or CUDA pass;
+- triton:  the same op's Triton backend (CUDA only: on the CPU it runs in the interpreter);
 - eager:   the penalty a user adds today, λ·Σ((|θ|+ε)^ν)/N, then .backward() into the populated p.grad;
 - compile: the same loss under torch.compile(dynamic=False), compiled and warmed up before timing;
 - add:     torch.add(g, p, out=g) per tensor: the same three streams (read θ, read g, write g),
            i.e. the memory-bandwidth bound for this access pattern.
-rate_stats rows (group "rate_stats-<size>-fp32"): native vs the eager per-tensor sums, beside a
-plain per-tensor t.sum() over the same bytes.
+rate_stats rows (group "rate_stats-<size>-fp32-<device>"): native vs the eager per-tensor sums,
+beside a plain per-tensor t.sum() over the same bytes.  On CUDA every timed call ends with a
+device synchronize, so rows time the work, not the launch.
 
 Before the smallest size is timed, each candidate's gradient is checked against
 slimrate.ops.reference on a zero-grad copy, so every row times the same work.
@@ -36,24 +38,39 @@ CHECK_SIZE = "1M"
 CHECK_RTOL = 1e-5  # fp32 element-wise pow against float64: measured ≤ 2e-7, margin for libm differences
 
 
-class Model:
-    """A size's params (leaf tensors, requires_grad) and grads (their .grad, same memory)."""
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
-    def __init__(self, size: str):
-        self.size = size
-        self.params, self.grads = model_params(SIZES[size], dtype=DTYPE, requires_grad=True)
+
+class Model:
+    """A size's params (leaf tensors, requires_grad) and grads (their .grad, same memory) on a device."""
+
+    def __init__(self, size: str, device: str):
+        self.size, self.device = size, device
+        self.params, self.grads = model_params(SIZES[size], dtype=DTYPE, device=device, requires_grad=True)
         self.numel = sum(p.numel() for p in self.params)
         self.data = [p.detach() for p in self.params]  # the same storage, outside autograd
 
 
 @pytest.fixture(scope="module")
 def model(request) -> Model:
-    return Model(request.param)
+    return Model(*request.param)
 
 
-# Ids read [backend-dtype-size]; module scope builds each size once for all its rows.
-each_size = pytest.mark.parametrize("model", list(SIZES), indirect=True,
-                                    ids=lambda size: f"{DTYPE_NAME}-{size}")
+# Ids read [backend-dtype-size-device]; module scope builds each size once for all its rows.
+each_size = pytest.mark.parametrize("model", [(size, device) for device in DEVICES for size in SIZES],
+                                    indirect=True, ids=lambda case: f"{DTYPE_NAME}-{case[0]}-{case[1]}")
+
+
+def synchronized(m: Model, call: Callable[..., object]) -> Callable[..., object]:
+    """``call`` followed by a device synchronize on CUDA (the timed work includes the kernels)."""
+    if m.device != "cuda":
+        return call
+
+    def timed(*args):
+        out = call(*args)
+        torch.cuda.synchronize()
+        return out
+    return timed
 
 
 def rate_loss(params: list[torch.Tensor], n: int) -> torch.Tensor:
@@ -66,6 +83,10 @@ compiled_rate_loss = torch.compile(rate_loss, dynamic=False)
 
 def native_step(m: Model) -> Callable[[], object]:
     return lambda: slimrate.ops.rate_grad_(m.data, m.grads, LAM, NU, EPS, backend="native")
+
+
+def triton_step(m: Model) -> Callable[[], object]:
+    return lambda: slimrate.ops.rate_grad_(m.data, m.grads, LAM, NU, EPS, backend="triton")
 
 
 def eager_step(m: Model) -> Callable[[], object]:
@@ -83,12 +104,13 @@ def add_step(m: Model) -> Callable[[], object]:
     return add
 
 
-RATE_GRAD_STEPS = {"native": native_step, "eager": eager_step, "compile": compile_step, "add": add_step}
+RATE_GRAD_STEPS = {"native": native_step, "triton": triton_step, "eager": eager_step, "compile": compile_step,
+                   "add": add_step}
 
 
-def assert_same_gradient_as_reference(make_step: Callable[[Model], Callable[[], object]]) -> None:
+def assert_same_gradient_as_reference(make_step: Callable[[Model], Callable[[], object]], device: str) -> None:
     """Run one step on zeroed grads of a CHECK_SIZE model; compare them with the reference's in float64."""
-    m = Model(CHECK_SIZE)
+    m = Model(CHECK_SIZE, device)
     for g in m.grads:
         g.zero_()
     make_step(m)()
@@ -103,8 +125,8 @@ def assert_same_gradient_as_reference(make_step: Callable[[Model], Callable[[], 
 
 
 def set_info(benchmark, op: str, backend: str, m: Model, bytes_moved: int) -> None:
-    benchmark.group = f"{op}-{m.size}-{DTYPE_NAME}"
-    benchmark.extra_info.update(op=op, backend=backend, dtype=DTYPE_NAME, device="cpu", size=m.size,
+    benchmark.group = f"{op}-{m.size}-{DTYPE_NAME}-{m.device}"
+    benchmark.extra_info.update(op=op, backend=backend, dtype=DTYPE_NAME, device=m.device, size=m.size,
                                 params=m.numel, tensors=len(m.params), bytes=bytes_moved,
                                 lam=LAM, nu=NU, eps=EPS)
 
@@ -112,10 +134,12 @@ def set_info(benchmark, op: str, backend: str, m: Model, bytes_moved: int) -> No
 @each_size
 @pytest.mark.parametrize("backend", list(RATE_GRAD_STEPS))
 def test_rate_grad_(benchmark, backend: str, model: Model):
+    if backend == "triton" and model.device != "cuda":
+        pytest.skip("Triton runs only in the interpreter without a GPU: nothing to time")
     make_step = RATE_GRAD_STEPS[backend]
     if model.size == CHECK_SIZE and backend != "add":
-        assert_same_gradient_as_reference(make_step)
-    step = make_step(model)
+        assert_same_gradient_as_reference(make_step, model.device)
+    step = synchronized(model, make_step(model))
     step()  # compiles (compile row) and touches every page outside the timed rounds
     # read θ + read g + write g, fp32
     set_info(benchmark, "rate_grad_", backend, model, 3 * model.params[0].element_size() * model.numel)
@@ -125,7 +149,7 @@ def test_rate_grad_(benchmark, backend: str, model: Model):
 def rate_stats_eager(tensors: list[torch.Tensor]) -> torch.Tensor:
     """What users write today for (N, Σ|θ|, Σθ²): per-tensor sums in the tensors' dtype."""
     n = sum(t.numel() for t in tensors)
-    return torch.stack([torch.tensor(float(n)), sum(t.abs().sum() for t in tensors),
+    return torch.stack([torch.tensor(float(n), device=tensors[0].device), sum(t.abs().sum() for t in tensors),
                         sum((t * t).sum() for t in tensors)])
 
 
@@ -144,7 +168,7 @@ RATE_STATS_CALLS = {
 @each_size
 @pytest.mark.parametrize("backend", list(RATE_STATS_CALLS))
 def test_rate_stats(benchmark, backend: str, model: Model):
-    call = RATE_STATS_CALLS[backend]
+    call = synchronized(model, RATE_STATS_CALLS[backend])
     if backend != "sum":
         got = call(model.data).double()
         want = reference.rate_stats(model.data)

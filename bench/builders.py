@@ -42,9 +42,10 @@ def _numel(shape: tuple[int, ...]) -> int:
     return n
 
 
-def model_params(total: int, *, dtype: torch.dtype = torch.float32, seed: int = 0,
+def model_params(total: int, *, dtype: torch.dtype = torch.float32, device: str = "cpu", seed: int = 0,
                  requires_grad: bool = False) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """(params, grads) for a transformer of ≈ total elements; θ ~ N(0, 0.02²), g ~ N(0, 0.001²).
+    """(params, grads) for a transformer of ≈ total elements; θ ~ N(0, 0.02²), g ~ N(0, 0.001²),
+    drawn on the CPU (the same values on every device) and moved to ``device``.
 
     With requires_grad, params are leaf tensors whose .grad is the returned grad tensor, so a
     `.backward()` accumulates into the same memory that `rate_grad_` updates.
@@ -52,8 +53,8 @@ def model_params(total: int, *, dtype: torch.dtype = torch.float32, seed: int = 
     gen = torch.Generator().manual_seed(seed)
     params, grads = [], []
     for shape in transformer_shapes(total):
-        p = (torch.randn(shape, generator=gen) * PARAM_STD).to(dtype)
-        g = (torch.randn(shape, generator=gen) * GRAD_STD).to(dtype)
+        p = (torch.randn(shape, generator=gen) * PARAM_STD).to(dtype=dtype, device=device)
+        g = (torch.randn(shape, generator=gen) * GRAD_STD).to(dtype=dtype, device=device)
         if requires_grad:
             p.requires_grad_(True)
             p.grad = g
