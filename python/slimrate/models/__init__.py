@@ -1,0 +1,1 @@
+"""Small models built from configs in code (no downloads)."""

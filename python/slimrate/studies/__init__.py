@@ -1,0 +1,1 @@
+"""Studies that compare methods under equal budgets; each writes tables and plots to bench/results/."""

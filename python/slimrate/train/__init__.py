@@ -1,0 +1,1 @@
+"""The shared training loop: budget in steps, schedule, hooks, logging, checkpoint/resume, DDP."""
