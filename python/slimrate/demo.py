@@ -9,15 +9,19 @@ and bits per parameter estimated as the empirical entropy of the quantized weigh
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm import tqdm
 
 from slimrate.backslash import RateConstraint, estimate_shape, rate
 from slimrate.backslash.metrics import quantized_entropy_bits, small_weight_share
 from slimrate.data.digits import load_digits_split
+from slimrate.train import TrainConfig, train
+
+LOG_EVERY = 50  # steps per progress-bar update and log record
+EVAL_POINTS = 10  # test-accuracy evaluations per run when metrics are written
 
 
 @dataclass
@@ -36,6 +40,7 @@ class DemoConfig:
     hidden: int = 256
     quant_step: float = 0.01  # Δ for the entropy estimate and the quantized accuracy
     small: float = 1e-3  # |θ| below this counts as near zero
+    out_dir: str | None = None  # metrics of each run (JSONL, TensorBoard) in out_dir/plain, out_dir/backslash
 
 
 def build_classifier(hidden: int) -> nn.Module:
@@ -49,30 +54,35 @@ def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
         return float((model(x).argmax(dim=1) == y).double().mean())
 
 
-def train_digits(cfg: DemoConfig, lam: float, label: str) -> dict:
-    """Train one classifier (BackSlash when lam > 0) and measure it; returns one table row."""
+def train_digits(cfg: DemoConfig, lam: float, label: str, out_dir: str | None = None) -> dict:
+    """Train one classifier (BackSlash when lam > 0) with ``slimrate.train`` and measure it; returns
+    one table row.  With ``out_dir``, metrics (and test accuracy every steps/10) go to its JSONL and
+    TensorBoard files."""
     x_train, y_train, x_test, y_test = load_digits_split()
     torch.manual_seed(cfg.seed)
     model = build_classifier(cfg.hidden)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
-    constraint = RateConstraint(model, lam=lam, eps=cfg.eps, mode=cfg.mode) if lam > 0 else None
-    batches = torch.Generator().manual_seed(cfg.seed)
-    bar = tqdm(range(cfg.steps), desc=label, unit="step", leave=False, mininterval=0.5)
-    for step in bar:
-        idx = torch.randint(0, len(y_train), (cfg.batch,), generator=batches)
-        loss = F.cross_entropy(model(x_train[idx]), y_train[idx])
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if constraint is not None and cfg.mode == "grad":
-            constraint.step()
-        optimizer.step()
-        if constraint is not None and cfg.mode == "decoupled":
-            constraint.step()
-        if step % 50 == 0:
-            bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
+    hooks = [RateConstraint(model, lam=lam, eps=cfg.eps, mode=cfg.mode)] if lam > 0 else []
+    # Row k holds step k's batch: the same draws, in the same order, as one generator read step by step.
+    order = torch.randint(0, len(y_train), (cfg.steps, cfg.batch), generator=torch.Generator().manual_seed(cfg.seed))
+
+    def get_batch(step: int, rank: int, world_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        idx = order[step].tensor_split(world_size)[rank]
+        return x_train[idx], y_train[idx]
+
+    def loss_fn(net: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        x, y = batch
+        return F.cross_entropy(net(x), y)
+
+    def evaluate(net: nn.Module) -> dict[str, float]:
+        return {"test_acc": accuracy(net, x_test, y_test)}
+
+    config = TrainConfig(steps=cfg.steps, out_dir=out_dir, seed=cfg.seed, desc=label, log_every=LOG_EVERY,
+                         eval_every=max(cfg.steps // EVAL_POINTS, 1) if out_dir else 0)
+    result = train(model, optimizer, loss_fn, get_batch, config, evaluate=evaluate, hooks=hooks)
     weights = [m.weight for m in model if isinstance(m, nn.Linear)]
     nu = estimate_shape(weights)
-    row = {"run": label, "test_acc": accuracy(model, x_test, y_test),
+    row = {"run": label, "test_acc": result.eval["test_acc"],
            "rate": float(rate([w.detach() for w in weights], nu, cfg.eps)), "nu": nu,
            "near_zero": small_weight_share(weights, cfg.small),
            "bits_per_param": quantized_entropy_bits(weights, cfg.quant_step)}
@@ -85,7 +95,9 @@ def train_digits(cfg: DemoConfig, lam: float, label: str) -> dict:
 
 def run_demo(cfg: DemoConfig) -> dict:
     """Both runs and the settings, as a JSON-ready dict."""
-    rows = [train_digits(cfg, 0.0, "plain"), train_digits(cfg, cfg.lam, f"BackSlash λ={cfg.lam:g}")]
+    out_dirs = [str(Path(cfg.out_dir) / name) if cfg.out_dir else None for name in ("plain", "backslash")]
+    rows = [train_digits(cfg, 0.0, "plain", out_dirs[0]),
+            train_digits(cfg, cfg.lam, f"BackSlash λ={cfg.lam:g}", out_dirs[1])]
     return {"config": asdict(cfg), "rows": rows}
 
 
