@@ -77,3 +77,18 @@ def test_digits_split_is_fixed_and_disjoint():
     train_rows = {tuple(r) for r in x_train.tolist()}
     # load_digits has a few duplicate images; the split itself must not put one sample in both halves
     assert sum(tuple(r) in train_rows for r in x_test.tolist()) < 10
+
+
+def test_demo_out_writes_metrics_of_both_runs(tmp_path):
+    assert main(["demo", "--steps", "30", "--out", str(tmp_path)]) == 0
+    for run in ("plain", "backslash"):
+        lines = (tmp_path / run / "metrics.jsonl").read_text().splitlines()
+        assert lines and all('"step"' in line for line in lines)
+        assert any(p.name.startswith("events.out.tfevents") for p in (tmp_path / run).rglob("*"))
+
+
+def test_demo_wandb_needs_out(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["demo", "--wandb"])
+    assert exit_info.value.code == 2
+    assert "--wandb: needs --out" in capsys.readouterr().err

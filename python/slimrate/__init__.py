@@ -2,6 +2,8 @@
 
 from slimrate import backslash, ops
 from slimrate.backslash import RateConstraint, estimate_shape, rate
+from slimrate.schedules import UBA, get_uba_schedule, make_schedule, uba_lr
 
 __version__ = "0.1.0"
-__all__ = ["RateConstraint", "backslash", "estimate_shape", "ops", "rate", "__version__"]
+__all__ = ["UBA", "RateConstraint", "backslash", "estimate_shape", "get_uba_schedule", "make_schedule", "ops",
+           "rate", "uba_lr", "__version__"]

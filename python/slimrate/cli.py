@@ -51,6 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--mode", choices=["decoupled", "grad"], default=defaults.mode,
                       help="decoupled: θ ← θ − λ∂R/∂θ after each optimizer step; grad: λ∂R/∂θ added to the gradient")
     demo.add_argument("--json", metavar="OUT", help="also write the results as JSON to OUT")
+    demo.add_argument("--out", metavar="DIR", help="write each run's metrics (JSONL, TensorBoard) under DIR")
+    demo.add_argument("--wandb", action="store_true", help="also log to wandb, offline (needs --out and wandb)")
     schedules = commands.add_parser("schedules", help="learning-rate schedules: UBA and its baselines")
     schedule_commands = schedules.add_subparsers(dest="schedules_command", required=True)
     plot = schedule_commands.add_parser("plot", help="plot UBA for several φ beside the baselines to a PNG")
@@ -71,7 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
 def run_demo_command(args: argparse.Namespace) -> int:
     from slimrate.demo import DemoConfig, format_table, run_demo
 
-    result = run_demo(DemoConfig(steps=args.steps, lam=args.lam, seed=args.seed, mode=args.mode))
+    result = run_demo(DemoConfig(steps=args.steps, lam=args.lam, seed=args.seed, mode=args.mode, out_dir=args.out,
+                                 wandb=args.wandb))
     print(format_table(result))
     if args.json:
         write_text_atomic(args.json, json.dumps(result, indent=2) + "\n")
@@ -98,6 +101,8 @@ def run_study_command(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.command == "demo" and args.wandb and not args.out:
+        parser.error("--wandb: needs --out DIR for wandb's offline files")
     if args.command == "schedules" and args.total < 2:
         parser.error(f"--total: expected an integer >= 2 (OneCycle needs a ramp and a decay), got {args.total}")
     if args.command == "schedules" and args.warmup >= args.total:

@@ -1,11 +1,11 @@
 """The shared training loop: budget in steps, schedule, hooks, logging, checkpoint/resume, DDP."""
 
 from slimrate.train.checkpoint import (
-           CheckpointError,
-           latest_checkpoint,
-           list_checkpoints,
-           load_checkpoint,
-           save_checkpoint,
+    CheckpointError,
+    latest_checkpoint,
+    list_checkpoints,
+    load_checkpoint,
+    save_checkpoint,
 )
 from slimrate.train.distributed import DistributedInfo, init_distributed
 from slimrate.train.hooks import RateConstraintHook
