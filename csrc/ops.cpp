@@ -8,6 +8,16 @@ TORCH_LIBRARY(slimrate, m) {
   m.def("rate_stats(Tensor[] tensors) -> Tensor");
   // grads[i] += lam·∂R/∂params[i] for R = (1/N) Σ (|θ|+eps)^nu over all params; returns R (float64 []).
   m.def("rate_grad_(Tensor[] params, Tensor(a!)[] grads, float lam, float nu, float eps) -> Tensor");
+  // Entropy coders (CPU only; csrc/cpu/entropy_cpu.cpp): int32 symbols (n,) <-> uint8 bytes.
+  // Exact exp-Golomb code length in bits of symbols at order k (zig-zag mapped when signed).
+  m.def("eg_code_length(Tensor symbols, int k, bool signed) -> int");
+  // Exp-Golomb order k, MSB first, last byte zero-padded: ceil(eg_code_length / 8) bytes.
+  m.def("eg_encode(Tensor symbols, int k, bool signed) -> Tensor");
+  m.def("eg_decode(Tensor buf, int count, int k, bool signed) -> Tensor");
+  // Static rANS: header (alphabet, 2^16-scale frequencies) + 32-bit-state byte-wise stream.
+  m.def("rans_encode(Tensor symbols) -> Tensor");
+  m.def("rans_decode(Tensor buf, int count) -> Tensor");
+  // quantize / dequantize: plain PyTorch in python/slimrate/ops/coding.py (no kernel needed).
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {

@@ -6,6 +6,7 @@ import argparse
 import json
 import math
 import sys
+from pathlib import Path
 
 from slimrate.files import write_bytes_atomic, write_text_atomic
 
@@ -67,6 +68,20 @@ def build_parser() -> argparse.ArgumentParser:
     schedule_study.add_argument("--quick", action="store_true", help="a seconds-long version (tiny budgets, one seed)")
     schedule_study.add_argument("-o", "--out", default="bench/results",
                                 help="folder for schedules_study.{md,png,json} (default %(default)s)")
+    compress = commands.add_parser("compress", help="entropy-code a safetensors checkpoint into a .slim file")
+    compress.add_argument("checkpoint", help="a .safetensors file, or a folder holding model.safetensors")
+    compress.add_argument("-o", "--output", required=True, help="the .slim file to write")
+    step = compress.add_mutually_exclusive_group(required=True)
+    step.add_argument("--step", type=positive_finite_float, help="quantization step Δ for float tensors with ≥ 2 dims")
+    step.add_argument("--max-error", type=positive_finite_float, help="largest |θ − θ̂| allowed (Δ = 2·max-error)")
+    compress.add_argument("--coder", choices=["eg", "eg-signed", "rans"], default="eg",
+                          help="eg: frequency-sorted table + EG0 of ranks (paper); eg-signed: signed EG0, no table; "
+                               "rans: rANS (default %(default)s)")
+    inspect = commands.add_parser("inspect", help="per-tensor table of a .slim file: shape, bits/param, ratio")
+    inspect.add_argument("slim", help="a .slim file")
+    decompress = commands.add_parser("decompress", help="decode a .slim file into a .safetensors file")
+    decompress.add_argument("slim", help="a .slim file")
+    decompress.add_argument("-o", "--output", required=True, help="the .safetensors file to write")
     return parser
 
 
@@ -98,6 +113,60 @@ def run_study_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def checkpoint_file(path: str) -> Path | str:
+    """The safetensors file of CHECKPOINT, or a message saying what is wrong with it."""
+    file = Path(path)
+    if file.is_dir():
+        file = file / "model.safetensors"
+    if file.suffix in {".pt", ".pth", ".bin", ".ckpt", ".pkl"}:
+        return (f"{path}: pickle checkpoints are not read (loading one can run arbitrary code); convert it to "
+                "safetensors first: safetensors.torch.save_file(torch.load(path, weights_only=True), "
+                "'model.safetensors')")
+    if not file.is_file():
+        return f"{file}: no such file (expected a .safetensors file or a folder holding model.safetensors)"
+    return file
+
+
+def run_compress_command(args: argparse.Namespace) -> int:
+    from safetensors.torch import load_file
+
+    from slimrate.backslash import save_slim, slim_report
+
+    save_slim(load_file(args.checkpoint), args.output, step=args.step, max_error=args.max_error, coder=args.coder)
+    total = sum(row["bytes"] for row in slim_report(args.output))
+    print(f"wrote {args.output}: {Path(args.output).stat().st_size} bytes ({total} in tensor payloads)")
+    return 0
+
+
+def format_slim_report(rows: list[dict], file_bytes: int) -> str:
+    lines = [f"{'name':<40} {'shape':<18} {'dtype':<9} {'coder':<9} {'step':>9} {'bytes':>10} {'bits/param':>10} "
+             f"{'ratio':>7}"]
+    for row in rows:
+        step = "-" if row["step"] is None else f"{row['step']:.3g}"
+        lines.append(f"{row['name']:<40} {str(list(row['shape'])):<18} {row['dtype']:<9} {row['coder']:<9} {step:>9} "
+                     f"{row['bytes']:>10} {row['bits_per_param']:>10.3f} {row['ratio']:>7.2f}")
+    params = sum(math.prod(row["shape"]) for row in rows)
+    lines.append(f"total: {len(rows)} tensors, {params} params, {file_bytes} bytes in the file "
+                 f"({8 * file_bytes / max(params, 1):.3f} bits/param, ratio vs fp32 {4 * params / file_bytes:.2f})")
+    return "\n".join(lines)
+
+
+def run_inspect_command(args: argparse.Namespace) -> int:
+    from slimrate.backslash import slim_report
+
+    print(format_slim_report(slim_report(args.slim), Path(args.slim).stat().st_size))
+    return 0
+
+
+def run_decompress_command(args: argparse.Namespace) -> int:
+    from safetensors.torch import save
+
+    from slimrate.backslash import load_slim
+
+    print(f"wrote {write_bytes_atomic(args.output, save(load_slim(args.slim)))}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -107,8 +176,21 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--total: expected an integer >= 2 (OneCycle needs a ramp and a decay), got {args.total}")
     if args.command == "schedules" and args.warmup >= args.total:
         parser.error(f"--warmup: expected an integer < --total ({args.total}), got {args.warmup}")
-    commands = {"demo": run_demo_command, "schedules": run_schedules_plot_command, "study": run_study_command}
-    return commands[args.command](args)
+    if args.command == "compress":
+        checkpoint = checkpoint_file(args.checkpoint)
+        if isinstance(checkpoint, str):
+            parser.error(checkpoint)
+        args.checkpoint = str(checkpoint)
+    if args.command in ("inspect", "decompress") and not Path(args.slim).is_file():
+        parser.error(f"{args.slim}: no such file")
+    commands = {"demo": run_demo_command, "schedules": run_schedules_plot_command, "study": run_study_command,
+                "compress": run_compress_command, "inspect": run_inspect_command,
+                "decompress": run_decompress_command}
+    try:
+        return commands[args.command](args)
+    except ValueError as e:  # SlimFormatError (a corrupt file) or save_slim's refusals (NaN, int32 overflow)
+        print(f"slimrate {args.command}: {e}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -1,5 +1,5 @@
 """BackSlash rate-constrained training (papers/backslash.md): shape estimation, the rate proxy R,
-RateConstraint and its transformers Trainer callback.
+RateConstraint and its transformers Trainer callback, and the .slim model file (save_slim / load_slim).
 
 ``RateConstraintCallback`` is loaded on first use, so importing slimrate never imports transformers.
 """
@@ -7,8 +7,10 @@ RateConstraint and its transformers Trainer callback.
 from slimrate.backslash.constraint import RateConstraint
 from slimrate.backslash.rate import rate
 from slimrate.backslash.shape import estimate_shape, shape_from_moments
+from slimrate.backslash.slim_format import SlimFormatError, load_slim, save_slim, slim_report
 
-__all__ = ["RateConstraint", "RateConstraintCallback", "estimate_shape", "rate", "shape_from_moments"]
+__all__ = ["RateConstraint", "RateConstraintCallback", "SlimFormatError", "estimate_shape", "load_slim", "rate",
+           "save_slim", "shape_from_moments", "slim_report"]
 
 
 def __getattr__(name: str):

@@ -38,3 +38,68 @@ def rate_grad_(params: list[torch.Tensor], grads: list[torch.Tensor], lam: float
         # sign(0) = 0 even where (0 + ε)^(ν−1) is infinite (ε = 0, ν < 1)
         g.add_(lam * (nu / n) * torch.sign(p) * torch.where(a > 0, a, 1) ** (nu - 1))
     return total / n
+
+
+# ---- entropy coding (papers/backslash.md §6): plain Python, bit-exact to csrc/kernels/entropy_eg.h ----
+
+def _eg_index(s: int, signed: bool) -> int:
+    """Zig-zag index u of symbol s (u = 2s for s ≥ 0, −2s − 1 for s < 0), or s itself when unsigned."""
+    if signed:
+        if s == -(2**31):
+            raise ValueError("symbols: INT32_MIN has no signed exp-Golomb code")
+        return 2 * s if s >= 0 else -2 * s - 1
+    if s < 0:
+        raise ValueError(f"symbols: signed=False codes only symbols >= 0, got {s}")
+    return s
+
+
+def _eg_bits(u: int, k: int) -> str:
+    """The code of u: w = u + 2^k in binary, after bit_length(w) − 1 − k zeros."""
+    w = u + (1 << k)
+    return "0" * (w.bit_length() - 1 - k) + format(w, "b")
+
+
+def eg_code_length(symbols: torch.Tensor, k: int = 0, signed: bool = True) -> int:
+    """Σ code lengths in bits: 2·bit_length(u + 2^k) − 1 − k per symbol."""
+    return sum(2 * (_eg_index(s, signed) + (1 << k)).bit_length() - 1 - k for s in symbols.tolist())
+
+
+def eg_encode(symbols: torch.Tensor, k: int = 0, signed: bool = True) -> torch.Tensor:
+    """Exp-Golomb order k of int32 symbols, MSB first, last byte zero-padded; uint8 (nbytes,)."""
+    bits = "".join(_eg_bits(_eg_index(s, signed), k) for s in symbols.tolist())
+    bits += "0" * (-len(bits) % 8)
+    return torch.tensor([int(bits[i:i + 8], 2) for i in range(0, len(bits), 8)], dtype=torch.uint8)
+
+
+def eg_decode(buf: torch.Tensor, count: int, k: int = 0, signed: bool = True) -> torch.Tensor:
+    """Decode ``count`` symbols; ValueError when bits run out, a prefix has > 32 zeros, or u is out of range."""
+    bits = "".join(format(b, "08b") for b in buf.tolist())
+    max_u = 2**32 - 2 if signed else 2**31 - 1
+    out, pos = [], 0
+    for i in range(count):
+        zeros = 0
+        while pos + zeros < len(bits) and bits[pos + zeros] == "0" and zeros <= 32:
+            zeros += 1
+        if zeros > 32:
+            raise ValueError(f"buf: corrupt exp-Golomb stream at symbol {i} (a prefix of more than 32 zeros)")
+        end = pos + 2 * zeros + 1 + k
+        if end > len(bits):
+            raise ValueError(f"buf: ran out of bits at symbol {i} of {count}")
+        u = int(bits[pos + zeros:end], 2) - (1 << k)
+        if u > max_u:
+            raise ValueError(f"buf: corrupt exp-Golomb stream at symbol {i} (value out of range)")
+        out.append((-(u >> 1) - 1 if u & 1 else u >> 1) if signed else u)
+        pos = end
+    return torch.tensor(out, dtype=torch.int32)
+
+
+def empirical_entropy_bits(symbols: torch.Tensor) -> float:
+    """H(q) = −Σ p·log2 p of the symbols' empirical distribution, in bits per symbol (0 when empty).
+
+    The lower bound of any symbol-by-symbol code of this stream (papers/backslash.md §6).
+    """
+    if symbols.numel() == 0:
+        return 0.0
+    _, counts = torch.unique(symbols.reshape(-1), return_counts=True)
+    p = counts.double() / symbols.numel()
+    return float(-(p * torch.log2(p)).sum())

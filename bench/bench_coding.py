@@ -1,0 +1,122 @@
+"""Entropy coders on quantized weights, beside the general-purpose compressors users reach for.
+
+Input: 4 Mi weights θ ~ N(0, 0.02²) (builders.PARAM_STD) quantized with step 0.002 to int32 symbols
+(σ = 10 symbols, the papers/backslash.md §6 setting).  Rows (groups "coding-encode-4M",
+"coding-decode-4M"), all on the same int32 symbol bytes:
+- eg0:  slimrate.ops.eg_encode/eg_decode, exp-Golomb order 0 (the paper's code), C++;
+- egk:  the same at the order k with the fewest bits for this stream (chosen with eg_code_length);
+- rans: slimrate.ops.rans_encode/rans_decode, static rANS with its frequency table in the buffer;
+- zlib-6, lzma-6: Python's zlib (level 6) and lzma (preset 6) on the symbols' raw bytes;
+- zstd-3, zstd-19: the `zstandard` package when installed (skipped with the reason otherwise).
+extra_info: bytes (= 4·n, so GB/s is symbol throughput), compressed size in bits/symbol, the
+empirical entropy H (the bound of any symbol-by-symbol code) and the rANS table cost separately.
+Every coder's round trip is checked before it is timed.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import lzma
+import zlib
+from collections.abc import Callable
+
+import pytest
+import torch
+from builders import PARAM_STD
+
+from slimrate import ops
+from slimrate.ops import reference
+
+N_SYMBOLS = 4 << 20
+SIZE = "4M"
+STEP = 0.002
+EG_ORDERS = range(9)  # σ = 10 symbols: the best order is near log2 σ
+# lzma preset 6 takes ~15 s per 16 MB on this 2-core machine: one round; the C++ coders take ~30 ms.
+ROUNDS = {"lzma-6": 1, "zlib-6": 3, "zstd-19": 1}
+DEFAULT_ROUNDS = 10
+HAS_ZSTD = importlib.util.find_spec("zstandard") is not None
+
+
+class Stream:
+    def __init__(self):
+        gen = torch.Generator().manual_seed(0)
+        weights = torch.randn(N_SYMBOLS, generator=gen) * PARAM_STD
+        self.symbols = ops.quantize(weights, STEP)
+        self.raw = self.symbols.numpy().tobytes()
+        self.entropy = reference.empirical_entropy_bits(self.symbols)
+        self.best_k = min(EG_ORDERS, key=lambda k: ops.eg_code_length(self.symbols, k))
+
+
+@pytest.fixture(scope="module")
+def stream() -> Stream:
+    return Stream()
+
+
+def _zstd(level: int) -> tuple[Callable[[bytes], bytes], Callable[[bytes], bytes]]:
+    import zstandard
+
+    return zstandard.ZstdCompressor(level=level).compress, zstandard.ZstdDecompressor().decompress
+
+
+def coders(st: Stream) -> dict[str, tuple[Callable[[], object], Callable[[object], object]]]:
+    """backend → (encode(), decode(encoded)), each decode returning something comparable to the input."""
+    n, k = st.symbols.numel(), st.best_k
+    out = {
+        "eg0": (lambda: ops.eg_encode(st.symbols, 0), lambda b: ops.eg_decode(b, n, 0)),
+        "egk": (lambda: ops.eg_encode(st.symbols, k), lambda b: ops.eg_decode(b, n, k)),
+        "rans": (lambda: ops.rans_encode(st.symbols), lambda b: ops.rans_decode(b, n)),
+        "zlib-6": (lambda: zlib.compress(st.raw, 6), zlib.decompress),
+        "lzma-6": (lambda: lzma.compress(st.raw, preset=6), lzma.decompress),
+    }
+    if HAS_ZSTD:
+        for level in (3, 19):
+            compress, decompress = _zstd(level)
+            out[f"zstd-{level}"] = (lambda c=compress: c(st.raw), decompress)
+    return out
+
+
+BACKENDS = ["eg0", "egk", "rans", "zlib-6", "lzma-6", "zstd-3", "zstd-19"]
+
+
+def encoded_size(encoded: object) -> int:
+    return len(encoded) if isinstance(encoded, bytes) else encoded.numel()
+
+
+def checked(st: Stream, backend: str) -> tuple[Callable[[], object], Callable[[object], object], object]:
+    if backend.startswith("zstd") and not HAS_ZSTD:
+        pytest.skip("zstandard is not installed (pip install zstandard to add the zstd rows)")
+    encode, decode = coders(st)[backend]
+    encoded = encode()
+    decoded = decode(encoded)
+    same = decoded == st.raw if isinstance(decoded, bytes) else torch.equal(decoded, st.symbols)
+    if not same:
+        raise AssertionError(f"{backend}: the round trip does not reproduce the {st.symbols.numel()} symbols")
+    return encode, decode, encoded
+
+
+def set_info(benchmark, st: Stream, op: str, backend: str, encoded: object) -> None:
+    benchmark.group = f"coding-{op}-{SIZE}"
+    n = st.symbols.numel()
+    size = encoded_size(encoded)
+    benchmark.extra_info.update(op=op, backend=backend, dtype="int32", device="cpu", size=SIZE, symbols=n,
+                                bytes=4 * n, step=STEP, param_std=PARAM_STD, compressed_bytes=size,
+                                bits_per_symbol=8 * size / n, entropy_bits_per_symbol=st.entropy)
+    if backend == "egk":
+        benchmark.extra_info["k"] = st.best_k
+    if backend == "rans":
+        header = ops.rans_header_size(encoded)
+        benchmark.extra_info.update(header_bytes=header, payload_bits_per_symbol=8 * (size - header) / n)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_encode(benchmark, backend: str, stream: Stream):
+    encode, _, encoded = checked(stream, backend)
+    set_info(benchmark, stream, "encode", backend, encoded)
+    benchmark.pedantic(encode, rounds=ROUNDS.get(backend, DEFAULT_ROUNDS), warmup_rounds=0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_decode(benchmark, backend: str, stream: Stream):
+    _, decode, encoded = checked(stream, backend)
+    set_info(benchmark, stream, "decode", backend, encoded)
+    benchmark.pedantic(decode, args=(encoded,), rounds=ROUNDS.get(backend, DEFAULT_ROUNDS) * 3, warmup_rounds=0)

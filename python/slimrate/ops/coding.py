@@ -1,0 +1,211 @@
+"""Quantization and lossless entropy coding of int32 symbol streams (papers/backslash.md §6).
+
+- ``quantize`` / ``dequantize``: uniform scalar quantizer q = round(x/Δ), x̂ = q·Δ (plain PyTorch, any device);
+- ``eg_encode`` / ``eg_decode`` / ``eg_code_length``: exp-Golomb codes of order k, MSB first;
+- ``rans_encode`` / ``rans_decode``: a static rANS coder whose buffer carries its own frequency table.
+
+The coders run on the CPU only (C++ in csrc/cpu/entropy_cpu.cpp): bit-serial coding has no CUDA or
+Triton kernel, so ``backend`` is "native" (default) or "reference" (exp-Golomb only, plain Python);
+an ``SLIMRATE_BACKEND=triton`` default selects "native" here.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from slimrate.ops.backend import backend_name, extension_available, pick_backend
+from slimrate.ops.checks import finite_number
+
+INT32_MAX = 2**31 - 1
+MAX_EG_ORDER = 31  # keeps every code ≤ 64 bits (csrc/kernels/entropy_eg.h)
+_CPU = torch.device("cpu")
+
+
+def _coder(op: str, backend: str | None, has_reference: bool = True):
+    name = backend_name(backend)
+    if name == "triton":
+        if backend is not None:
+            raise ValueError(f"backend: {op} has no Triton kernel (entropy coding runs on the CPU); "
+                             "use 'native' or 'reference'")
+        name = "native"
+    if name == "reference" and not has_reference:
+        raise ValueError(f"backend: {op} has no reference implementation; use 'native' (its tests judge the "
+                         "rate against reference.empirical_entropy_bits)")
+    return pick_backend(op, name, _CPU)
+
+
+def _int_arg(name: str, value: int, lo: int, hi: int | None = None) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name}: expected a Python int, got {type(value).__name__}")
+    if value < lo or (hi is not None and value > hi):
+        bounds = f">= {lo}" if hi is None else f"in [{lo}, {hi}]"
+        raise ValueError(f"{name}: expected an int {bounds}, got {value}")
+    return value
+
+
+def _bool_arg(name: str, value: bool) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name}: expected a bool, got {type(value).__name__}")
+    return value
+
+
+def _stream(name: str, t: torch.Tensor, dtype: torch.dtype, what: str) -> torch.Tensor:
+    """``t`` checked to be a 1-D CPU tensor of ``dtype``."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+    if t.dtype != dtype:
+        raise TypeError(f"{name}: expected {dtype} {what}, got {t.dtype}; convert with .to({dtype})")
+    if t.dim() != 1:
+        raise ValueError(f"{name}: expected a 1-D tensor, got shape {tuple(t.shape)}; flatten it with .reshape(-1)")
+    if t.device != _CPU:
+        raise ValueError(f"{name}: the entropy coders run on the CPU, got a tensor on {t.device}; move it with .cpu()")
+    return t
+
+
+def quantize(x: torch.Tensor, step: float) -> torch.Tensor:
+    """Uniform scalar quantization q = round(x / step), ties to even (torch.round).
+
+    x: float tensor of any shape and device; step > 0.  x/step is computed in float64.
+    Returns int32, x's shape and device.  Raises ValueError for non-finite x or |x/step| ≥ 2^31 − 1.
+    """
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x: expected a torch.Tensor, got {type(x).__name__}")
+    if not x.is_floating_point():
+        raise TypeError(f"x: expected a float tensor, got {x.dtype}")
+    step = finite_number("step", step, positive=True)
+    if not bool(torch.isfinite(x).all()):
+        raise ValueError("x: expected finite values, got inf or nan")
+    y = x.double() / step
+    if x.numel() and float(y.abs().max()) >= INT32_MAX:
+        raise ValueError(f"x/step: |x|/step reaches {float(y.abs().max()):.4g} >= 2^31 - 1, not an int32 "
+                         f"symbol; use a larger step (got {step:g})")
+    return torch.round(y).to(torch.int32)
+
+
+def dequantize(q: torch.Tensor, step: float, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """x̂ = q · step, computed in float64 and rounded once to ``dtype``; q int32 of any shape/device."""
+    if not isinstance(q, torch.Tensor):
+        raise TypeError(f"q: expected a torch.Tensor, got {type(q).__name__}")
+    if q.dtype != torch.int32:
+        raise TypeError(f"q: expected torch.int32 symbols, got {q.dtype}")
+    if not dtype.is_floating_point:
+        raise TypeError(f"dtype: expected a float dtype, got {dtype}")
+    step = finite_number("step", step, positive=True)
+    return (q.double() * step).to(dtype)
+
+
+def eg_code_length(symbols: torch.Tensor, k: int = 0, signed: bool = True, *, backend: str | None = None) -> int:
+    """Exact length in bits of ``eg_encode(symbols, k, signed)`` before padding, without encoding.
+
+    symbols: (n,) int32 on the CPU.  Raises ValueError for a symbol with no code (see eg_encode).
+    """
+    _stream("symbols", symbols, torch.int32, "symbols")
+    k = _int_arg("k", k, 0, MAX_EG_ORDER)
+    signed = _bool_arg("signed", signed)
+    return int(_coder("eg_code_length", backend)(symbols, k, signed))
+
+
+def eg_encode(symbols: torch.Tensor, k: int = 0, signed: bool = True, *, backend: str | None = None) -> torch.Tensor:
+    """Exp-Golomb code of order k (papers/backslash.md §6), MSB first, the last byte zero-padded.
+
+    symbols: (n,) int32 on the CPU.  signed=True zig-zag maps s to u = 2s (s ≥ 0), −2s − 1 (s < 0)
+    and rejects INT32_MIN; signed=False needs s ≥ 0.  u is written as w = u + 2^k in ⌊log2 w⌋+1 bits
+    after ⌊log2 w⌋ − k zeros, k ∈ [0, 31].  Returns (⌈eg_code_length/8⌉,) uint8; the native backend
+    encodes 64 Ki-symbol chunks in parallel, the output independent of the thread count.
+    """
+    _stream("symbols", symbols, torch.int32, "symbols")
+    k = _int_arg("k", k, 0, MAX_EG_ORDER)
+    signed = _bool_arg("signed", signed)
+    return _coder("eg_encode", backend)(symbols, k, signed)
+
+
+def eg_decode(buf: torch.Tensor, count: int, k: int = 0, signed: bool = True, *,
+              backend: str | None = None) -> torch.Tensor:
+    """Decode exactly ``count`` symbols of an ``eg_encode(…, k, signed)`` stream; bits after them are ignored.
+
+    buf: (nbytes,) uint8 on the CPU.  Returns (count,) int32.  Sequential (one stream has no chunk
+    offsets).  Raises ValueError when the bits run out, a prefix has more than 32 zeros, or a value
+    is not a symbol eg_encode writes — never reads outside buf.
+    """
+    _stream("buf", buf, torch.uint8, "bytes")
+    count = _int_arg("count", count, 0)
+    k = _int_arg("k", k, 0, MAX_EG_ORDER)
+    signed = _bool_arg("signed", signed)
+    return _coder("eg_decode", backend)(buf, count, k, signed)
+
+
+def rans_encode(symbols: torch.Tensor, *, backend: str | None = None) -> torch.Tensor:
+    """Static rANS coding of int32 symbols into one self-contained byte buffer.
+
+    symbols: (n,) int32 on the CPU.  The buffer holds the count, the alphabet (delta varints) and
+    frequencies quantized to 2^16 (more for alphabets above 2^15 symbols), then a 32-bit-state,
+    byte-renormalised rANS stream (Duda 2013; ryg_rans).  When more than half the symbols are distinct
+    the symbols are stored raw instead.  Layout: csrc/kernels/entropy_rans.h.  Sequential.
+    Returns (nbytes,) uint8.
+    """
+    _stream("symbols", symbols, torch.int32, "symbols")
+    return _coder("rans_encode", backend, has_reference=False)(symbols)
+
+
+def rans_decode(buf: torch.Tensor, count: int, *, backend: str | None = None) -> torch.Tensor:
+    """Decode a ``rans_encode`` buffer of ``count`` symbols into (count,) int32.
+
+    Raises ValueError for a count other than the buffer's, a truncated buffer (always detected) or a
+    corrupt header or stream; a corrupted payload may also decode to other symbols, never out of bounds.
+    """
+    _stream("buf", buf, torch.uint8, "bytes")
+    count = _int_arg("count", count, 0)
+    return _coder("rans_decode", backend, has_reference=False)(buf, count)
+
+
+def rans_header_size(buf: torch.Tensor) -> int:
+    """Bytes of a ``rans_encode`` buffer before its rANS stream (mode, count, alphabet, frequencies),
+    i.e. the table cost; the rest is the payload.  Raw-mode buffers: the bytes before the raw symbols."""
+    data = memoryview(_stream("buf", buf, torch.uint8, "bytes").contiguous().numpy())  # no copy
+    pos = 0
+
+    def varint() -> int:
+        nonlocal pos
+        value, shift = 0, 0
+        while True:
+            if pos >= len(data):
+                raise ValueError(f"buf: truncated rANS header ({len(data)} bytes)")
+            b = data[pos]
+            pos += 1
+            value |= (b & 0x7F) << shift
+            shift += 7
+            if not b & 0x80:
+                return value
+
+    mode = varint()  # one byte < 0x80
+    varint()  # count
+    if mode == 1:
+        return pos
+    pos += 1  # scale_bits
+    m = varint()
+    for _ in range(2 * m):  # smallest symbol, m − 1 gaps, m frequencies
+        varint()
+    return pos
+
+
+if extension_available():
+    # Output sizes of the encoders depend on the data: fakes return unbacked sizes.
+    @torch.library.register_fake("slimrate::eg_code_length")
+    def _eg_code_length_fake(symbols, k, signed):
+        return torch.library.get_ctx().new_dynamic_size()
+
+    @torch.library.register_fake("slimrate::eg_encode")
+    def _eg_encode_fake(symbols, k, signed):
+        return symbols.new_empty((torch.library.get_ctx().new_dynamic_size(),), dtype=torch.uint8)
+
+    @torch.library.register_fake("slimrate::eg_decode")
+    def _eg_decode_fake(buf, count, k, signed):
+        return buf.new_empty((count,), dtype=torch.int32)
+
+    @torch.library.register_fake("slimrate::rans_encode")
+    def _rans_encode_fake(symbols):
+        return symbols.new_empty((torch.library.get_ctx().new_dynamic_size(),), dtype=torch.uint8)
+
+    @torch.library.register_fake("slimrate::rans_decode")
+    def _rans_decode_fake(buf, count):
+        return buf.new_empty((count,), dtype=torch.int32)

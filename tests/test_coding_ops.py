@@ -1,0 +1,281 @@
+"""quantize/dequantize, exp-Golomb and rANS coders: bit-exact against ops/reference.py, lossless
+round trips on random and adversarial streams, rate against the empirical entropy, bad inputs."""
+
+import math
+
+import pytest
+import torch
+
+from slimrate import ops
+from slimrate.ops import reference
+
+from helpers import skip_unless_backend
+
+INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1
+EG_ORDERS = [0, 1, 3, 7, 31]
+
+
+def gaussian_symbols(n: int, sigma: float) -> torch.Tensor:
+    """Rounded N(0, σ²) symbols: the quantized weights the coders are made for."""
+    return torch.round(torch.randn(n, dtype=torch.float64) * sigma).to(torch.int32)
+
+
+def adversarial_streams() -> dict[str, torch.Tensor]:
+    """Edge cases: empty, one symbol, constant runs, int32 extremes, alternating huge magnitudes."""
+    i32 = torch.int32
+    return {
+        "empty": torch.zeros(0, dtype=i32),
+        "single": torch.tensor([7], dtype=i32),
+        "zeros": torch.zeros(1000, dtype=i32),
+        "extremes": torch.tensor([INT32_MAX, -INT32_MAX, 0, INT32_MAX, -1, 1, -INT32_MAX], dtype=i32),
+        "long-run": torch.cat([torch.full((5000,), -3, dtype=i32), torch.tensor([INT32_MAX], dtype=i32),
+                               torch.full((3000,), 12, dtype=i32)]),
+        "random-int32": torch.randint(-INT32_MAX, INT32_MAX, (2000,), dtype=torch.int64).to(i32),
+        "gaussian": gaussian_symbols(3000, 5.0),
+    }
+
+
+def nonneg(stream: torch.Tensor) -> torch.Tensor:
+    """The stream made valid for signed=False (INT32_MIN never occurs in these streams)."""
+    return stream.abs()
+
+
+def assert_equal_symbols(got: torch.Tensor, want: torch.Tensor) -> None:
+    assert got.dtype == torch.int32 and got.shape == want.shape
+    if not torch.equal(got, want):
+        i = int((got != want).nonzero()[0])
+        raise AssertionError(f"symbol {i} of {want.numel()}: got {int(got[i])}, want {int(want[i])}")
+
+
+# ---- quantize / dequantize ------------------------------------------------------------------------
+
+def test_quantize_rounds_half_to_even_and_dequantize_scales():
+    x = torch.tensor([0.25, -0.25, 0.75, 1.0, -1.26, 0.0], dtype=torch.float32)
+    q = ops.quantize(x, 0.5)
+    assert q.dtype == torch.int32 and q.tolist() == [0, 0, 2, 2, -3, 0]
+    assert torch.equal(ops.dequantize(q, 0.5), torch.tensor([0.0, 0.0, 1.0, 1.0, -1.5, 0.0]))
+    w = torch.randn(5, 123) * 0.02
+    assert torch.equal(ops.quantize(w, 0.002), torch.round(w.double() / 0.002).int())
+    assert (ops.dequantize(ops.quantize(w, 0.002), 0.002) - w).abs().max() <= 0.001 + 1e-9
+
+
+@pytest.mark.parametrize("x,match", [(torch.tensor([1.0, float("nan")]), "x: expected finite"),
+                                     (torch.tensor([float("inf")]), "x: expected finite"),
+                                     (torch.tensor([2.0**31]), "x/step")])
+def test_quantize_rejects_values_without_a_symbol(x, match):
+    with pytest.raises(ValueError, match=match):
+        ops.quantize(x, 1.0)
+
+
+def test_quantize_rejects_bad_arguments():
+    with pytest.raises(TypeError, match="x: expected a float"):
+        ops.quantize(torch.ones(3, dtype=torch.int32), 1.0)
+    with pytest.raises(ValueError, match="step"):
+        ops.quantize(torch.ones(3), 0.0)
+    with pytest.raises(TypeError, match="q: expected torch.int32"):
+        ops.dequantize(torch.ones(3), 1.0)
+
+
+# ---- exp-Golomb ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("signed", [True, False], ids=["signed", "unsigned"])
+@pytest.mark.parametrize("k", EG_ORDERS)
+def test_eg_encode_matches_reference_bit_exactly(k, signed):
+    skip_unless_backend("native", "cpu")
+    for name, stream in {**adversarial_streams(), "small": gaussian_symbols(777, 3.0)}.items():
+        if stream.numel() > 3000:
+            continue  # the Python reference is slow
+        s = stream if signed else nonneg(stream)
+        want = reference.eg_encode(s, k, signed)
+        got = ops.eg_encode(s, k, signed)
+        assert got.dtype == torch.uint8 and torch.equal(got, want), f"{name}: bytes differ from the reference"
+        bits = ops.eg_code_length(s, k, signed)
+        assert bits == reference.eg_code_length(s, k, signed) and got.numel() == math.ceil(bits / 8), name
+        assert_equal_symbols(reference.eg_decode(got, s.numel(), k, signed), s)
+        assert_equal_symbols(ops.eg_decode(want, s.numel(), k, signed), s)
+
+
+def test_eg_code_lengths_follow_the_standard_definition():
+    # EG0: 0 → "1", 1 → "010", 2 → "011", 3 → "00100" (papers/backslash.md §6)
+    s = torch.tensor([0, 1, 2, 3], dtype=torch.int32)
+    assert ops.eg_encode(s, 0, False).tolist() == [0b10100110, 0b01000000]
+    assert ops.eg_code_length(torch.tensor([0, -1, 1], dtype=torch.int32), 0, True) == 1 + 3 + 3
+
+
+@pytest.mark.parametrize("signed", [True, False], ids=["signed", "unsigned"])
+@pytest.mark.parametrize("k", EG_ORDERS)
+@pytest.mark.parametrize("name", list(adversarial_streams()))
+def test_eg_round_trip_is_exact(name, k, signed):
+    skip_unless_backend("native", "cpu")
+    stream = adversarial_streams()[name]
+    s = stream if signed else nonneg(stream)
+    buf = ops.eg_encode(s, k, signed)
+    assert buf.numel() == math.ceil(ops.eg_code_length(s, k, signed) / 8)
+    assert_equal_symbols(ops.eg_decode(buf, s.numel(), k, signed), s)
+
+
+def test_eg_encode_is_independent_of_the_thread_count():
+    skip_unless_backend("native", "cpu")
+    s = gaussian_symbols((1 << 20) + 12345, 20.0)  # 17 chunks of 64 Ki, most starting mid-byte
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        single = ops.eg_encode(s, 2, True)
+    finally:
+        torch.set_num_threads(threads)
+    multi = ops.eg_encode(s, 2, True)
+    assert torch.equal(single, multi)
+    assert multi.numel() == math.ceil(ops.eg_code_length(s, 2, True) / 8)
+    assert_equal_symbols(ops.eg_decode(multi, s.numel(), 2, True), s)
+
+
+def test_eg_reference_backend_is_the_reference():
+    s = gaussian_symbols(200, 4.0)
+    assert torch.equal(ops.eg_encode(s, 1, backend="reference"), reference.eg_encode(s, 1))
+    assert ops.eg_code_length(s, backend="reference") == reference.eg_code_length(s)
+
+
+def test_eg_decode_raises_on_every_truncation():
+    skip_unless_backend("native", "cpu")
+    s = gaussian_symbols(300, 30.0)
+    buf = ops.eg_encode(s, 0, True)
+    for cut in range(buf.numel()):
+        with pytest.raises(ValueError, match="buf"):
+            ops.eg_decode(buf[:cut].clone(), s.numel(), 0, True)
+
+
+def test_eg_decode_rejects_corrupt_streams():
+    skip_unless_backend("native", "cpu")
+    with pytest.raises(ValueError, match="more than 32 zeros"):
+        ops.eg_decode(torch.zeros(16, dtype=torch.uint8), 1)
+    # unsigned: u = 2^31 (the 32-bit code 1 followed by 31 zeros, after 31 zeros) is not an int32
+    big = reference.eg_encode(torch.tensor([INT32_MAX], dtype=torch.int32), 0, True)  # u = 2^32 − 2
+    with pytest.raises(ValueError, match="not an int32 symbol"):
+        ops.eg_decode(big, 1, 0, False)
+
+
+def test_eg_decode_survives_random_byte_flips():
+    skip_unless_backend("native", "cpu")
+    s = gaussian_symbols(500, 10.0)
+    buf = ops.eg_encode(s, 1, True)
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(2000):
+        bad = buf.clone()
+        at = torch.randint(0, bad.numel(), (3,), generator=gen)
+        bad[at] = torch.randint(0, 256, (3,), generator=gen, dtype=torch.int64).to(torch.uint8)
+        try:
+            out = ops.eg_decode(bad, s.numel(), 1, True)
+        except ValueError:
+            continue
+        assert out.shape == s.shape
+
+
+# ---- rANS -----------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", list(adversarial_streams()))
+def test_rans_round_trip_is_exact(name):
+    skip_unless_backend("native", "cpu")
+    s = adversarial_streams()[name]
+    assert_equal_symbols(ops.rans_decode(ops.rans_encode(s), s.numel()), s)
+
+
+@pytest.mark.parametrize("sigma", [1.0, 8.0, 50.0])
+def test_rans_rate_is_within_one_percent_of_entropy(sigma):
+    skip_unless_backend("native", "cpu")
+    s = gaussian_symbols(200_000, sigma)
+    buf = ops.rans_encode(s)
+    assert_equal_symbols(ops.rans_decode(buf, s.numel()), s)
+    bound = s.numel() * reference.empirical_entropy_bits(s)
+    # the payload is judged; the table (a few bytes per distinct symbol) is reported separately
+    header = ops.rans_header_size(buf)
+    assert 0 < header < 4 * torch.unique(s).numel() + 16
+    payload_bits = 8 * (buf.numel() - header)
+    assert payload_bits <= 1.01 * bound, f"{payload_bits / s.numel():.4f} bits/symbol vs H = {bound / s.numel():.4f}"
+
+
+def test_rans_decode_raises_on_every_truncation():
+    skip_unless_backend("native", "cpu")
+    for s in (gaussian_symbols(400, 6.0), torch.zeros(50, dtype=torch.int32),
+              torch.randint(-100, 100, (40,), dtype=torch.int32)):
+        buf = ops.rans_encode(s)
+        for cut in range(buf.numel()):
+            with pytest.raises(ValueError):
+                ops.rans_decode(buf[:cut].clone(), s.numel())
+
+
+def test_rans_decode_survives_random_byte_flips():
+    skip_unless_backend("native", "cpu")
+    s = gaussian_symbols(500, 10.0)
+    buf = ops.rans_encode(s)
+    gen = torch.Generator().manual_seed(2)
+    for _ in range(3000):
+        bad = buf.clone()
+        at = torch.randint(0, bad.numel(), (2,), generator=gen)
+        bad[at] = torch.randint(0, 256, (2,), generator=gen, dtype=torch.int64).to(torch.uint8)
+        try:
+            out = ops.rans_decode(bad, s.numel())
+        except ValueError:
+            continue
+        assert out.shape == s.shape
+
+
+def test_rans_decode_rejects_a_wrong_count():
+    skip_unless_backend("native", "cpu")
+    s = gaussian_symbols(100, 3.0)
+    with pytest.raises(ValueError, match="count"):
+        ops.rans_decode(ops.rans_encode(s), 99)
+
+
+# ---- bad arguments --------------------------------------------------------------------------------
+
+CODERS = {
+    "eg_encode": lambda s: ops.eg_encode(s),
+    "eg_code_length": lambda s: ops.eg_code_length(s),
+    "rans_encode": lambda s: ops.rans_encode(s),
+}
+
+
+@pytest.mark.parametrize("coder", list(CODERS))
+def test_encoders_reject_bad_symbols(coder):
+    encode = CODERS[coder]
+    with pytest.raises(TypeError, match="symbols: expected torch.int32"):
+        encode(torch.zeros(4, dtype=torch.int64))
+    with pytest.raises(ValueError, match="symbols: expected a 1-D"):
+        encode(torch.zeros(2, 3, dtype=torch.int32))
+
+
+@pytest.mark.parametrize("backend", ["native", "reference"])
+def test_eg_encode_rejects_symbols_without_a_code(backend):
+    skip_unless_backend(backend, "cpu")
+    with pytest.raises(ValueError, match="INT32_MIN"):
+        ops.eg_encode(torch.tensor([1, INT32_MIN], dtype=torch.int32), backend=backend)
+    with pytest.raises(ValueError, match="signed=False"):
+        ops.eg_code_length(torch.tensor([1, -2], dtype=torch.int32), signed=False, backend=backend)
+
+
+def test_decoders_reject_bad_arguments():
+    buf = torch.zeros(4, dtype=torch.uint8)
+    with pytest.raises(TypeError, match="buf: expected torch.uint8"):
+        ops.eg_decode(buf.int(), 1)
+    with pytest.raises(ValueError, match="buf: expected a 1-D"):
+        ops.rans_decode(buf.reshape(2, 2), 1)
+    with pytest.raises(ValueError, match="count"):
+        ops.eg_decode(buf, -1)
+    with pytest.raises(ValueError, match="count"):
+        ops.rans_decode(buf, -1)
+    with pytest.raises(ValueError, match="k: expected"):
+        ops.eg_decode(buf, 1, k=32)
+    with pytest.raises(ValueError, match="no Triton kernel"):
+        ops.eg_encode(torch.zeros(3, dtype=torch.int32), backend="triton")
+
+
+def test_direct_op_calls_check_their_inputs():
+    skip_unless_backend("native", "cpu")
+    with pytest.raises(TypeError, match="symbols"):
+        torch.ops.slimrate.eg_encode(torch.zeros(3), 0, True)
+    with pytest.raises(ValueError, match="count"):
+        torch.ops.slimrate.eg_decode(torch.zeros(3, dtype=torch.uint8), -5, 0, True)
+    with pytest.raises(ValueError, match="cannot hold"):
+        torch.ops.slimrate.eg_decode(torch.zeros(3, dtype=torch.uint8), 10**12, 0, True)
+    with pytest.raises(ValueError, match="k"):
+        torch.ops.slimrate.eg_encode(torch.zeros(3, dtype=torch.int32), 40, True)
