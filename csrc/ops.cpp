@@ -9,8 +9,9 @@ TORCH_LIBRARY(slimrate, m) {
   // grads[i] += lam·∂R/∂params[i] for R = (1/N) Σ (|θ|+eps)^nu over all params; returns R (float64 []).
   m.def("rate_grad_(Tensor[] params, Tensor(a!)[] grads, float lam, float nu, float eps) -> Tensor");
   // Entropy coders (CPU only; csrc/cpu/entropy_cpu.cpp): int32 symbols (n,) <-> uint8 bytes.
-  // Exact exp-Golomb code length in bits of symbols at order k (zig-zag mapped when signed).
-  m.def("eg_code_length(Tensor symbols, int k, bool signed) -> int");
+  // Exact exp-Golomb code length in bits (int64 []) of symbols at order k (zig-zag mapped when signed);
+  // a tensor, not an int, so the fake kernel needs no data-dependent Python int.
+  m.def("eg_code_length(Tensor symbols, int k, bool signed) -> Tensor");
   // Exp-Golomb order k, MSB first, last byte zero-padded: ceil(eg_code_length / 8) bytes.
   m.def("eg_encode(Tensor symbols, int k, bool signed) -> Tensor");
   m.def("eg_decode(Tensor buf, int count, int k, bool signed) -> Tensor");

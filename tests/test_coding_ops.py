@@ -279,3 +279,17 @@ def test_direct_op_calls_check_their_inputs():
         torch.ops.slimrate.eg_decode(torch.zeros(3, dtype=torch.uint8), 10**12, 0, True)
     with pytest.raises(ValueError, match="k"):
         torch.ops.slimrate.eg_encode(torch.zeros(3, dtype=torch.int32), 40, True)
+
+
+def test_coding_ops_pass_opcheck():
+    skip_unless_backend("native", "cpu")
+    s = gaussian_symbols(100, 20.0)
+    cases = {
+        "eg_code_length": (s, 2, True),
+        "eg_encode": (s, 2, True),
+        "eg_decode": (ops.eg_encode(s, 2), s.numel(), 2, True),
+        "rans_encode": (s,),
+        "rans_decode": (ops.rans_encode(s), s.numel()),
+    }
+    for name, args in cases.items():
+        torch.library.opcheck(getattr(torch.ops.slimrate, name).default, args)

@@ -44,3 +44,35 @@ def test_study_rejects_unknown_subcommand(capsys):
         main(["study", "sizes"])
     assert exit_info.value.code == 2
     assert "invalid choice" in capsys.readouterr().err
+
+
+def test_quick_backslash_study_writes_sizes_and_pruning(tmp_path):
+    assert main(["study", "backslash", "--quick", "-o", str(tmp_path)]) == 0
+    rows = json.loads((tmp_path / "backslash.json").read_text())["rows"]
+    assert {(r["task"], r["lam"]) for r in rows} == {(t, lam) for t in ("digits", "charlm") for lam in (0.0, 50.0)}
+    for r in rows:
+        # rANS codes within a few % of the empirical entropy; no symbol-wise code beats it by more than
+        # its table's share, and exp-Golomb (a fixed code) cannot beat it at all.
+        assert r["rans_bits"] <= 1.1 * r["entropy_bits"] + 0.05
+        assert r["eg_bits"] >= r["entropy_bits"]
+        assert set(r["pruning"]) == {"0.0", "0.8"}
+    for task, metric in (("digits", "test_acc"), ("charlm", "val_bpc")):
+        plain, constrained = (r for r in rows if r["task"] == task)
+        assert constrained["entropy_bits"] < plain["entropy_bits"]  # the rate term lowers the entropy
+        assert metric + "_slim" in plain
+    assert "| λ |" in (tmp_path / "backslash.md").read_text()
+    assert (tmp_path / "backslash.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_global_magnitude_pruning_zeroes_the_smallest_share():
+    import torch
+
+    from slimrate.studies.backslash import prune_
+
+    weights = [torch.randn(40, 30), torch.randn(17, 5) * 3]
+    flat = torch.cat([w.abs().flatten() for w in weights])
+    k = int(0.7 * flat.numel())
+    expected_kept = (flat > flat.sort().values[k - 1]).sum()
+    prune_(weights, 0.7)
+    zeros = sum(int((w == 0).sum()) for w in weights)
+    assert zeros == k and sum(int((w != 0).sum()) for w in weights) == expected_kept

@@ -59,12 +59,12 @@ std::vector<int64_t> chunk_bits(const at::Tensor& symbols, int k, bool is_signed
   return bits;
 }
 
-int64_t eg_code_length_cpu(const at::Tensor& symbols_in, int64_t k, bool is_signed) {
+at::Tensor eg_code_length_cpu(const at::Tensor& symbols_in, int64_t k, bool is_signed) {
   at::Tensor symbols = checked_1d(symbols_in, "symbols", at::kInt);
   check_order(k);
   int64_t total = 0;
   for (int64_t b : chunk_bits(symbols, static_cast<int>(k), is_signed)) total += b;
-  return total;
+  return at::scalar_tensor(total, at::dtype(at::kLong));
 }
 
 at::Tensor eg_encode_cpu(const at::Tensor& symbols_in, int64_t k, bool is_signed) {

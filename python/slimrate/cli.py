@@ -68,6 +68,10 @@ def build_parser() -> argparse.ArgumentParser:
     schedule_study.add_argument("--quick", action="store_true", help="a seconds-long version (tiny budgets, one seed)")
     schedule_study.add_argument("-o", "--out", default="bench/results",
                                 help="folder for schedules_study.{md,png,json} (default %(default)s)")
+    backslash_study = study_commands.add_parser("backslash", help="λ sweep: .slim sizes vs other coders, pruning")
+    backslash_study.add_argument("--quick", action="store_true", help="a seconds-long version (two λ, tiny budgets)")
+    backslash_study.add_argument("-o", "--out", default="bench/results",
+                                 help="folder for backslash.{md,png,json} (default %(default)s)")
     compress = commands.add_parser("compress", help="entropy-code a safetensors checkpoint into a .slim file")
     compress.add_argument("checkpoint", help="a .safetensors file, or a folder holding model.safetensors")
     compress.add_argument("-o", "--output", required=True, help="the .slim file to write")
@@ -106,9 +110,15 @@ def run_schedules_plot_command(args: argparse.Namespace) -> int:
 
 
 def run_study_command(args: argparse.Namespace) -> int:
-    from slimrate.studies.schedules import StudyConfig, quick_config, write_study
+    if args.study_command == "schedules":
+        from slimrate.studies.schedules import StudyConfig, quick_config, write_study
 
-    for path in write_study(quick_config() if args.quick else StudyConfig(), args.out):
+        paths = write_study(quick_config() if args.quick else StudyConfig(), args.out)
+    else:
+        from slimrate.studies.backslash import BackslashStudyConfig, quick_backslash_config, write_backslash_study
+
+        paths = write_backslash_study(quick_backslash_config() if args.quick else BackslashStudyConfig(), args.out)
+    for path in paths:
         print(f"wrote {path}")
     return 0
 

@@ -192,7 +192,7 @@ if extension_available():
     # Output sizes of the encoders depend on the data: fakes return unbacked sizes.
     @torch.library.register_fake("slimrate::eg_code_length")
     def _eg_code_length_fake(symbols, k, signed):
-        return torch.library.get_ctx().new_dynamic_size()
+        return symbols.new_empty((), dtype=torch.int64)
 
     @torch.library.register_fake("slimrate::eg_encode")
     def _eg_encode_fake(symbols, k, signed):
