@@ -16,8 +16,10 @@ test: $(BUILD_STAMP)
 	$(VPY) -m pytest -q tests
 
 bench: $(BUILD_STAMP)
-	$(VPY) -m pytest bench --benchmark-only --benchmark-json bench/results/rate_grad.json
+	$(VPY) -m pytest bench/bench_rate_grad.py --benchmark-only --benchmark-json bench/results/rate_grad.json
 	$(VPY) bench/summarize.py bench/results/rate_grad.json bench/results/rate_grad.md
+	$(VPY) -m pytest bench/bench_coding.py --benchmark-only --benchmark-json bench/results/coding.json
+	$(VPY) bench/summarize.py bench/results/coding.json bench/results/coding.md
 
 build: $(BUILD_STAMP)
 

@@ -17,13 +17,15 @@ def test_demo_runs_end_to_end_and_writes_json(tmp_path, capsys):
     out = tmp_path / "demo.json"
     assert main(["demo", "--steps", "60", "--lam", "50", "--seed", "3", "--json", str(out)]) == 0
     printed = capsys.readouterr().out
-    assert "plain" in printed and "BackSlash λ=50" in printed and "bits/param" in printed
+    assert "plain" in printed and "BackSlash λ=50" in printed and ".slim bits/w" in printed
     result = json.loads(out.read_text())
     assert result["config"]["steps"] == 60 and result["config"]["seed"] == 3
     plain, backslash = result["rows"]
     for row in (plain, backslash):
         assert 0.0 <= row["test_acc"] <= 1.0 and 0.1 <= row["nu"] <= 3.0
         assert row["bits_per_param"] > 0 and math.isfinite(row["rate"])
+        # a prefix code of the symbols cannot beat their empirical entropy (Kraft's inequality)
+        assert row["slim_bits_per_param"] >= row["bits_per_param"]
     # Even 60 steps of the decoupled shrink move more weights towards zero than plain training.
     assert backslash["near_zero"] > plain["near_zero"]
 

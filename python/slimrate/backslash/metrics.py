@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import tempfile
+from collections.abc import Iterable, Mapping
+from pathlib import Path
 
 import torch
+
+from slimrate.backslash.slim_format import load_slim, save_slim, slim_report
 
 
 def quantized_entropy_bits(tensors: Iterable[torch.Tensor], step: float) -> float:
@@ -26,3 +30,15 @@ def small_weight_share(tensors: Iterable[torch.Tensor], threshold: float = 1e-3)
     """Share of elements with |θ| < threshold, pooled over all tensors."""
     flat = torch.cat([t.detach().flatten().abs() for t in tensors])
     return float((flat < threshold).double().mean())
+
+
+def slim_weight_bits(state_dict: Mapping[str, torch.Tensor], names: list[str], step: float,
+                     coder: str = "eg") -> tuple[float, dict[str, torch.Tensor]]:
+    """Real size of the tensors ``names`` in a .slim file (quantized with ``step``, coded with ``coder``;
+    the rest stored losslessly): (bits per element of their payloads, the decoded state dict)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "model.slim"
+        save_slim(dict(state_dict), path, step={name: step for name in names}, coder=coder)
+        sizes = {r["name"]: r["bytes"] for r in slim_report(path)}
+        bits = 8 * sum(sizes[n] for n in names) / sum(state_dict[n].numel() for n in names)
+        return bits, load_slim(path)

@@ -18,7 +18,6 @@ import json
 import lzma
 import os
 import platform
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -27,8 +26,8 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from slimrate.backslash import RateConstraint, load_slim, save_slim, slim_report
-from slimrate.backslash.metrics import quantized_entropy_bits
+from slimrate.backslash import RateConstraint
+from slimrate.backslash.metrics import quantized_entropy_bits, slim_weight_bits
 from slimrate.files import write_bytes_atomic, write_text_atomic
 from slimrate.ops import quantize
 from slimrate.studies.schedules import PRIMARY, TASKS, StudyConfig
@@ -79,17 +78,6 @@ def general_coder_bits(symbols: torch.Tensor) -> dict[str, float]:
             "lzma": 8 * len(lzma.compress(raw, preset=6)) / n}
 
 
-def slim_bits(model: nn.Module, step: float, coder: str, names: list[str]) -> tuple[float, dict[str, torch.Tensor]]:
-    """(bits per weight of the quantized matrices' payloads in a .slim file, the file's decoded state dict)."""
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "model.slim"
-        state = {k: v for k, v in model.state_dict().items()}
-        save_slim(state, path, step={name: step for name in names}, coder=coder)
-        report = {r["name"]: r for r in slim_report(path)}
-        bits = 8 * sum(report[n]["bytes"] for n in names) / sum(state[n].numel() for n in names)
-        return bits, load_slim(path)
-
-
 def prune_(weights: list[torch.Tensor], rate: float) -> None:
     """Global magnitude pruning in place: zero the ``rate`` share of smallest |θ| over all weights."""
     if rate <= 0:
@@ -119,7 +107,7 @@ def run_one(cfg: BackslashStudyConfig, task_name: str, lam: float) -> dict:
     row = {"task": task_name, "lam": lam, "params": symbols.numel(), metric: task.metrics(model)[metric],
            "entropy_bits": quantized_entropy_bits(list(weights.values()), step), **general_coder_bits(symbols)}
     for coder in ("eg", "rans"):
-        bits, decoded = slim_bits(model, step, coder, names)
+        bits, decoded = slim_weight_bits(model.state_dict(), names, step, coder)
         row[f"{coder}_bits"] = bits
         if coder == "eg":  # both coders are lossless on the symbols: one decoded model serves both
             restored = TASKS[task_name](cfg.tasks_config, cfg.seed).model
