@@ -13,11 +13,7 @@ measured:
 
 from __future__ import annotations
 
-import datetime
-import json
 import lzma
-import os
-import platform
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -28,8 +24,8 @@ from tqdm import tqdm
 
 from slimrate.backslash import RateConstraint
 from slimrate.backslash.metrics import quantized_entropy_bits, slim_weight_bits
-from slimrate.files import write_bytes_atomic, write_text_atomic
 from slimrate.ops import quantize
+from slimrate.studies.output import figure_png, write_study_files
 from slimrate.studies.schedules import PRIMARY, TASKS, StudyConfig
 from slimrate.train import TrainConfig, train
 
@@ -158,8 +154,6 @@ def results_table(cfg: BackslashStudyConfig, rows: list[dict]) -> str:
 
 def results_plot(cfg: BackslashStudyConfig, rows: list[dict]) -> bytes:
     """PNG: per task, rate–quality (eg bits/weight vs metric after .slim) and the pruning curves."""
-    import io
-
     from matplotlib.figure import Figure
 
     figure = Figure(figsize=(11, 4 * len(cfg.tasks)), layout="constrained")
@@ -179,20 +173,15 @@ def results_plot(cfg: BackslashStudyConfig, rows: list[dict]) -> bytes:
                           "o-" if r["lam"] else "k--", label=f"λ={r['lam']:g}")
         prune_ax.set(xlabel="weights pruned (%)", ylabel=metric, title=f"{task}: magnitude pruning")
         prune_ax.legend(fontsize=7)
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=110)
-    return buffer.getvalue()
+    return figure_png(figure)
 
 
 def write_backslash_study(cfg: BackslashStudyConfig, out_dir: str, progress: bool = True) -> list[Path]:
     """Run the study; write backslash.md, backslash.png and backslash.json atomically."""
     started = time.perf_counter()
     rows = run_backslash_study(cfg, progress=progress)
-    header = (f"# BackSlash: .slim sizes, λ sweep and pruning\n\n{platform.machine()}, {os.cpu_count()} cores, "
-              f"torch {torch.__version__}, {len(rows)} runs in {(time.perf_counter() - started) / 60:.1f} min, "
-              f"{datetime.date.today()}; decoupled mode, ε = {cfg.eps:g}. nncodec (DeepCABAC) was not run.\n\n")
-    out = Path(out_dir)
+    note = f"Decoupled mode, ε = {cfg.eps:g}. nncodec (DeepCABAC) was not run.\n\n"
     config = {k: v for k, v in asdict(cfg).items() if k != "tasks_config"}
-    return [write_text_atomic(out / "backslash.md", header + results_table(cfg, rows)),
-            write_bytes_atomic(out / "backslash.png", results_plot(cfg, rows)),
-            write_text_atomic(out / "backslash.json", json.dumps({"config": config, "rows": rows}, indent=1) + "\n")]
+    return write_study_files(out_dir, "backslash", "BackSlash: .slim sizes, λ sweep and pruning", len(rows),
+                             (time.perf_counter() - started) / 60, note + results_table(cfg, rows),
+                             results_plot(cfg, rows), {"config": config, "rows": rows})

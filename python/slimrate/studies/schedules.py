@@ -11,11 +11,7 @@ warm-up (30% of the budget, torch's default) is part of what it is.
 
 from __future__ import annotations
 
-import datetime
-import json
 import math
-import os
-import platform
 import statistics
 import time
 from collections.abc import Callable
@@ -29,10 +25,10 @@ from tqdm import tqdm
 
 from slimrate.data.digits import load_digits_split
 from slimrate.data.text import char_splits, load_text_corpus
-from slimrate.files import write_bytes_atomic, write_text_atomic
 from slimrate.models.char_lm import CharLM, CharLMConfig, bits_per_char, evaluate_lm, get_lm_batch
 from slimrate.models.mlp import build_digits_mlp
 from slimrate.schedules import make_schedule
+from slimrate.studies.output import figure_png, write_study_files
 from slimrate.train import TrainConfig, train
 
 
@@ -181,8 +177,6 @@ def results_table(cfg: StudyConfig, rows: list[dict]) -> str:
 
 def results_plot(cfg: StudyConfig, rows: list[dict]) -> bytes:
     """PNG: per task, the primary metric (mean ± std over seeds) against the budget, one line per schedule."""
-    import io
-
     from matplotlib.figure import Figure  # Agg rendering, no display
 
     figure = Figure(figsize=(5.5 * len(cfg.tasks), 4.2), layout="constrained")
@@ -200,21 +194,13 @@ def results_plot(cfg: StudyConfig, rows: list[dict]) -> bytes:
         ax.set_ylabel(metric)
         ax.set_title(task)
         ax.legend(fontsize=7)
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=110)
-    return buffer.getvalue()
+    return figure_png(figure)
 
 
 def write_study(cfg: StudyConfig, out_dir: str, progress: bool = True) -> list[Path]:
     """Run the study; write schedules_study.md (table), .png (plot) and .json (every run) atomically."""
     started = time.perf_counter()
     rows = run_study(cfg, progress=progress)
-    minutes = (time.perf_counter() - started) / 60
-    header = (f"# Learning-rate schedules under a step budget\n\n{platform.processor() or platform.machine()}, "
-              f"{os.cpu_count()} cores, torch {torch.__version__}, {len(rows)} runs in {minutes:.1f} min, "
-              f"{datetime.date.today()}.\n\n")
-    out = Path(out_dir)
-    return [write_text_atomic(out / "schedules_study.md", header + results_table(cfg, rows)),
-            write_bytes_atomic(out / "schedules_study.png", results_plot(cfg, rows)),
-            write_text_atomic(out / "schedules_study.json",
-                              json.dumps({"config": asdict(cfg), "rows": rows}, indent=1) + "\n")]
+    return write_study_files(out_dir, "schedules_study", "Learning-rate schedules under a step budget", len(rows),
+                             (time.perf_counter() - started) / 60, results_table(cfg, rows),
+                             results_plot(cfg, rows), {"config": asdict(cfg), "rows": rows})
