@@ -25,7 +25,7 @@ import torch
 from builders import PARAM_STD
 
 from slimrate import ops
-from slimrate.ops import reference
+from slimrate.backslash.metrics import symbol_entropy_bits
 
 N_SYMBOLS = 4 << 20
 SIZE = "4M"
@@ -43,7 +43,7 @@ class Stream:
         weights = torch.randn(N_SYMBOLS, generator=gen) * PARAM_STD
         self.symbols = ops.quantize(weights, STEP)
         self.raw = self.symbols.numpy().tobytes()
-        self.entropy = reference.empirical_entropy_bits(self.symbols)
+        self.entropy = symbol_entropy_bits(self.symbols)
         self.best_k = min(EG_ORDERS, key=lambda k: ops.eg_code_length(self.symbols, k))
 
 

@@ -11,19 +11,26 @@ import torch
 from slimrate.backslash.slim_format import load_slim, save_slim, slim_report
 
 
-def quantized_entropy_bits(tensors: Iterable[torch.Tensor], step: float) -> float:
-    """Empirical entropy H(q), in bits per parameter, of q = round(θ/step) pooled over all tensors.
+def symbol_entropy_bits(symbols: torch.Tensor) -> float:
+    """H(q) = −Σ p·log2 p of the symbols' empirical distribution, in bits per symbol (0 when empty).
 
-    The lower bound for any symbol-by-symbol code of the quantized weights (papers/backslash.md §6).
+    The lower bound of any symbol-by-symbol code of the stream (papers/backslash.md §6).
     """
+    if symbols.numel() == 0:
+        return 0.0
+    _, counts = torch.unique(symbols.reshape(-1), return_counts=True)
+    p = counts.double() / symbols.numel()
+    return float(-(p * torch.log2(p)).sum())
+
+
+def quantized_entropy_bits(tensors: Iterable[torch.Tensor], step: float) -> float:
+    """Empirical entropy H(q), in bits per parameter, of q = round(θ/step) pooled over all tensors."""
     if step <= 0:
         raise ValueError(f"step: expected a quantization step > 0, got {step}")
     symbols = torch.cat([torch.round(t.detach().double().flatten() / step) for t in tensors])
     if symbols.numel() == 0:
         raise ValueError("tensors: expected at least one element to measure")
-    _, counts = torch.unique(symbols, return_counts=True)
-    p = counts.double() / symbols.numel()
-    return float(-(p * torch.log2(p)).sum())
+    return symbol_entropy_bits(symbols)
 
 
 def small_weight_share(tensors: Iterable[torch.Tensor], threshold: float = 1e-3) -> float:

@@ -30,7 +30,7 @@ def _coder(op: str, backend: str | None, has_reference: bool = True):
         name = "native"
     if name == "reference" and not has_reference:
         raise ValueError(f"backend: {op} has no reference implementation; use 'native' (its tests judge the "
-                         "rate against reference.empirical_entropy_bits)")
+                         "rate against slimrate.backslash.metrics.symbol_entropy_bits)")
     return pick_backend(op, name, _CPU)
 
 

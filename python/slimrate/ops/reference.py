@@ -91,15 +91,3 @@ def eg_decode(buf: torch.Tensor, count: int, k: int = 0, signed: bool = True) ->
         out.append((-(u >> 1) - 1 if u & 1 else u >> 1) if signed else u)
         pos = end
     return torch.tensor(out, dtype=torch.int32)
-
-
-def empirical_entropy_bits(symbols: torch.Tensor) -> float:
-    """H(q) = −Σ p·log2 p of the symbols' empirical distribution, in bits per symbol (0 when empty).
-
-    The lower bound of any symbol-by-symbol code of this stream (papers/backslash.md §6).
-    """
-    if symbols.numel() == 0:
-        return 0.0
-    _, counts = torch.unique(symbols.reshape(-1), return_counts=True)
-    p = counts.double() / symbols.numel()
-    return float(-(p * torch.log2(p)).sum())

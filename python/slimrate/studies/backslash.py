@@ -23,7 +23,7 @@ from torch import nn
 from tqdm import tqdm
 
 from slimrate.backslash import RateConstraint
-from slimrate.backslash.metrics import quantized_entropy_bits, slim_weight_bits
+from slimrate.backslash.metrics import slim_weight_bits, symbol_entropy_bits
 from slimrate.ops import quantize
 from slimrate.studies.output import figure_png, write_study_files
 from slimrate.studies.schedules import PRIMARY, TASKS, StudyConfig
@@ -101,7 +101,7 @@ def run_one(cfg: BackslashStudyConfig, task_name: str, lam: float) -> dict:
     names = list(weights)
     symbols = torch.cat([quantize(w.detach(), step).flatten() for w in weights.values()])
     row = {"task": task_name, "lam": lam, "params": symbols.numel(), metric: task.metrics(model)[metric],
-           "entropy_bits": quantized_entropy_bits(list(weights.values()), step), **general_coder_bits(symbols)}
+           "entropy_bits": symbol_entropy_bits(symbols), **general_coder_bits(symbols)}
     for coder in ("eg", "rans"):
         bits, decoded = slim_weight_bits(model.state_dict(), names, step, coder)
         row[f"{coder}_bits"] = bits
