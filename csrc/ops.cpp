@@ -18,6 +18,13 @@ TORCH_LIBRARY(slimrate, m) {
   // Static rANS: header (alphabet, 2^16-scale frequencies) + 32-bit-state byte-wise stream.
   m.def("rans_encode(Tensor symbols) -> Tensor");
   m.def("rans_decode(Tensor buf, int count) -> Tensor");
+  // Block-sparse linear layer (csrc/cpu/sparse_cpu.cpp, csrc/cuda/sparse_cuda.cu): y = x·Wᵀ + bias,
+  // x [B, in] float32/bfloat16/float16 -> y [B, out] in x's dtype, float32 accumulation. W [out, in] is
+  // block-CSR with blocks (r, c) = values.shape[1:]: values [nblocks, r, c] float32/bfloat16/float16,
+  // col_idx [nblocks] int32 in [0, ceil(in/c)), row_ptr [ceil(out/r)+1] int64 from 0 to nblocks,
+  // nondecreasing; x is read as zero past column in. bias: [out] or None.
+  m.def("sparse_linear(Tensor x, Tensor row_ptr, Tensor col_idx, Tensor values, int out_features, "
+        "Tensor? bias) -> Tensor");
   // quantize / dequantize: plain PyTorch in python/slimrate/ops/coding.py (no kernel needed).
 }
 

@@ -86,6 +86,15 @@ def build_parser() -> argparse.ArgumentParser:
     decompress = commands.add_parser("decompress", help="decode a .slim file into a .safetensors file")
     decompress.add_argument("slim", help="a .slim file")
     decompress.add_argument("-o", "--output", required=True, help="the .safetensors file to write")
+    run = commands.add_parser("run", help="load a model with the runtime (dense vs sparse layers); --bench times it")
+    run.add_argument("model", help="a .slim or .safetensors file")
+    run.add_argument("--arch", required=True, choices=["digits", "charlm"],
+                     help="the built-in architecture the weights belong to (sized from the weights)")
+    run.add_argument("--bench", action="store_true", help="measure latency and weight memory, dense vs sparse")
+    run.add_argument("--batch", type=positive_int, default=1, help="batch size of the random inputs (default 1)")
+    run.add_argument("--min-sparsity", type=nonnegative_float, default=0.5,
+                     help="layers with at least this share of zeros are candidates for sparse kernels (default 0.5)")
+    run.add_argument("--repeats", type=positive_int, default=50, help="timed calls per measurement (default 50)")
     return parser
 
 
@@ -177,6 +186,31 @@ def run_decompress_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_model_command(args: argparse.Namespace) -> int:
+    import torch
+
+    from slimrate import runtime
+    from slimrate.sparse.linear import format_decisions
+
+    dense = runtime.load(args.model, model_factory=args.arch, sparse=False)
+    sparse = runtime.load(args.model, model_factory=args.arch, sparse=True, min_sparsity=args.min_sparsity,
+                          batch_size=args.batch)
+    print(format_decisions(sparse.sparsify_decisions))
+    if args.bench:
+        x = runtime.MODELS[args.arch].example(dense, args.batch)
+        with torch.no_grad():
+            err = (sparse(x) - dense(x)).abs().max().item()
+        dense_us = runtime.latency_us(dense, x, args.repeats)
+        sparse_us = runtime.latency_us(sparse, x, args.repeats)
+        dense_bytes, sparse_bytes = runtime.weight_bytes(dense), runtime.weight_bytes(sparse)
+        print(f"input {tuple(x.shape)} {x.dtype}; max |sparse − dense| = {err:.3g}")
+        print(f"latency (median of {args.repeats}): dense {dense_us:.1f} µs, sparse {sparse_us:.1f} µs "
+              f"({dense_us / sparse_us:.2f}× speed-up)")
+        print(f"weight memory: dense {dense_bytes} bytes, sparse {sparse_bytes} bytes "
+              f"({sparse_bytes / dense_bytes:.1%} of dense)")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -193,9 +227,11 @@ def main(argv: list[str] | None = None) -> int:
         args.checkpoint = str(checkpoint)
     if args.command in ("inspect", "decompress") and not Path(args.slim).is_file():
         parser.error(f"{args.slim}: no such file")
+    if args.command == "run" and not Path(args.model).is_file():
+        parser.error(f"{args.model}: no such file")
     commands = {"demo": run_demo_command, "schedules": run_schedules_plot_command, "study": run_study_command,
                 "compress": run_compress_command, "inspect": run_inspect_command,
-                "decompress": run_decompress_command}
+                "decompress": run_decompress_command, "run": run_model_command}
     try:
         return commands[args.command](args)
     except ValueError as e:  # SlimFormatError (a corrupt file) or save_slim's refusals (NaN, int32 overflow)

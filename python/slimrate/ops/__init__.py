@@ -12,6 +12,7 @@ from slimrate.ops.coding import (
     rans_header_size,
 )
 from slimrate.ops.rate import rate_grad_, rate_stats
+from slimrate.ops.sparse import sparse_linear
 
 __all__ = ["BACKENDS", "dequantize", "eg_code_length", "eg_decode", "eg_encode", "extension_available", "quantize",
-           "rans_decode", "rans_encode", "rans_header_size", "rate_grad_", "rate_stats"]
+           "rans_decode", "rans_encode", "rans_header_size", "rate_grad_", "rate_stats", "sparse_linear"]

@@ -91,3 +91,24 @@ def eg_decode(buf: torch.Tensor, count: int, k: int = 0, signed: bool = True) ->
         out.append((-(u >> 1) - 1 if u & 1 else u >> 1) if signed else u)
         pos = end
     return torch.tensor(out, dtype=torch.int32)
+
+
+def sparse_linear(x: torch.Tensor, row_ptr: torch.Tensor, col_idx: torch.Tensor, values: torch.Tensor,
+                  out_features: int, bias: torch.Tensor | None) -> torch.Tensor:
+    """y = x·Wᵀ + b for a block-CSR W (python/slimrate/sparse/format.py): x [B, in] -> y [B, out].
+
+    W is expanded to dense in ``values``' dtype; the product runs in x's dtype promoted with it
+    (float64 in → float64 out: the truth), bias added last; y is returned in x's dtype.
+    """
+    nb, r, c = values.shape
+    brows, in_features = row_ptr.numel() - 1, x.shape[1]
+    bcols = -(-in_features // c)
+    block_rows = torch.repeat_interleave(torch.arange(brows, device=x.device), row_ptr[1:] - row_ptr[:-1])
+    blocks = values.new_zeros(brows, bcols, r, c)
+    blocks[block_rows, col_idx.long()] = values
+    dense = blocks.transpose(1, 2).reshape(brows * r, bcols * c)[:out_features, :in_features]
+    dtype = torch.promote_types(x.dtype, values.dtype)
+    y = x.to(dtype) @ dense.to(dtype).t()
+    if bias is not None:
+        y = y + bias.to(dtype)
+    return y.to(x.dtype)

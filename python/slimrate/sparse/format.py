@@ -1,0 +1,102 @@
+"""Block-sparse weight storage (BSR; CSR is the block (1, 1) case), built from a dense weight.
+
+A weight W [rows, cols] (an nn.Linear's [out, in]) is cut into blocks of (r, c); partial edge blocks are
+zero-padded. Only blocks with a nonzero entry are kept, row by row:
+- ``values``  [nblocks, r, c] in the weight's dtype (float32, bfloat16, float16);
+- ``col_idx`` [nblocks] int32, the block column of each block, ascending within a block row;
+- ``row_ptr`` [ceil(rows / r) + 1] int64, block row i owns blocks row_ptr[i] .. row_ptr[i+1]-1.
+Memory: values + indices, ``nbytes``; a dense fp32 W costs 4·rows·cols bytes.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+SPARSE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _block_arg(block: object) -> tuple[int, int]:
+    if (not isinstance(block, (tuple, list)) or len(block) != 2
+            or not all(isinstance(b, int) and not isinstance(b, bool) and b > 0 for b in block)):
+        raise ValueError(f"block: expected a pair of positive ints (rows, cols), e.g. (1, 1) for CSR, got {block!r}")
+    return int(block[0]), int(block[1])
+
+
+@dataclass(frozen=True)
+class SparseMatrix:
+    """A [rows, cols] matrix in block-CSR form (see the module docstring for the layout)."""
+
+    row_ptr: torch.Tensor
+    col_idx: torch.Tensor
+    values: torch.Tensor
+    shape: tuple[int, int]
+
+    @property
+    def block(self) -> tuple[int, int]:
+        return int(self.values.shape[1]), int(self.values.shape[2])
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.values.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.values.device
+
+    @property
+    def nblocks(self) -> int:
+        return int(self.col_idx.numel())
+
+    @property
+    def density(self) -> float:
+        """Stored entries (incl. zeros inside kept blocks and padding) over rows·cols."""
+        return self.values.numel() / max(1, self.shape[0] * self.shape[1])
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of values + col_idx + row_ptr."""
+        return sum(t.numel() * t.element_size() for t in (self.values, self.col_idx, self.row_ptr))
+
+    @classmethod
+    def from_dense(cls, weight: torch.Tensor, block: tuple[int, int] = (1, 1)) -> SparseMatrix:
+        """Keep the (r, c) blocks of a 2-D float32/bfloat16/float16 ``weight`` that hold a nonzero."""
+        if not isinstance(weight, torch.Tensor):
+            raise TypeError(f"weight: expected a torch.Tensor, got {type(weight).__name__}")
+        if weight.dim() != 2:
+            raise ValueError(f"weight: expected a 2-D [out, in] tensor, got shape {tuple(weight.shape)}")
+        if weight.dtype not in SPARSE_DTYPES:
+            raise TypeError(f"weight: expected float32, bfloat16 or float16, got {weight.dtype}; convert with .float()")
+        r, c = _block_arg(block)
+        rows, cols = weight.shape
+        brows, bcols = math.ceil(rows / r), math.ceil(cols / c)
+        w = weight.detach()
+        padded = w.new_zeros(brows * r, bcols * c)
+        padded[:rows, :cols] = w
+        blocks = padded.view(brows, r, bcols, c).transpose(1, 2)  # [brows, bcols, r, c]
+        keep = blocks.ne(0).any(dim=3).any(dim=2)                  # [brows, bcols]
+        block_rows, block_cols = keep.nonzero(as_tuple=True)       # row-major: rows ascending, cols within
+        row_ptr = torch.zeros(brows + 1, dtype=torch.int64, device=w.device)
+        row_ptr[1:] = keep.sum(dim=1).cumsum(0)
+        return cls(row_ptr, block_cols.to(torch.int32), blocks[block_rows, block_cols].contiguous(),
+                   (int(rows), int(cols)))
+
+    def to_dense(self) -> torch.Tensor:
+        """The [rows, cols] matrix in the values' dtype."""
+        r, c = self.block
+        brows = self.row_ptr.numel() - 1
+        bcols = math.ceil(self.shape[1] / c)
+        counts = self.row_ptr[1:] - self.row_ptr[:-1]
+        block_rows = torch.repeat_interleave(torch.arange(brows, device=self.device), counts)
+        blocks = self.values.new_zeros(brows, bcols, r, c)
+        blocks[block_rows, self.col_idx.long()] = self.values
+        return blocks.transpose(1, 2).reshape(brows * r, bcols * c)[: self.shape[0], : self.shape[1]]
+
+    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> SparseMatrix:
+        """A copy on ``device`` with values in ``dtype`` (indices keep theirs)."""
+        if dtype is not None and dtype not in SPARSE_DTYPES:
+            raise TypeError(f"dtype: expected float32, bfloat16 or float16, got {dtype}")
+        return SparseMatrix(self.row_ptr.to(device), self.col_idx.to(device),
+                            self.values.to(device=device, dtype=dtype), self.shape)

@@ -1,0 +1,221 @@
+"""sparse_linear (native and reference backends; Triton in test_sparse_triton.py), SparseMatrix, SparseLinear,
+sparsify and the runtime loader, against dense float64 products on random weights and masks."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from slimrate import ops, runtime
+from slimrate.ops import reference
+from slimrate.sparse import SparseMatrix
+from slimrate.sparse.linear import SparseLinear, sparsify
+
+from helpers import DEVICES, DTYPE_IDS, assert_close_flash, skip_unless_backend
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+BLOCKS = [(1, 1), (1, 4), (1, 8), (4, 1), (8, 1), (4, 4), (2, 3), (16, 2)]  # last two: the generic kernel
+
+
+def random_sparse(out: int, inp: int, sparsity: float, dtype=torch.float32, block=(1, 1), device="cpu"):
+    """A dense weight with ~``sparsity`` of its (r, c) blocks zeroed at random, and its SparseMatrix."""
+    r, c = block
+    w = torch.randn(out, inp, dtype=torch.float64)
+    keep = torch.rand(-(-out // r), -(-inp // c)) >= sparsity
+    w *= keep.repeat_interleave(r, 0).repeat_interleave(c, 1)[:out, :inp]
+    w = w.to(dtype=dtype, device=device)
+    return w, SparseMatrix.from_dense(w, block)
+
+
+def check_against_dense(y: torch.Tensor, x: torch.Tensor, w: torch.Tensor, bias, dtype):
+    """y vs F.linear in float64 (truth) with the flash rule against F.linear run in ``dtype``."""
+    ref64 = F.linear(x.double(), w.double(), None if bias is None else bias.double())
+    same = F.linear(x.to(dtype), w.to(dtype), None if bias is None else bias.to(dtype))
+    assert y.shape == ref64.shape and y.dtype == x.dtype
+    assert_close_flash(y, same, ref64, dtype)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("backend", ["native", "reference"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS.get)
+@pytest.mark.parametrize("block", BLOCKS, ids=str)
+@pytest.mark.parametrize("batch", [1, 3, 17, 80])
+def test_sparse_linear_matches_dense(device, backend, dtype, block, batch):
+    skip_unless_backend(backend, device)
+    w, sm = random_sparse(37, 45, 0.7, dtype, block, device)
+    x = torch.randn(batch, 45, device=device).to(dtype)
+    bias = torch.randn(37, device=device).to(dtype)
+    check_against_dense(ops.sparse_linear(x, sm, bias, backend=backend), x, w, bias, dtype)
+
+
+@pytest.mark.parametrize("backend", ["native", "reference"])
+@pytest.mark.parametrize("sparsity", [0.0, 0.5, 0.9, 1.0])
+@pytest.mark.parametrize("shape", [(1, 1), (7, 5), (64, 300), (300, 64)], ids=str)
+def test_sparsity_extremes_and_odd_shapes(backend, sparsity, shape):
+    skip_unless_backend(backend, "cpu")
+    w, sm = random_sparse(*shape, sparsity)
+    for batch in (1, 5):
+        x = torch.randn(batch, shape[1])
+        check_against_dense(ops.sparse_linear(x, sm, backend=backend), x, w, None, torch.float32)
+
+
+def test_empty_rows_and_leading_dims():
+    skip_unless_backend("native", "cpu")
+    w, _ = random_sparse(40, 33, 0.5)
+    w[::3] = 0  # every third output row is empty
+    sm = SparseMatrix.from_dense(w)
+    assert (sm.row_ptr[1:] - sm.row_ptr[:-1])[::3].eq(0).all()
+    for shape in [(33,), (2, 3, 33), (4, 1, 2, 33)]:
+        x = torch.randn(shape)
+        y = ops.sparse_linear(x, sm)
+        assert y.shape == (*shape[:-1], 40)
+        check_against_dense(y.reshape(-1, 40), x.reshape(-1, 33), w, None, torch.float32)
+
+
+def test_noncontiguous_x_and_mixed_dtypes():
+    skip_unless_backend("native", "cpu")
+    w, sm = random_sparse(24, 50, 0.8, torch.bfloat16, (4, 1))
+    x = torch.randn(50, 9).t()  # strided view
+    assert not x.is_contiguous()
+    y = ops.sparse_linear(x, sm)  # fp32 activations, bf16 weights: the product is exact in fp32
+    ref = F.linear(x.double(), w.double())
+    assert y.dtype == torch.float32
+    torch.testing.assert_close(y.double(), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_large_parallel_matches_reference():
+    """More block rows than one thread's grain, so several threads write disjoint rows."""
+    skip_unless_backend("native", "cpu")
+    w, sm = random_sparse(1030, 257, 0.9)
+    for batch in (1, 70):
+        x = torch.randn(batch, 257)
+        check_against_dense(ops.sparse_linear(x, sm), x, w, None, torch.float32)
+
+
+def test_reference_is_exact_in_float64():
+    w, sm = random_sparse(9, 11, 0.5, block=(2, 4))
+    x = torch.randn(3, 11, dtype=torch.float64)
+    y = reference.sparse_linear(x, sm.row_ptr, sm.col_idx, sm.values.double(), 9, None)
+    torch.testing.assert_close(y, x @ w.double().t(), rtol=1e-14, atol=1e-14)
+
+
+def test_opcheck():
+    skip_unless_backend("native", "cpu")
+    _, sm = random_sparse(13, 10, 0.6, block=(4, 4))
+    for x, bias in [(torch.randn(3, 10), torch.randn(13)), (torch.randn(1, 10), None)]:
+        torch.library.opcheck(torch.ops.slimrate.sparse_linear.default,
+                              (x, sm.row_ptr, sm.col_idx, sm.values, 13, bias))
+
+
+def test_from_dense_round_trip_and_bytes():
+    for block in BLOCKS:
+        w, sm = random_sparse(19, 23, 0.6, block=block)
+        assert torch.equal(sm.to_dense(), w)
+        r, c = block
+        assert sm.values.shape[1:] == (r, c) and sm.col_idx.dtype == torch.int32
+        assert sm.nbytes == sm.values.numel() * 4 + sm.col_idx.numel() * 4 + sm.row_ptr.numel() * 8
+
+
+def test_corrupt_indices_raise_not_crash():
+    skip_unless_backend("native", "cpu")
+    _, sm = random_sparse(8, 16, 0.3, block=(1, 4))
+    x = torch.randn(2, 16)
+    op = torch.ops.slimrate.sparse_linear
+    bad_col = sm.col_idx.clone()
+    bad_col[0] = 4  # ceil(16 / 4) = 4 block columns: 4 is one past the end
+    for batch in (1, 2):
+        with pytest.raises(RuntimeError, match="col_idx"):
+            op(x[:batch], sm.row_ptr, bad_col, sm.values, 8, None)
+    neg = sm.col_idx.clone()
+    neg[-1] = -1
+    with pytest.raises(RuntimeError, match="col_idx"):
+        op(x, sm.row_ptr, neg, sm.values, 8, None)
+    bad_ptr = sm.row_ptr.clone()
+    bad_ptr[3] = bad_ptr[-1] + 5
+    with pytest.raises(RuntimeError, match="row_ptr"):
+        op(x, bad_ptr, sm.col_idx, sm.values, 8, None)
+    with pytest.raises(RuntimeError):
+        op(x, sm.row_ptr[:-1], sm.col_idx, sm.values, 8, None)  # too few block rows for 8 outputs
+
+
+def test_bad_arguments_raise_clear_errors():
+    _, sm = random_sparse(8, 16, 0.3)
+    with pytest.raises(ValueError, match="x: expected shape"):
+        ops.sparse_linear(torch.randn(2, 15), sm)
+    with pytest.raises(TypeError, match="x: expected float32"):
+        ops.sparse_linear(torch.randn(2, 16).double(), sm)
+    with pytest.raises(TypeError, match="weight: expected"):
+        ops.sparse_linear(torch.randn(2, 16), torch.randn(8, 16))
+    with pytest.raises(ValueError, match="bias: expected shape"):
+        ops.sparse_linear(torch.randn(2, 16), sm, torch.randn(7))
+    with pytest.raises(ValueError, match="block"):
+        SparseMatrix.from_dense(torch.randn(4, 4), (0, 2))
+    with pytest.raises(ValueError, match="weight: expected a 2-D"):
+        SparseMatrix.from_dense(torch.randn(4))
+    with pytest.raises(TypeError, match="weight: expected float32"):
+        SparseMatrix.from_dense(torch.randn(4, 4).double())
+
+
+@pytest.mark.parametrize("fmt,block", [("csr", None), ("bsr", (4, 4)), ("bsr", (1, 8))])
+def test_sparse_linear_module_matches_linear(fmt, block):
+    skip_unless_backend("native", "cpu")
+    linear = nn.Linear(70, 30)
+    with torch.no_grad():
+        linear.weight.mul_(torch.rand_like(linear.weight) > 0.8)
+    sparse = SparseLinear.from_linear(linear, format=fmt, block=block)
+    x = torch.randn(4, 6, 70)
+    with torch.no_grad():
+        check_against_dense(sparse(x).reshape(-1, 30), x.reshape(-1, 70), linear.weight, linear.bias, torch.float32)
+    # the state dict round-trips into a fresh module of another shape
+    other = SparseLinear.from_linear(nn.Linear(3, 2), format=fmt, block=block)
+    other.load_state_dict(sparse.state_dict())
+    assert (other.in_features, other.out_features) == (70, 30)
+    torch.testing.assert_close(other(x), sparse(x), rtol=0, atol=0)
+
+
+def test_sparsify_replaces_sparse_layers_and_keeps_outputs():
+    skip_unless_backend("native", "cpu")
+    model = nn.Sequential(nn.Linear(256, 512), nn.ReLU(), nn.Linear(512, 256), nn.ReLU(), nn.Linear(256, 10))
+    with torch.no_grad():
+        model[0].weight.mul_(torch.rand_like(model[0].weight) > 0.95)
+        model[2].weight.mul_(torch.rand_like(model[2].weight) > 0.3)  # 30% zeros: stays dense
+    x = torch.randn(5, 256)
+    with torch.no_grad():
+        expected = model(x)
+    decisions = sparsify(model, min_sparsity=0.5, measure=False)
+    assert [d.replaced for d in decisions] == [True, False, False]
+    assert isinstance(model[0], SparseLinear) and isinstance(model[2], nn.Linear)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), expected, rtol=1e-5, atol=1e-5)
+    measured = sparsify(nn.Sequential(nn.Linear(8, 8)), 0.0, measure=True, repeats=2)
+    assert measured[0].dense_us > 0 and measured[0].sparse_us > 0
+    with pytest.raises(ValueError, match="min_sparsity"):
+        sparsify(model, 1.5)
+    with pytest.raises(TypeError, match="model"):
+        sparsify(nn.Linear(3, 3))
+
+
+def test_runtime_loads_slim_into_sparse_layers(tmp_path):
+    skip_unless_backend("native", "cpu")
+    from slimrate.models.mlp import DigitsMLP
+    from slimrate.sparse.prune import prune_
+
+    model = DigitsMLP(hidden=96).eval()
+    prune_(model, 0.9)
+    path = tmp_path / "m.slim"
+    from slimrate import save_slim
+
+    save_slim(model, path, step=1e-3)
+    loaded = runtime.load(path, model_factory="digits", sparse=True, min_sparsity=0.5, measure=False)
+    assert any(isinstance(m, SparseLinear) for m in loaded.modules())
+    dense = runtime.load(path, model_factory="digits", sparse=False)
+    x = runtime.MODELS["digits"].example(dense, 7)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), dense(x), rtol=1e-5, atol=1e-5)
+        # the .slim weights are the original ones quantized with step 1e-3: |error| ≤ 5e-4 per weight
+        assert (dense(x) - model(x)).abs().max() < 0.05
+    assert runtime.weight_bytes(loaded) < runtime.weight_bytes(dense)
+    with pytest.raises(ValueError, match="model_factory"):
+        runtime.load(path, model_factory="nope")
+    with pytest.raises(ValueError, match="path"):
+        runtime.load(tmp_path / "missing.slim", model_factory="digits")
