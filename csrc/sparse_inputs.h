@@ -12,7 +12,7 @@ namespace slimrate {
 struct SparseInputs {
   at::Tensor x;        // [batch, in_features] as given (any strides): each backend lays out its own copy
   at::Tensor row_ptr;  // [brows + 1] int64, contiguous, checked: 0 = row_ptr[0] <= ... <= row_ptr[brows] = nblocks
-  at::Tensor col_idx;  // [nblocks] int32, contiguous; range checked here on non-CPU devices only (see below)
+  at::Tensor col_idx;  // [nblocks] int32 (int16 = uint16 bits on CPU), contiguous; range checked here off the CPU
   at::Tensor values;   // [nblocks, r, c] float32/bfloat16/float16, contiguous
   at::Tensor bias;     // [out_features] any float dtype, contiguous; undefined when None
   int64_t batch = 0, in_features = 0, out_features = 0;
@@ -76,8 +76,9 @@ inline SparseInputs sparse_inputs(const at::Tensor& x, const at::Tensor& row_ptr
               "values: expected a [nblocks, r, c] tensor with r, c > 0, got shape ", values.sizes());
   TORCH_CHECK(row_ptr.scalar_type() == at::kLong && row_ptr.dim() == 1,
               "row_ptr: expected a 1-D int64 tensor, got ", row_ptr.scalar_type(), " of shape ", row_ptr.sizes());
-  TORCH_CHECK(col_idx.scalar_type() == at::kInt && col_idx.dim() == 1,
-              "col_idx: expected a 1-D int32 tensor, got ", col_idx.scalar_type(), " of shape ", col_idx.sizes());
+  TORCH_CHECK((col_idx.scalar_type() == at::kInt || col_idx.scalar_type() == at::kShort) && col_idx.dim() == 1,
+              "col_idx: expected a 1-D int32 tensor (or int16 holding uint16 bits), got ", col_idx.scalar_type(),
+              " of shape ", col_idx.sizes());
   TORCH_CHECK(out_features >= 0, "out_features: expected >= 0, got ", out_features);
 
   SparseInputs in;
@@ -104,6 +105,10 @@ inline SparseInputs sparse_inputs(const at::Tensor& x, const at::Tensor& row_ptr
   in.x = x;
   in.row_ptr = row_ptr.contiguous();
   in.col_idx = col_idx.contiguous();
+  // int16 col_idx holds uint16 block columns (< 65536: half the index bytes); the CPU kernels read them
+  // as such, other devices get int32 copies.
+  if (col_idx.scalar_type() == at::kShort && !device.is_cpu())
+    in.col_idx = at::bitwise_and(col_idx.to(at::kInt), 0xFFFF);
   in.values = values.contiguous();
   if (device.is_cpu()) {
     check_row_ptr_cpu(in.row_ptr, in.nblocks);

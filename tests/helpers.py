@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from slimrate.ops import extension_available
+from slimrate.sparse import SparseMatrix
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 DTYPE_IDS = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.float64: "fp64"}
@@ -34,3 +35,13 @@ def skip_unless_backend(backend: str, device: str) -> None:
         pytest.skip("slimrate._C is not built")
     if backend == "triton" and importlib.util.find_spec("triton") is None:
         pytest.skip("triton is not installed")
+
+
+def random_sparse(out: int, inp: int, sparsity: float, dtype=torch.float32, block=(1, 1), device="cpu"):
+    """A dense weight with ~``sparsity`` of its (r, c) blocks zeroed at random, and its SparseMatrix."""
+    r, c = block
+    w = torch.randn(out, inp, dtype=torch.float64)
+    keep = torch.rand(-(-out // r), -(-inp // c)) >= sparsity
+    w *= keep.repeat_interleave(r, 0).repeat_interleave(c, 1)[:out, :inp]
+    w = w.to(dtype=dtype, device=device)
+    return w, SparseMatrix.from_dense(w, block)

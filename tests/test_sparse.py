@@ -11,20 +11,10 @@ from slimrate.ops import reference
 from slimrate.sparse import SparseMatrix
 from slimrate.sparse.linear import SparseLinear, sparsify
 
-from helpers import DEVICES, DTYPE_IDS, assert_close_flash, skip_unless_backend
+from helpers import DEVICES, DTYPE_IDS, assert_close_flash, random_sparse, skip_unless_backend
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 BLOCKS = [(1, 1), (1, 4), (1, 8), (4, 1), (8, 1), (4, 4), (2, 3), (16, 2)]  # last two: the generic kernel
-
-
-def random_sparse(out: int, inp: int, sparsity: float, dtype=torch.float32, block=(1, 1), device="cpu"):
-    """A dense weight with ~``sparsity`` of its (r, c) blocks zeroed at random, and its SparseMatrix."""
-    r, c = block
-    w = torch.randn(out, inp, dtype=torch.float64)
-    keep = torch.rand(-(-out // r), -(-inp // c)) >= sparsity
-    w *= keep.repeat_interleave(r, 0).repeat_interleave(c, 1)[:out, :inp]
-    w = w.to(dtype=dtype, device=device)
-    return w, SparseMatrix.from_dense(w, block)
 
 
 def check_against_dense(y: torch.Tensor, x: torch.Tensor, w: torch.Tensor, bias, dtype):
@@ -112,8 +102,24 @@ def test_from_dense_round_trip_and_bytes():
         w, sm = random_sparse(19, 23, 0.6, block=block)
         assert torch.equal(sm.to_dense(), w)
         r, c = block
-        assert sm.values.shape[1:] == (r, c) and sm.col_idx.dtype == torch.int32
-        assert sm.nbytes == sm.values.numel() * 4 + sm.col_idx.numel() * 4 + sm.row_ptr.numel() * 8
+        assert sm.values.shape[1:] == (r, c) and sm.col_idx.dtype == torch.int16  # ≤ 65536 block columns
+        assert sm.nbytes == sm.values.numel() * 4 + sm.col_idx.numel() * 2 + sm.row_ptr.numel() * 8
+
+
+@pytest.mark.parametrize("backend", ["native", "reference", "triton"])
+def test_uint16_and_int32_block_columns(backend):
+    """Block columns ≥ 32768 (negative as int16 bits) and the int32 form of the same matrix."""
+    skip_unless_backend(backend, "cpu")
+    w, sm = random_sparse(3, 40000, 0.999)
+    w[:, -1] = 1.0  # the last column, 39999, is stored as int16 -25537
+    sm = SparseMatrix.from_dense(w)
+    assert sm.col_idx.dtype == torch.int16 and sm.col_idx.min() < 0
+    wide = SparseMatrix(sm.row_ptr, sm.block_columns().to(torch.int32), sm.values, sm.shape)
+    x = torch.randn(2, 40000)
+    for m in (sm, wide):
+        for batch in (1, 2):
+            check_against_dense(ops.sparse_linear(x[:batch], m, backend=backend), x[:batch], w, None, torch.float32)
+    assert SparseMatrix.from_dense(torch.ones(1, 65537)).col_idx.dtype == torch.int32
 
 
 def test_corrupt_indices_raise_not_crash():
@@ -219,3 +225,20 @@ def test_runtime_loads_slim_into_sparse_layers(tmp_path):
         runtime.load(path, model_factory="nope")
     with pytest.raises(ValueError, match="path"):
         runtime.load(tmp_path / "missing.slim", model_factory="digits")
+
+
+def test_cli_run_bench(tmp_path, capsys):
+    skip_unless_backend("native", "cpu")
+    from slimrate import cli, save_slim
+    from slimrate.models.mlp import DigitsMLP
+    from slimrate.sparse.prune import prune_
+
+    model = DigitsMLP(hidden=64)
+    prune_(model, 0.9)
+    path = tmp_path / "m.slim"
+    save_slim(model, path, step=1e-3)
+    assert cli.main(["run", str(path), "--arch", "digits", "--bench", "--repeats", "3", "--batch", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "latency" in out and "weight memory" in out and "0.weight" not in out  # layer names are "0", "2", "4"
+    with pytest.raises(SystemExit):
+        cli.main(["run", str(tmp_path / "missing.slim"), "--arch", "digits"])

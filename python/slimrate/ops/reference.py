@@ -105,7 +105,8 @@ def sparse_linear(x: torch.Tensor, row_ptr: torch.Tensor, col_idx: torch.Tensor,
     bcols = -(-in_features // c)
     block_rows = torch.repeat_interleave(torch.arange(brows, device=x.device), row_ptr[1:] - row_ptr[:-1])
     blocks = values.new_zeros(brows, bcols, r, c)
-    blocks[block_rows, col_idx.long()] = values
+    cols = col_idx.long() & 0xFFFF if col_idx.dtype == torch.int16 else col_idx.long()  # int16: uint16 bits
+    blocks[block_rows, cols] = values
     dense = blocks.transpose(1, 2).reshape(brows * r, bcols * c)[:out_features, :in_features]
     dtype = torch.promote_types(x.dtype, values.dtype)
     y = x.to(dtype) @ dense.to(dtype).t()

@@ -3,9 +3,10 @@
 A weight W [rows, cols] (an nn.Linear's [out, in]) is cut into blocks of (r, c); partial edge blocks are
 zero-padded. Only blocks with a nonzero entry are kept, row by row:
 - ``values``  [nblocks, r, c] in the weight's dtype (float32, bfloat16, float16);
-- ``col_idx`` [nblocks] int32, the block column of each block, ascending within a block row;
+- ``col_idx`` [nblocks] the block column of each block, ascending within a block row: int16 holding uint16
+  bits when there are at most 65536 block columns (2 bytes per block), else int32;
 - ``row_ptr`` [ceil(rows / r) + 1] int64, block row i owns blocks row_ptr[i] .. row_ptr[i+1]-1.
-Memory: values + indices, ``nbytes``; a dense fp32 W costs 4·rows·cols bytes.
+Memory: values + indices, ``nbytes`` (6 bytes per kept fp32 weight in CSR); a dense fp32 W costs 4·rows·cols.
 """
 
 from __future__ import annotations
@@ -23,6 +24,18 @@ def _block_arg(block: object) -> tuple[int, int]:
             or not all(isinstance(b, int) and not isinstance(b, bool) and b > 0 for b in block)):
         raise ValueError(f"block: expected a pair of positive ints (rows, cols), e.g. (1, 1) for CSR, got {block!r}")
     return int(block[0]), int(block[1])
+
+
+def index_tensor(block_cols: torch.Tensor, bcols: int) -> torch.Tensor:
+    """Block columns as int16 holding uint16 bits when bcols ≤ 65536, else int32."""
+    if bcols > 1 << 16:
+        return block_cols.to(torch.int32)
+    return torch.where(block_cols >= 1 << 15, block_cols - (1 << 16), block_cols).to(torch.int16)
+
+
+def block_columns(col_idx: torch.Tensor) -> torch.Tensor:
+    """int64 block columns from int32 col_idx or from int16 col_idx holding uint16 bits."""
+    return col_idx.long() & 0xFFFF if col_idx.dtype == torch.int16 else col_idx.long()
 
 
 @dataclass(frozen=True)
@@ -80,8 +93,12 @@ class SparseMatrix:
         block_rows, block_cols = keep.nonzero(as_tuple=True)       # row-major: rows ascending, cols within
         row_ptr = torch.zeros(brows + 1, dtype=torch.int64, device=w.device)
         row_ptr[1:] = keep.sum(dim=1).cumsum(0)
-        return cls(row_ptr, block_cols.to(torch.int32), blocks[block_rows, block_cols].contiguous(),
+        return cls(row_ptr, index_tensor(block_cols, bcols), blocks[block_rows, block_cols].contiguous(),
                    (int(rows), int(cols)))
+
+    def block_columns(self) -> torch.Tensor:
+        """col_idx as int64 block columns (uint16 bits read back from int16)."""
+        return block_columns(self.col_idx)
 
     def to_dense(self) -> torch.Tensor:
         """The [rows, cols] matrix in the values' dtype."""
@@ -91,7 +108,7 @@ class SparseMatrix:
         counts = self.row_ptr[1:] - self.row_ptr[:-1]
         block_rows = torch.repeat_interleave(torch.arange(brows, device=self.device), counts)
         blocks = self.values.new_zeros(brows, bcols, r, c)
-        blocks[block_rows, self.col_idx.long()] = self.values
+        blocks[block_rows, self.block_columns()] = self.values
         return blocks.transpose(1, 2).reshape(brows * r, bcols * c)[: self.shape[0], : self.shape[1]]
 
     def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> SparseMatrix:
