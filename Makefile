@@ -7,7 +7,7 @@ BUILD_STAMP := $(VENV)/.slimrate-build
 EXT_SOURCES := setup.py $(shell find csrc -name '*.cpp' -o -name '*.h' -o -name '*.cu' -o -name '*.cuh')
 JOBS ?= $(shell nproc)
 
-.PHONY: demo test bench build lint clean
+.PHONY: demo test bench build lint clean peers
 
 demo: $(BUILD_STAMP)
 	$(VENV)/bin/slimrate demo
@@ -22,6 +22,13 @@ bench: $(BUILD_STAMP)
 	$(VPY) bench/summarize.py bench/results/coding.json bench/results/coding.md
 
 build: $(BUILD_STAMP)
+
+# nncodec (DeepCABAC) for the BackSlash study's comparison, in its own venv: it needs a torch of its own,
+# never installed into .venv. torch/torchvision are the releases pip takes from this machine's disk.
+peers:
+	test -x bench/.venv-peers/bin/python || $(PYTHON) -m venv bench/.venv-peers
+	bench/.venv-peers/bin/pip install -q --disable-pip-version-check torch==2.14.1 torchvision==0.29.1 \
+		nncodec==2.1.3 safetensors
 
 lint: $(DEPS_STAMP)
 	$(VENV)/bin/ruff check python triton_kernels tests bench tools

@@ -1,6 +1,7 @@
 """The schedule study end to end in its quick form, and the fairness of its comparison."""
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -60,8 +61,31 @@ def test_quick_backslash_study_writes_sizes_and_pruning(tmp_path):
         plain, constrained = (r for r in rows if r["task"] == task)
         assert constrained["entropy_bits"] < plain["entropy_bits"]  # the rate term lowers the entropy
         assert metric + "_slim" in plain
-    assert "| λ |" in (tmp_path / "backslash.md").read_text()
+        assert "nncodec_bits" not in plain  # the quick config never runs nncodec
+    table = (tmp_path / "backslash.md").read_text()
+    assert "| λ |" in table and "| — | — | — |" in table
+    assert "nncodec (DeepCABAC) was not run" in table and "make peers" in table
+    assert table.count("Size target") == 2 and table.count("Pruning target") == 2
     assert (tmp_path / "backslash.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_nncodec_adapter_codes_each_tensor_at_the_nearest_step():
+    """Runs bench/peers/nncodec_sizes.py in the peers venv (`make peers`); skips without it."""
+    import torch
+
+    from slimrate.studies.backslash import default_peers_python, nncodec_sizes
+
+    python = default_peers_python()
+    if not Path(python).exists():
+        pytest.skip(f"no peers venv at {python}: `make peers` creates it")
+    weights = {"fc.weight": torch.randn(40, 30) * 0.05, "emb.weight": torch.randn(7, 5) * 0.05}
+    result, dq_decoded = nncodec_sizes(python, weights, 0.01)
+    assert abs(result["step"] / 0.01 - 1) < 0.004  # qp_density 7: steps 1/128 apart (the script's docstring)
+    uniform, dq = result["modes"]["uniform"], result["modes"]["dq"]
+    assert set(uniform["bytes"]) == set(weights) and uniform["total_bytes"] == sum(uniform["bytes"].values())
+    assert uniform["max_abs_error"] <= result["step"] / 2 * (1 + 1e-6)  # round to nearest, float32 slack
+    assert dq["total_bytes"] > 0 and dq["max_abs_error"] > 0
+    assert {n: t.shape for n, t in dq_decoded.items()} == {n: w.shape for n, w in weights.items()}
 
 
 def test_global_magnitude_pruning_zeroes_the_smallest_share():
