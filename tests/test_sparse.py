@@ -142,6 +142,9 @@ def test_corrupt_indices_raise_not_crash():
         op(x, bad_ptr, sm.col_idx, sm.values, 8, None)
     with pytest.raises(RuntimeError):
         op(x, sm.row_ptr[:-1], sm.col_idx, sm.values, 8, None)  # too few block rows for 8 outputs
+    for batch in (1, 3):  # blocks but no input columns: nothing may be read
+        with pytest.raises(RuntimeError, match="col_idx"):
+            op(torch.randn(batch, 0), sm.row_ptr, sm.col_idx, sm.values, 8, None)
 
 
 def test_bad_arguments_raise_clear_errors():

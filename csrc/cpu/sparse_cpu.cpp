@@ -14,8 +14,11 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <immintrin.h>
+
 #include <algorithm>
 #include <atomic>
+#include <type_traits>
 
 #include "kernels/portable.h"
 #include "sparse_inputs.h"
@@ -60,6 +63,111 @@ SLIMRATE_CPU_CLONES uint32_t spmv_csr(const Csr<Index>& w, const typename Fmt::s
   return bad;
 }
 
+// The same with explicit AVX-512 / AVX2 gathers of x: GCC's generic tuning does not emit gather
+// instructions, and the batch-1 product is bound by them (measured below in bench/results/sparse.md).
+#define SLIMRATE_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx2,fma,f16c")))
+#define SLIMRATE_AVX2 __attribute__((target("avx2,fma,f16c")))
+
+template <class Index>
+SLIMRATE_AVX512 inline __m512i load_cols16(const Index* p, __mmask16 m) {
+  if constexpr (sizeof(Index) == 2) return _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p));
+  else return _mm512_maskz_loadu_epi32(m, p);
+}
+
+template <class Fmt>
+SLIMRATE_AVX512 inline __m512 load_values16(const typename Fmt::storage* p, __mmask16 m) {
+  if constexpr (std::is_same_v<Fmt, F32>) {
+    return _mm512_maskz_loadu_ps(m, p);
+  } else {
+    __m256i h = _mm256_maskz_loadu_epi16(m, p);
+    if constexpr (std::is_same_v<Fmt, BF16>) return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+    else return _mm512_cvtph_ps(h);
+  }
+}
+
+template <class Fmt, class Index>
+SLIMRATE_AVX512 uint32_t spmv_csr_avx512(const Csr<Index>& w, const typename Fmt::storage* v, const float* x,
+                                         float* y, int64_t lo, int64_t hi) {
+  const __m512i last = _mm512_set1_epi32(static_cast<int>(w.last));
+  __mmask16 bad = 0;
+  for (int64_t i = lo; i < hi; ++i) {
+    __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
+    int64_t j = w.row_ptr[i];
+    const int64_t end = w.row_ptr[i + 1];
+    for (; j + 32 <= end; j += 32) {
+      __m512i c0 = load_cols16(w.col_idx + j, 0xFFFF), c1 = load_cols16(w.col_idx + j + 16, 0xFFFF);
+      bad |= _mm512_cmpgt_epu32_mask(c0, last) | _mm512_cmpgt_epu32_mask(c1, last);
+      __m512 x0 = _mm512_i32gather_ps(_mm512_min_epu32(c0, last), x, 4);
+      __m512 x1 = _mm512_i32gather_ps(_mm512_min_epu32(c1, last), x, 4);
+      acc0 = _mm512_fmadd_ps(load_values16<Fmt>(v + j, 0xFFFF), x0, acc0);
+      acc1 = _mm512_fmadd_ps(load_values16<Fmt>(v + j + 16, 0xFFFF), x1, acc1);
+    }
+    for (; j < end; j += 16) {
+      __mmask16 m = end - j >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (end - j)) - 1);
+      __m512i c = load_cols16(w.col_idx + j, m);
+      bad |= _mm512_mask_cmpgt_epu32_mask(m, c, last);
+      __m512 xs = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), m, _mm512_min_epu32(c, last), x, 4);
+      acc0 = _mm512_fmadd_ps(load_values16<Fmt>(v + j, m), xs, acc0);
+    }
+    y[i] = _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1));
+  }
+  return bad != 0;
+}
+
+template <class Index>
+SLIMRATE_AVX2 inline __m256i load_cols8(const Index* p) {
+  if constexpr (sizeof(Index) == 2) return _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  else return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+}
+
+template <class Fmt>
+SLIMRATE_AVX2 inline __m256 load_values8(const typename Fmt::storage* p) {
+  if constexpr (std::is_same_v<Fmt, F32>) {
+    return _mm256_loadu_ps(p);
+  } else {
+    __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+    if constexpr (std::is_same_v<Fmt, BF16>) return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+    else return _mm256_cvtph_ps(h);
+  }
+}
+
+template <class Fmt, class Index>
+SLIMRATE_AVX2 uint32_t spmv_csr_avx2(const Csr<Index>& w, const typename Fmt::storage* v, const float* x, float* y,
+                                     int64_t lo, int64_t hi) {
+  const __m256i last = _mm256_set1_epi32(static_cast<int>(w.last));
+  __m256i bad = _mm256_setzero_si256();
+  uint32_t bad_tail = 0;
+  for (int64_t i = lo; i < hi; ++i) {
+    __m256 acc = _mm256_setzero_ps();
+    int64_t j = w.row_ptr[i];
+    const int64_t end = w.row_ptr[i + 1];
+    for (; j + 8 <= end; j += 8) {
+      __m256i c = load_cols8(w.col_idx + j);
+      __m256i clamped = _mm256_min_epu32(c, last);
+      bad = _mm256_or_si256(bad, _mm256_xor_si256(c, clamped));
+      acc = _mm256_fmadd_ps(load_values8<Fmt>(v + j), _mm256_i32gather_ps(x, clamped, 4), acc);
+    }
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    float sum = _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+    for (; j < end; ++j) sum += Fmt::load(v[j]) * x[block_col(w, j, bad_tail)];
+    y[i] = sum;
+  }
+  return bad_tail | !_mm256_testz_si256(bad, bad);
+}
+
+// Picks the widest of the three CSR batch-1 kernels this CPU runs.
+template <class Fmt, class Index>
+uint32_t spmv_csr_best(const Csr<Index>& w, const typename Fmt::storage* v, const float* x, float* y, int64_t lo,
+                       int64_t hi) {
+  static const int level = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                                   __builtin_cpu_supports("avx512vl") ? 2
+                           : __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") ? 1 : 0;
+  if (level == 2) return spmv_csr_avx512<Fmt>(w, v, x, y, lo, hi);
+  if (level == 1) return spmv_csr_avx2<Fmt>(w, v, x, y, lo, hi);
+  return spmv_csr<Fmt>(w, v, x, y, lo, hi);
+}
+
 // r×c blocks, B = 1: y[i·r + a] = Σ_j Σ_k v[j][a][k]·x[col[j]·c + k].  R, C > 0 fix the block at compile
 // time; 0 takes r, c at run time (any block shape).
 template <class Fmt, class Index, int R, int C>
@@ -84,10 +192,12 @@ SLIMRATE_CPU_CLONES uint32_t spmv_block(const Csr<Index>& w, const typename Fmt:
   return bad;
 }
 
+constexpr int64_t kAhead = 256;        // blocks ahead for the weight prefetch
 constexpr int64_t kRowsWork = 1 << 12;  // stored weights per sweep of rows over the tiles (~16-24 KiB, in L1)
 
 // r×c blocks, B > 1, tiles of T batch columns: acc[u][a][t] += v[j+u][a][k]·xt[tile][col·c+k][t].
-// U independent accumulator sets hide the FMA latency when r is small.
+// U independent accumulator sets hide the FMA latency when r is small.  Block columns were range-checked
+// by max_block_col before the call (an inline clamp per weight cost ~30% here, where the reads hit cache).
 template <class Fmt, class Index, int R, int C, int T>
 SLIMRATE_CPU_CLONES uint32_t spmm_rows(const Csr<Index>& w, const typename Fmt::storage* v, const float* xt,
                                        float* yt, int64_t ntiles, int64_t xrows, int64_t yrows, int64_t lo,
@@ -95,7 +205,6 @@ SLIMRATE_CPU_CLONES uint32_t spmm_rows(const Csr<Index>& w, const typename Fmt::
   constexpr int U = R == 0 ? 1 : (R >= 4 ? 1 : 4 / R);
   const int r = R ? R : r_rt, c = C ? C : c_rt;
   const int64_t rc = int64_t{r} * c;
-  uint32_t bad = 0;
   alignas(64) float acc[U][R ? R : 64][T];
   for (int64_t first = lo; first < hi;) {
     int64_t stop = first + 1;  // rows [first, stop) hold about kRowsWork stored weights
@@ -109,9 +218,12 @@ SLIMRATE_CPU_CLONES uint32_t spmm_rows(const Csr<Index>& w, const typename Fmt::
             for (int t = 0; t < T; ++t) acc[u][a][t] = 0.0f;
         int64_t j = w.row_ptr[i];
         const int64_t end = w.row_ptr[i + 1];
-        for (; j + U <= end; j += U)
+        for (; j + U <= end; j += U) {
+          // Stream the weights past the caches (non-temporal prefetch), so the x tile stays in L2.
+          __builtin_prefetch(v + (j + kAhead) * rc, 0, 0);
+          __builtin_prefetch(w.col_idx + j + kAhead, 0, 0);
           for (int u = 0; u < U; ++u) {
-            const float* xb = xs + int64_t{block_col(w, j + u, bad)} * c * T;
+            const float* xb = xs + int64_t{w.col_idx[j + u]} * c * T;
             const auto* vb = v + (j + u) * rc;
             for (int a = 0; a < r; ++a)
               for (int k = 0; k < c; ++k) {
@@ -120,8 +232,9 @@ SLIMRATE_CPU_CLONES uint32_t spmm_rows(const Csr<Index>& w, const typename Fmt::
                 for (int t = 0; t < T; ++t) acc[u][a][t] += wv * xb[k * T + t];
               }
           }
+        }
         for (; j < end; ++j) {
-          const float* xb = xs + int64_t{block_col(w, j, bad)} * c * T;
+          const float* xb = xs + int64_t{w.col_idx[j]} * c * T;
           const auto* vb = v + j * rc;
           for (int a = 0; a < r; ++a)
             for (int k = 0; k < c; ++k) {
@@ -141,7 +254,7 @@ SLIMRATE_CPU_CLONES uint32_t spmm_rows(const Csr<Index>& w, const typename Fmt::
     }
     first = stop;
   }
-  return bad;
+  return 0;
 }
 
 // What one parallel task needs: the matrix, x and y in the layout of `tile` (0 = batch-1 vectors).
@@ -159,7 +272,7 @@ template <class Fmt, class Index, int R, int C>
 uint32_t run_rows(const Task<Index>& k, const typename Fmt::storage* v, int64_t lo, int64_t hi) {
   switch (k.tile) {
     case 0:
-      if constexpr (R == 1 && C == 1) return spmv_csr<Fmt>(k.w, v, k.xt, k.yt, lo, hi);
+      if constexpr (R == 1 && C == 1) return spmv_csr_best<Fmt>(k.w, v, k.xt, k.yt, lo, hi);
       else return spmv_block<Fmt, Index, R, C>(k.w, v, k.xt, k.yt, lo, hi, k.r, k.c);
     case 8: return spmm_rows<Fmt, Index, R, C, 8>(k.w, v, k.xt, k.yt, k.ntiles, k.xrows, k.yrows, lo, hi, k.r, k.c);
     case 16: return spmm_rows<Fmt, Index, R, C, 16>(k.w, v, k.xt, k.yt, k.ntiles, k.xrows, k.yrows, lo, hi, k.r, k.c);
@@ -174,6 +287,7 @@ uint32_t run_block_shape(const Task<Index>& k, const typename Fmt::storage* v, i
   if (k.r == R && k.c == C) return run_rows<Fmt, Index, R, C>(k, v, lo, hi);
   SLIMRATE_BLOCK(1, 1)
   SLIMRATE_BLOCK(1, 4)
+  SLIMRATE_BLOCK(1, 8)
   SLIMRATE_BLOCK(4, 1)
   SLIMRATE_BLOCK(8, 1)
   SLIMRATE_BLOCK(4, 4)
@@ -185,9 +299,25 @@ uint32_t run_block_shape(const Task<Index>& k, const typename Fmt::storage* v, i
 // so little of a tile is padding; 32 reuses each loaded weight over the most columns.
 int64_t tile_width(int64_t batch) { return batch == 1 ? 0 : batch <= 8 ? 8 : batch <= 16 ? 16 : 32; }
 
+// The largest block column in col_idx[lo, hi) (0 when empty), vectorised.
+template <class Index>
+SLIMRATE_CPU_CLONES uint32_t max_block_col(const Index* col_idx, int64_t lo, int64_t hi) {
+  uint32_t top = 0;
+#pragma omp simd reduction(max : top)
+  for (int64_t j = lo; j < hi; ++j) top = std::max(top, static_cast<uint32_t>(col_idx[j]));
+  return top;
+}
+
 template <class Index>
 uint32_t run_kernel(const SparseInputs& in, const Task<Index>& task) {
   std::atomic<uint32_t> bad{0};
+  if (task.tile != 0 && in.nblocks > 0) {  // the batched kernels read block columns unchecked
+    uint32_t top = at::parallel_reduce(
+        0, in.nblocks, int64_t{1} << 16, uint32_t{0},
+        [&](int64_t lo, int64_t hi, uint32_t) { return max_block_col(task.w.col_idx, lo, hi); },
+        [](uint32_t a, uint32_t b) { return std::max(a, b); });
+    if (top > task.w.last) return 1;
+  }
   // Grain: about 16 Ki stored weights per task keeps scheduling cheap and the threads balanced.
   int64_t per_row = std::max<int64_t>(1, in.nblocks * in.r * in.c / std::max<int64_t>(1, in.brows));
   int64_t grain = std::max<int64_t>(1, (int64_t{1} << 14) / per_row);
@@ -209,6 +339,8 @@ at::Tensor sparse_linear_cpu(const at::Tensor& x, const at::Tensor& row_ptr, con
                              const at::Tensor& values, int64_t out_features, const std::optional<at::Tensor>& bias) {
   SparseInputs in = sparse_inputs(x, row_ptr, col_idx, values, out_features, bias, at::kCPU);
   TORCH_CHECK(in.r <= 64, "values: block rows r = ", in.r, " > 64 are not supported on CPU; use a smaller block");
+  TORCH_CHECK(in.nblocks == 0 || in.bcols > 0, "col_idx: x has no columns (in_features = 0) but the weight stores ",
+              in.nblocks, " blocks; the sparse weight does not match x");
   TORCH_CHECK(in.col_idx.scalar_type() == at::kInt || in.bcols <= 65536, "col_idx: int16 (uint16) block columns "
               "address at most 65536 block columns, the input has ", in.bcols, "; use int32 col_idx");
   // x as float32, zero-padded to bcols·c rows: a vector for batch 1, else tiles [ntiles][xrows][T].
