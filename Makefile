@@ -20,6 +20,10 @@ bench: $(BUILD_STAMP)
 	$(VPY) bench/summarize.py bench/results/rate_grad.json bench/results/rate_grad.md
 	$(VPY) -m pytest bench/bench_coding.py --benchmark-only --benchmark-json bench/results/coding.json
 	$(VPY) bench/summarize.py bench/results/coding.json bench/results/coding.md
+	$(VPY) -m pytest bench/bench_sparse.py --benchmark-only --benchmark-json bench/results/sparse.json
+	$(VPY) bench/sparse_report.py bench/results/sparse.json bench/results/sparse.md
+	$(VPY) -m pytest bench/bench_sparse_e2e.py --benchmark-only --benchmark-json bench/results/sparse_e2e.json
+	$(VPY) bench/summarize.py bench/results/sparse_e2e.json bench/results/sparse_e2e.md
 
 build: $(BUILD_STAMP)
 

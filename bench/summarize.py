@@ -14,7 +14,7 @@ import argparse
 import json
 from pathlib import Path
 
-BASELINES = ("eager", "compile")  # ratio columns, when the group has such a row
+BASELINES = ("eager", "compile", "dense")  # ratio columns, when the group has such a row
 
 
 def fmt_time(seconds: float) -> str:
