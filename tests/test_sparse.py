@@ -245,3 +245,21 @@ def test_cli_run_bench(tmp_path, capsys):
     assert "latency" in out and "weight memory" in out and "0.weight" not in out  # layer names are "0", "2", "4"
     with pytest.raises(SystemExit):
         cli.main(["run", str(tmp_path / "missing.slim"), "--arch", "digits"])
+
+
+@pytest.mark.parametrize("pattern,block,fmt", [("unstructured", None, "csr"), ("block", (4, 4), "bsr"),
+                                               ("block", (1, 8), "bsr"), ("n:m", None, "csr")])
+def test_pruned_patterns_through_sparse_linear(pattern, block, fmt):
+    """prune_ with each pattern, then SparseLinear in the matching format, against the dense pruned layer."""
+    skip_unless_backend("native", "cpu")
+    from slimrate.sparse.prune import prune_
+
+    model = nn.Sequential(nn.Linear(48, 37), nn.ReLU(), nn.Linear(37, 21))
+    kwargs = {"block": block} if block else {}
+    prune_(model, None if pattern == "n:m" else 0.8, pattern=pattern, **kwargs)
+    x = torch.randn(6, 48)
+    with torch.no_grad():
+        expected = model(x)
+        for i in (0, 2):
+            model[i] = SparseLinear.from_linear(model[i], format=fmt, block=block)
+        torch.testing.assert_close(model(x), expected, rtol=1e-5, atol=1e-5)
