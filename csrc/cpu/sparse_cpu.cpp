@@ -347,10 +347,15 @@ at::Tensor sparse_linear_cpu(const at::Tensor& x, const at::Tensor& row_ptr, con
   const int64_t batch = in.batch, xrows = in.bcols * in.c, yrows = in.brows * in.r;
   const int64_t tile = tile_width(batch), ntiles = tile == 0 ? 1 : (batch + tile - 1) / tile;
   const int64_t width = std::max<int64_t>(1, tile);
-  at::Tensor padded = at::zeros({ntiles * width, xrows}, x.options().dtype(at::kFloat));
-  padded.narrow(0, 0, batch).narrow(1, 0, in.in_features).copy_(x);
-  at::Tensor xt = padded.view({ntiles, width, xrows}).transpose(1, 2).contiguous();  // [ntiles][xrows][width]
-  at::Tensor yt = at::empty({ntiles, yrows, width}, xt.options());
+  at::Tensor xt;
+  if (tile == 0 && x.scalar_type() == at::kFloat && x.is_contiguous() && xrows == in.in_features) {
+    xt = x;  // a float32 vector already: no copy (small layers are dominated by this glue)
+  } else {
+    at::Tensor padded = at::zeros({ntiles * width, xrows}, x.options().dtype(at::kFloat));
+    padded.narrow(0, 0, batch).narrow(1, 0, in.in_features).copy_(x);
+    xt = padded.view({ntiles, width, xrows}).transpose(1, 2).contiguous();  // [ntiles][xrows][width]
+  }
+  at::Tensor yt = at::empty({ntiles, yrows, width}, x.options().dtype(at::kFloat));
   if (in.nblocks == 0) yt.zero_();
   const uint32_t last = static_cast<uint32_t>(std::max<int64_t>(in.bcols, 1) - 1);
   uint32_t bad;
@@ -366,9 +371,11 @@ at::Tensor sparse_linear_cpu(const at::Tensor& x, const at::Tensor& row_ptr, con
   }
   TORCH_CHECK(bad == 0, "col_idx: a block column is >= ceil(in_features / c) = ", in.bcols,
               " or negative; the sparse weight is corrupt");
-  at::Tensor y = yt.transpose(1, 2).reshape({ntiles * width, yrows}).narrow(0, 0, batch).narrow(1, 0, out_features);
-  if (in.bias.defined()) y = y + in.bias.to(at::kFloat);
-  return y.to(x.scalar_type()).contiguous();
+  // Un-tile and drop the padding (a view), add the bias, then one pass into x's dtype.
+  at::Tensor y32 = yt.transpose(1, 2).reshape({ntiles * width, yrows}).narrow(0, 0, batch).narrow(1, 0, out_features);
+  if (in.bias.defined()) y32.add_(in.bias);  // in float32, before the one rounding into x's dtype
+  if (tile == 0 && x.scalar_type() == at::kFloat) return y32;
+  return at::empty({batch, out_features}, x.options()).copy_(y32);
 }
 
 }  // namespace

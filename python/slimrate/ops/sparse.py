@@ -37,9 +37,15 @@ def sparse_linear(x: torch.Tensor, weight: SparseMatrix, bias: torch.Tensor | No
         if bias.shape != (out_features,) or bias.device != x.device:
             raise ValueError(f"bias: expected shape ({out_features},) on {x.device}, got {tuple(bias.shape)} "
                              f"on {bias.device}")
-    x2 = x.reshape(-1, in_features)
-    fn = pick_backend("sparse_linear", backend, x.device)
-    y = fn(x2, weight.row_ptr, weight.col_idx, weight.values, out_features, bias)
+    return sparse_linear_unchecked(x, weight.row_ptr, weight.col_idx, weight.values, out_features, bias, backend)
+
+
+def sparse_linear_unchecked(x: torch.Tensor, row_ptr: torch.Tensor, col_idx: torch.Tensor, values: torch.Tensor,
+                            out_features: int, bias: torch.Tensor | None, backend: str | None = None) -> torch.Tensor:
+    """sparse_linear after the argument checks (SparseLinear.forward's fast path; the native kernels still
+    check the indices): x [..., in] -> [..., out_features]."""
+    y = pick_backend("sparse_linear", backend, x.device)(x.reshape(-1, x.shape[-1]), row_ptr, col_idx, values,
+                                                          out_features, bias)
     return y.reshape(*x.shape[:-1], out_features)
 
 
