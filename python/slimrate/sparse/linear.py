@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from slimrate.ops.sparse import sparse_linear, sparse_linear_unchecked
+import slimrate.ops.sparse as sparse_ops  # a module reference: slimrate.ops.sparse imports this package
 from slimrate.sparse.format import SparseMatrix, _block_arg
 
 FORMATS = {"csr": (1, 1), "bsr": (4, 4)}  # format -> default block
@@ -55,8 +55,9 @@ class SparseLinear(nn.Module):
         # The buffers are consistent by construction: check only x, then skip the op face's checks
         # (they cost about as much as a small layer's kernel).
         if x.dim() == 0 or x.shape[-1] != self.in_features or x.device != self.values.device:
-            return sparse_linear(x, self.weight, self.bias)  # raises the face's clear error
-        return sparse_linear_unchecked(x, self.row_ptr, self.col_idx, self.values, self.out_features, self.bias)
+            return sparse_ops.sparse_linear(x, self.weight, self.bias)  # raises the face's clear error
+        return sparse_ops.sparse_linear_unchecked(x, self.row_ptr, self.col_idx, self.values, self.out_features,
+                                                  self.bias)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # The stored sizes depend on the weights' zeros: take the incoming shapes, then copy as usual.
