@@ -72,6 +72,10 @@ def build_parser() -> argparse.ArgumentParser:
     backslash_study.add_argument("--quick", action="store_true", help="a seconds-long version (two λ, tiny budgets)")
     backslash_study.add_argument("-o", "--out", default="bench/results",
                                  help="folder for backslash.{md,png,json} (default %(default)s)")
+    dmb_study = study_commands.add_parser("dmb", help="DMB vs SEDD-absorb vs SEDD-uniform: bound in bits/char")
+    dmb_study.add_argument("--quick", action="store_true", help="a seconds-long version (tiny net, a few steps)")
+    dmb_study.add_argument("-o", "--out", default="bench/results", help="folder for dmb.{md,png,json} "
+                           "(default %(default)s)")
     compress = commands.add_parser("compress", help="entropy-code a safetensors checkpoint into a .slim file")
     compress.add_argument("checkpoint", help="a .safetensors file, or a folder holding model.safetensors")
     compress.add_argument("-o", "--output", required=True, help="the .slim file to write")
@@ -95,7 +99,99 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--min-sparsity", type=nonnegative_float, default=0.5,
                      help="layers with at least this share of zeros are candidates for sparse kernels (default 0.5)")
     run.add_argument("--repeats", type=positive_int, default=50, help="timed calls per measurement (default 50)")
+    add_qlora_parser(commands)
+    add_dmb_parser(commands)
     return parser
+
+
+def add_dmb_parser(commands) -> None:
+    from slimrate.dmb.model import MODEL_PRESETS
+    from slimrate.dmb.train import METHODS, DMBConfig
+
+    defaults = DMBConfig(out_dir="")
+    dmb = commands.add_parser("dmb", help="Discrete Markov Bridge: train, bound in bits/char, sample")
+    dmb_commands = dmb.add_subparsers(dest="dmb_command", required=True)
+    train = dmb_commands.add_parser("train", help="train DMB or a SEDD baseline (checkpoints, metrics, resume)")
+    train.add_argument("--data", default="text8", help="text8 (the embedded corpus), digits, a text file, or a "
+                       "folder of CIFAR-10 python batches (default %(default)s)")
+    train.add_argument("--budget", type=positive_int, required=True, metavar="STEPS", help="score-learning steps")
+    train.add_argument("--out", required=True, metavar="DIR", help="run folder")
+    train.add_argument("--method", choices=METHODS, default=defaults.method, help="default %(default)s")
+    train.add_argument("--model", choices=sorted(MODEL_PRESETS), default=defaults.model,
+                       help="network size (default %(default)s)")
+    train.add_argument("--batch", type=positive_int, default=defaults.batch, help="default %(default)s")
+    train.add_argument("--seq-len", type=positive_int, default=defaults.seq_len,
+                       help="characters per window, text only (default %(default)s)")
+    train.add_argument("--lr", type=positive_finite_float, default=defaults.lr, help="default %(default)s")
+    train.add_argument("--schedule", choices=["loglinear", "geometric"], default=defaults.schedule,
+                       help="noise schedule (default %(default)s)")
+    train.add_argument("--eval-every", type=nonnegative_int, default=defaults.eval_every,
+                       help="bound every k steps (default: at the end only)")
+    train.add_argument("--scale-by-sigma", action=argparse.BooleanOptionalAction, default=None,
+                       help="σ̄-scaled network output (default: on for sedd-absorb only, as the official codes)")
+    train.add_argument("--seed", type=int, default=defaults.seed)
+    train.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
+    train.add_argument("--no-progress", action="store_true", help="no progress bar")
+    evaluate = dmb_commands.add_parser("eval", help="the bound in bits/char with its Monte Carlo standard error")
+    evaluate.add_argument("dir", help="a run folder of `slimrate dmb train`")
+    evaluate.add_argument("--sequences", type=positive_int, default=256, help="evaluation windows (default 256)")
+    evaluate.add_argument("--samples", type=int, default=8, help="Monte Carlo times per window, >= 2 (default 8)")
+    evaluate.add_argument("--seed", type=int, default=0)
+    sample = dmb_commands.add_parser("sample", help="print text samples, or write a PNG grid for images")
+    sample.add_argument("dir", help="a run folder of `slimrate dmb train`")
+    sample.add_argument("-n", type=positive_int, default=8, help="samples (default 8)")
+    sample.add_argument("--steps", type=positive_int, default=128, help="reverse steps (default 128)")
+    sample.add_argument("--sampler", choices=["euler", "analytic"], default="euler",
+                        help="analytic: SEDD's Tweedie step, baselines only (default %(default)s)")
+    sample.add_argument("-o", "--output", help="PNG path for images (default DIR/samples.png)")
+    sample.add_argument("--seed", type=int, default=0)
+
+
+def add_qlora_parser(commands) -> None:
+    from slimrate.qlora.driver import FinetuneConfig
+    from slimrate.qlora.loading import DTYPES
+
+    defaults = FinetuneConfig(out_dir="")
+    qlora = commands.add_parser("qlora", help="4-bit NF4 + LoRA fine-tuning")
+    qlora_commands = qlora.add_subparsers(dest="qlora_command", required=True)
+    train = qlora_commands.add_parser(
+        "train", help="two-phase QLoRA fine-tuning of a local model (or a tiny random one) on chat JSONL",
+        description="Phase 1, then phase 2 from phase 1's adapter; evaluation, adapters and summary.{json,md} "
+                    "in --out. Without --model: a tiny random Mistral (its numbers mean nothing about real models); "
+                    "without --phase1: a generated study-abroad advising data set.")
+    train.add_argument("--model", metavar="PATH", help="local transformers model folder (default: tiny random model)")
+    train.add_argument("--phase1", metavar="JSONL", help='chat JSONL, one {"messages": [...]} per line '
+                       "(default: generated advising data)")
+    train.add_argument("--phase2", metavar="JSONL", help="chat JSONL of phase 2 (needs --phase1)")
+    train.add_argument("--eval-data", metavar="JSONL", help="held-out chats (default: 10%% of each phase file)")
+    train.add_argument("--questions", metavar="JSONL",
+                       help='held-out questions, {"messages": [...], "answer": "..."} per line, for exact accuracy')
+    train.add_argument("--out", required=True, metavar="DIR", help="output folder")
+    train.add_argument("--steps", type=positive_int, default=defaults.steps,
+                       help="steps per phase (default %(default)s)")
+    train.add_argument("--batch", type=positive_int, default=defaults.batch,
+                       help="chats per step (default %(default)s)")
+    train.add_argument("--lr", type=positive_finite_float, help="peak lr (default 2e-4; 1e-2 for the tiny model)")
+    train.add_argument("--phi", type=positive_finite_float, default=defaults.phi, help="UBA φ (default 2 = cosine)")
+    train.add_argument("--rank", type=positive_int, default=defaults.rank, help="LoRA r (default %(default)s)")
+    train.add_argument("--alpha", type=positive_finite_float, default=defaults.alpha,
+                       help="LoRA alpha (default %(default)s)")
+    train.add_argument("--dropout", type=nonnegative_float, default=defaults.dropout,
+                       help="LoRA dropout (default %(default)s)")
+    train.add_argument("--max-length", type=positive_int, default=defaults.max_length,
+                       help="tokens per chat (default %(default)s)")
+    train.add_argument("--max-new-tokens", type=positive_int, default=defaults.max_new_tokens,
+                       help="tokens generated per held-out answer (default %(default)s)")
+    train.add_argument("--eval-limit", type=positive_int, help="evaluate on the first N held-out chats and questions")
+    train.add_argument("--dtype", choices=sorted(DTYPES), help="compute dtype (default float32 tiny, bfloat16 else)")
+    train.add_argument("--fused", action=argparse.BooleanOptionalAction, default=True,
+                       help="run LoRA layers through slimrate's fused nf4_lora_linear (default on)")
+    train.add_argument("--backend", choices=["native", "triton", "reference"], help="nf4_lora_linear backend")
+    train.add_argument("--merge", action="store_true", help="also write a merged model (dequantized base + LoRA)")
+    train.add_argument("--seed", type=int, default=defaults.seed)
+    train.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    train.add_argument("--wandb", action="store_true", help="also log to wandb, offline")
+    train.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
 def run_demo_command(args: argparse.Namespace) -> int:
@@ -123,6 +219,10 @@ def run_study_command(args: argparse.Namespace) -> int:
         from slimrate.studies.schedules import StudyConfig, quick_config, write_study
 
         paths = write_study(quick_config() if args.quick else StudyConfig(), args.out)
+    elif args.study_command == "dmb":
+        from slimrate.studies.dmb import DMBStudyConfig, quick_dmb_config, write_dmb_study
+
+        paths = write_dmb_study(quick_dmb_config() if args.quick else DMBStudyConfig(), args.out)
     else:
         from slimrate.studies.backslash import BackslashStudyConfig, quick_backslash_config, write_backslash_study
 
@@ -211,6 +311,84 @@ def run_model_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_qlora_command(args: argparse.Namespace) -> int:
+    from slimrate.qlora.driver import FinetuneConfig, finetune, format_summary
+
+    summary = finetune(FinetuneConfig(
+        out_dir=args.out, model=args.model, phase1=args.phase1, phase2=args.phase2, eval_data=args.eval_data,
+        questions=args.questions, steps=args.steps, batch=args.batch, lr=args.lr, phi=args.phi, rank=args.rank,
+        alpha=args.alpha, dropout=args.dropout, max_length=args.max_length, max_new_tokens=args.max_new_tokens,
+        eval_limit=args.eval_limit, dtype=args.dtype, fused=args.fused, backend=args.backend, merge=args.merge,
+        seed=args.seed, device=args.device, wandb=args.wandb, progress=not args.no_progress))
+    print(format_summary(summary))
+    print(f"wrote {Path(args.out) / 'summary.json'} and summary.md")
+    return 0
+
+
+def qlora_input_problem(args: argparse.Namespace) -> str | None:
+    """What is wrong with `qlora train`'s paths, or None."""
+    if args.phase2 and not args.phase1:
+        return "--phase2: needs --phase1 (phase 2 starts from phase 1's adapter)"
+    for flag in ("phase1", "phase2", "eval_data", "questions"):
+        path = getattr(args, flag)
+        if path and not Path(path).is_file():
+            return f"--{flag.replace('_', '-')}: {path}: no such file"
+    if args.model and not Path(args.model).is_dir():
+        return f"--model: {args.model}: no such folder (a local transformers model folder; nothing is downloaded)"
+    return None
+
+
+def run_dmb_command(args: argparse.Namespace) -> int:
+    import torch
+
+    from slimrate.dmb.train import DMBConfig, bound_of, load_model, train_dmb
+
+    if args.dmb_command == "train":
+        manifest = train_dmb(DMBConfig(out_dir=args.out, data=args.data, method=args.method, steps=args.budget,
+                                       batch=args.batch, seq_len=args.seq_len, model=args.model, lr=args.lr,
+                                       schedule=args.schedule, eval_every=args.eval_every, seed=args.seed,
+                                       resume=args.resume, progress=not args.no_progress,
+                                       scale_by_sigma=args.scale_by_sigma))
+        final = manifest["final_eval"]
+        print(f"{args.method} on {manifest['data']['name']}: bound {final['bits_per_token']:.4f} ± "
+              f"{final['bits_per_token_se']:.4f} bits/token after {args.budget} steps; wrote {args.out}")
+        return 0
+    from slimrate.dmb.data import image_grid_png, load_token_data
+    from slimrate.dmb.sampler import reverse_sample
+
+    model, config, manifest = load_model(args.dir)
+    data = load_token_data(config.data, config.seq_len)
+    if args.dmb_command == "eval":
+        result = bound_of(model, data.eval_subset(args.sequences), args.samples, args.seed)
+        unit = " (bits/token = bits per character)" if data.is_text else " (bits/token = bits per pixel value)"
+        print(f"{config.method} on {data.name}: bound {result}{unit}")
+        return 0
+    torch.manual_seed(args.seed)
+    with torch.no_grad():
+        tokens = reverse_sample(model.net, model.rates, model.noise, model.prior(), args.n, args.steps,
+                                method=args.sampler).tokens
+    if data.is_text:
+        for line in data.describe(tokens):
+            print(line)
+    else:
+        png = image_grid_png(tokens, data)
+        print(f"wrote {write_bytes_atomic(args.output or Path(args.dir) / 'samples.png', png)}")
+    return 0
+
+
+def dmb_input_problem(args: argparse.Namespace) -> str | None:
+    """What is wrong with a `dmb` command's paths, or None."""
+    if args.dmb_command == "train":
+        if args.data not in ("text8", "digits") and not Path(args.data).exists():
+            return f"--data: {args.data}: no such file or folder (or pass text8 or digits)"
+        return None
+    if not (Path(args.dir) / "dmb.json").is_file():
+        return f"{args.dir}: no dmb.json here; pass the --out folder of a finished `slimrate dmb train` run"
+    if args.dmb_command == "eval" and args.samples < 2:
+        return f"--samples: expected >= 2 (the standard error needs two), got {args.samples}"
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -229,9 +407,18 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"{args.slim}: no such file")
     if args.command == "run" and not Path(args.model).is_file():
         parser.error(f"{args.model}: no such file")
+    if args.command == "qlora":
+        problem = qlora_input_problem(args)
+        if problem:
+            parser.error(problem)
+    if args.command == "dmb":
+        problem = dmb_input_problem(args)
+        if problem:
+            parser.error(problem)
     commands = {"demo": run_demo_command, "schedules": run_schedules_plot_command, "study": run_study_command,
                 "compress": run_compress_command, "inspect": run_inspect_command,
-                "decompress": run_decompress_command, "run": run_model_command}
+                "decompress": run_decompress_command, "run": run_model_command, "qlora": run_qlora_command,
+                "dmb": run_dmb_command}
     try:
         return commands[args.command](args)
     except ValueError as e:  # SlimFormatError (a corrupt file) or save_slim's refusals (NaN, int32 overflow)

@@ -7,6 +7,8 @@ truth and on low-precision inputs gives the error a plain PyTorch user would see
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 
@@ -113,3 +115,134 @@ def sparse_linear(x: torch.Tensor, row_ptr: torch.Tensor, col_idx: torch.Tensor,
     if bias is not None:
         y = y + bias.to(dtype)
     return y.to(x.dtype)
+
+
+# ---- NF4 4-bit weights (papers/qlora.md §3), bit-compatible with bitsandbytes 0.50 on the CPU ----
+
+# The 16 NF4 code values (bitsandbytes.functional.get_4bit_type("nf4")), as float32.
+NF4_CODE = (-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
+            -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
+            0.24611230194568634, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941,
+            0.7229568362236023, 1.0)
+
+
+def nf4_code(device: torch.device | str = "cpu") -> torch.Tensor:
+    """The NF4 code table, float32 [16]."""
+    return torch.tensor(NF4_CODE, dtype=torch.float32, device=device)
+
+
+def nf4_quantize(w: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Blockwise NF4 of w (any shape, float): packed uint8 [(n+1)//2, 1] and absmax float32 [ceil(n/blocksize)].
+
+    The arithmetic of bitsandbytes' quantize_4bit (backends/default/ops.py, the kernel its CPU build runs):
+    w flattened row-major into float32 blocks; absmax = max|w| per block; a full block is scaled by
+    w·(1/max(absmax, 1e-38)), the last partial block by w/max(absmax, 1e-38); clamped to [-1, 1]; the code
+    index is the number of code midpoints strictly below the scaled value (a tie goes to the lower code);
+    element 2j in the high nibble of byte j, element 2j+1 in the low one; an odd n pads with code 7 (0.0).
+    """
+    flat = w.reshape(-1).float()
+    n = flat.numel()
+    full = n - n % blocksize
+    parts, absmax = [], []
+    if full:
+        blocks = flat[:full].view(-1, blocksize)
+        am = blocks.abs().amax(dim=1)
+        parts.append(torch.clamp(blocks * (1.0 / am.clamp(min=1e-38)).unsqueeze(1), -1, 1).reshape(-1))
+        absmax.append(am)
+    if full < n:
+        am = flat[full:].abs().amax()
+        parts.append(torch.clamp(flat[full:] / am.clamp(min=1e-38), -1, 1))
+        absmax.append(am.reshape(1))
+    scaled = torch.cat(parts) if parts else flat
+    code = nf4_code(w.device)
+    idx = torch.bucketize(scaled, (code[:-1] + code[1:]) / 2).to(torch.uint8)
+    if n % 2:
+        idx = torch.cat([idx, idx.new_full((1,), 7)])
+    packed = (idx[0::2] << 4) | idx[1::2]
+    absmax = torch.cat(absmax) if absmax else flat.new_empty(0)
+    return packed.unsqueeze(1), absmax
+
+
+def nf4_dequantize(packed: torch.Tensor, absmax: torch.Tensor, shape: list[int], blocksize: int,
+                   dtype: torch.dtype) -> torch.Tensor:
+    """W [shape] in ``dtype`` from NF4 ``packed`` and float32 ``absmax``: code[index]·absmax in float32, then cast
+    (bitsandbytes' dequantize_4bit)."""
+    n = math.prod(shape)
+    bytes_ = packed.reshape(-1)
+    idx = torch.stack([bytes_ >> 4, bytes_ & 15], dim=1).reshape(-1)[:n].long()
+    scale = absmax.float().repeat_interleave(blocksize)[:n]
+    return (nf4_code(packed.device)[idx] * scale).reshape(shape).to(dtype)
+
+
+def nf4_absmax_dequantize(qabsmax: torch.Tensor, code: torch.Tensor, absmax2: torch.Tensor, offset: torch.Tensor,
+                          blocksize: int) -> torch.Tensor:
+    """The double-quantized absmax: code[qabsmax]·absmax2[block] + offset, float32 [nb] (bitsandbytes'
+    dequantize_blockwise, then its ``absmax += offset``)."""
+    scale = absmax2.float().repeat_interleave(blocksize)[: qabsmax.numel()]
+    return code.float()[qabsmax.reshape(-1).long()] * scale + offset.float().reshape(())
+
+
+def nf4_lora_linear(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, out_features: int, blocksize: int,
+                    lora_x: torch.Tensor | None, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float,
+                    bias: torch.Tensor | None) -> torch.Tensor:
+    """y = x·deq(W)ᵀ + b + scaling·(lora_x·Aᵀ)·Bᵀ, x [M, in] -> y [M, out]; lora_x None means x.
+
+    The dtypes of bitsandbytes' Linear4bit + peft's LoRA layer: W dequantized to x's dtype, the base product
+    (and bias) in x's dtype; the LoRA branch in the adapters' dtype (lora_x cast to A's dtype), cast back to x's
+    dtype and added.  Differentiable in x, lora_x, A, B and bias with plain autograd; float64 inputs give
+    the truth.
+    """
+    w = nf4_dequantize(packed, absmax, [out_features, x.shape[-1]], blocksize, x.dtype)
+    y = torch.nn.functional.linear(x, w, None if bias is None else bias.to(x.dtype))
+    lx = x if lora_x is None else lora_x
+    lora = torch.nn.functional.linear(torch.nn.functional.linear(lx.to(lora_A.dtype), lora_A), lora_B) * scaling
+    return y + lora.to(y.dtype)
+
+
+# ---- CTMC / Discrete Markov Bridge (papers/dmb.md §2–3, §5): the op chains of DMB's code ----
+# Per position l: lam [L, V] = Λ in rank order, perm[l, y] = rank of state y, perm_inv[l, j] = state at rank j.
+
+def ctmc_transition_rows(x0: torch.Tensor, h: torch.Tensor, lam: torch.Tensor, perm: torch.Tensor,
+                         perm_inv: torch.Tensor) -> torch.Tensor:
+    """Rows x0 of exp(h·Q) [B, L, V], DMB's get_exp_row: one_hot → gather(perm_inv) → cumsum → ·exp(hΛ) →
+    diff → gather(perm).  x0 [B, L] int64, h [B]; differentiable in h and lam."""
+    B, L = x0.shape
+    V = lam.shape[1]
+    ranked = torch.nn.functional.one_hot(x0, V).to(lam.dtype).gather(-1, perm_inv.expand(B, L, V))  # 1 at rank(x0)
+    v = ranked.cumsum(-1) * torch.exp(h[:, None, None] * lam)  # E_j = exp(hΛ_j) from rank(x0) on, else 0
+    p = torch.diff(v, dim=-1, prepend=v.new_zeros(B, L, 1))  # rank order
+    return p.gather(-1, perm.expand(B, L, V))
+
+
+def ctmc_rate_cols(x: torch.Tensor, lam: torch.Tensor, perm: torch.Tensor, perm_inv: torch.Tensor) -> torch.Tensor:
+    """Column x of Q, the rates into x [B, L, V], DMB's get_col: one_hot → gather(perm_inv) → (v_k − v_{k+1},
+    last kept) → ·Λ → reverse cumsum → gather(perm)."""
+    B, L = x.shape
+    V = lam.shape[1]
+    ranked = torch.nn.functional.one_hot(x, V).to(lam.dtype).gather(-1, perm_inv.expand(B, L, V))
+    d = ranked - torch.nn.functional.pad(ranked[..., 1:], (0, 1))
+    c = (d * lam).flip(-1).cumsum(-1).flip(-1)
+    return c.gather(-1, perm.expand(B, L, V))
+
+
+def score_entropy(logscore: torch.Tensor, x_t: torch.Tensor, x0: torch.Tensor, h: torch.Tensor,
+                  sigma: torch.Tensor, lam: torch.Tensor, perm: torch.Tensor, perm_inv: torch.Tensor) -> torch.Tensor:
+    """Σ_l Σ_{y≠x_t} σ·Q[y, x_t]·(e^{s_y} − r_y s_y + r_y(log r_y − 1)), r_y = p(y|x0)/p(x_t|x0), per sequence [B]
+    (DMB's DWDSE with the constant, dmb.md §5, without its eps smoothing).  Differentiable in logscore."""
+    cond = ctmc_transition_rows(x0, h, lam, perm, perm_inv)
+    w = sigma[:, None, None] * ctmc_rate_cols(x_t, lam, perm, perm_inv)
+    w = w.scatter(-1, x_t[..., None], 0.0)  # y ≠ x_t
+    # Where w = 0 the ratio may be 0/0; zero it first so no NaN reaches the gradient through torch.where.
+    ratio = torch.where(w > 0, cond / cond.gather(-1, x_t[..., None]), 0.0)
+    term = logscore.exp() - ratio * logscore + torch.special.xlogy(ratio, ratio) - ratio
+    return (w * term).sum((1, 2))
+
+
+def expm(Q: torch.Tensor) -> torch.Tensor:
+    """exp(Q) for a batch [..., n, n]: torch.linalg.matrix_exp."""
+    return torch.linalg.matrix_exp(Q)
+
+
+def expm_multi_t(Q: torch.Tensor, ts: torch.Tensor) -> torch.Tensor:
+    """exp(t·Q) for each t in ts [T] -> [T, n, n]: one batched torch.linalg.matrix_exp of ts·Q."""
+    return torch.linalg.matrix_exp(ts[:, None, None] * Q)

@@ -1,0 +1,370 @@
+// CPU kernels of the CTMC ops (schemas in csrc/ops.cpp; closed forms in csrc/kernels/ctmc.h).
+//
+// Forward passes run over the B·L rows with at::parallel_for, each row vectorised over its V states in state
+// order, so every output row is written contiguously.  They read per-position tables built once per call
+// (O(L·V)): rank[l, y] = perm[l, y] (int32 for float32, so rank compares share the float lanes), and Λ and the
+// inflow rate a_{j−1} of each state gathered into state order.  The closed forms (kernels/ctmc.h) are written
+// as float selects so GCC vectorises them; `objdump -d` of the x86-64-v4 clones shows zmm code for every loop.  The transition-row backward runs in rank order
+// (the order of lam and its gradient) over tasks of one position and a chunk of the batch; each task writes its
+// own partial dlam row, summed in chunk order, so results do not depend on the thread count.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <atomic>
+#include <limits>
+#include <type_traits>
+#include <vector>
+
+#include "ctmc_inputs.h"
+#include "kernels/ctmc.h"
+
+namespace slimrate {
+namespace {
+
+// Loops below are written for GCC's auto-vectoriser; setup.py's -fno-trapping-math lets it if-convert the
+// selects of the closed forms.
+#define SLIMRATE_CPU_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+
+template <class T>
+using RankInt = std::conditional_t<sizeof(T) == 8, int64_t, int32_t>;
+
+// Rows are processed in blocks of one AVX-512 vector (16 float32 / 8 float64): a row of V = 27 would otherwise
+// run 11 of its 27 entries through the scalar epilogue, one lane of the polynomials at a time.  Rows are padded
+// to Vp, a multiple of kLanes, and rows with V ≠ Vp go through per-task buffers.
+template <class T>
+constexpr int64_t kLanes = 64 / sizeof(T);
+
+template <class T>
+int64_t padded_width(int64_t V) { return (V + kLanes<T> - 1) / kLanes<T> * kLanes<T>; }
+
+// About 16 Ki output elements per task: enough work to amortise scheduling, small enough to balance.
+int64_t row_grain(int64_t V) { return std::max<int64_t>(1, (int64_t{1} << 14) / V); }
+
+// State-order tables of one call, rows padded to Vp: [L, Vp] each.  Padding entries have an impossible rank,
+// so they are below no k and equal to no k0: they add nothing to a score and are never copied out.
+template <class T>
+struct Tables {
+  int64_t Vp;
+  std::vector<RankInt<T>> rank;
+  std::vector<T> lam_s;   // Λ_{rank[y]}
+  std::vector<T> rate_s;  // a_{rank[y]−1} = Λ_{rank[y]} − Λ_{rank[y]−1}: the rate into y from each lower rank (0 at rank 0)
+};
+
+template <class T>
+Tables<T> build_tables(const CtmcStructure& s) {
+  const int64_t L = s.L, V = s.V, Vp = padded_width<T>(V);
+  Tables<T> t{Vp, std::vector<RankInt<T>>(L * Vp, std::numeric_limits<RankInt<T>>::max()), std::vector<T>(L * Vp),
+              std::vector<T>(L * Vp)};
+  const T* lam = s.lam.const_data_ptr<T>();
+  const int64_t* perm = s.perm.const_data_ptr<int64_t>();
+  at::parallel_for(0, L, std::max<int64_t>(1, 4096 / V), [&](int64_t lo, int64_t hi) {
+    for (int64_t l = lo; l < hi; ++l) {
+      for (int64_t y = 0; y < V; ++y) {
+        const int64_t j = perm[l * V + y];
+        const T* row = lam + l * V;
+        t.rank[l * Vp + y] = static_cast<RankInt<T>>(j);
+        t.lam_s[l * Vp + y] = row[j];
+        t.rate_s[l * Vp + y] = j > 0 ? row[j] - row[j - 1] : T(0);
+      }
+    }
+  });
+  return t;
+}
+
+// A row's Vp entries: the tensor's row itself when V = Vp, else a per-task buffer (zero-padded on load).
+template <class T>
+struct RowBuffer {
+  std::vector<T> buf;
+  bool direct;
+  RowBuffer(int64_t V, int64_t Vp) : buf(V == Vp ? 0 : Vp, T(0)), direct(V == Vp) {}
+  const T* load(const T* src, int64_t V) {
+    if (direct) return src;
+    std::copy(src, src + V, buf.data());
+    return buf.data();
+  }
+  T* target(T* dst) { return direct ? dst : buf.data(); }
+  void store(T* dst, int64_t V) const {
+    if (!direct) std::copy(buf.data(), buf.data() + V, dst);
+  }
+};
+
+// ---- transition rows: out[b, l, y] = p(y | x0[b, l]) after time h[b] ----
+
+template <class T>
+SLIMRATE_CPU_CLONES void transition_rows_span(const int64_t* x0, const T* h, const Tables<T>& tb, T* out, int64_t L,
+                                              int64_t V, int64_t lo, int64_t hi) {
+  using Math = typename PolyMathFor<T>::type;
+  constexpr int64_t W = kLanes<T>;
+  const int64_t Vp = tb.Vp;
+  RowBuffer<T> ob(V, Vp);
+  for (int64_t i = lo; i < hi; ++i) {
+    const int64_t row = (i % L) * Vp;
+    const RankInt<T>* rank = tb.rank.data() + row;
+    const T* lam_s = tb.lam_s.data() + row;
+    const T* rate_s = tb.rate_s.data() + row;
+    const RankInt<T> k0 = rank[x0[i]];
+    const T hb = h[i / L];
+    T* o = ob.target(out + i * V);
+    for (int64_t y0 = 0; y0 < Vp; y0 += W) {
+#pragma omp simd
+      for (int64_t y = y0; y < y0 + W; ++y) o[y] = transition_prob<Math>(hb, lam_s[y], rate_s[y], rank[y], k0);
+    }
+    ob.store(out + i * V, V);
+  }
+}
+
+at::Tensor ctmc_transition_rows_cpu(const at::Tensor& x0, const at::Tensor& h, const at::Tensor& lam,
+                                    const at::Tensor& perm, const at::Tensor& perm_inv) {
+  CtmcStructure s = ctmc_structure(lam, perm, perm_inv, at::kCPU);
+  TORCH_CHECK_VALUE(x0.dim() == 2 && x0.size(1) == s.L, "x0: expected shape [B, L = ", s.L, "], got ", x0.sizes());
+  const int64_t B = x0.size(0), L = s.L, V = s.V;
+  check_ctmc_index(x0, "x0", {B, L}, at::kCPU);
+  check_ctmc_float(h, "h", {B}, lam);
+  at::Tensor x0c = x0.contiguous(), hc = h.contiguous();
+  check_structure_cpu(s);
+  check_tokens_cpu(x0c, "x0", V);
+  check_times_cpu(hc, "h");
+  at::Tensor out = at::empty({B, L, V}, lam.options());
+  AT_DISPATCH_FLOATING_TYPES(lam.scalar_type(), "ctmc_transition_rows", [&] {
+    Tables<scalar_t> tb = build_tables<scalar_t>(s);
+    const int64_t* xp = x0c.const_data_ptr<int64_t>();
+    const scalar_t* hp = hc.const_data_ptr<scalar_t>();
+    scalar_t* op = out.data_ptr<scalar_t>();
+    at::parallel_for(0, B * L, row_grain(V), [&](int64_t lo, int64_t hi) {
+      transition_rows_span<scalar_t>(xp, hp, tb, op, L, V, lo, hi);
+    });
+  });
+  return out;
+}
+
+// ---- its backward: dlam [L, V] and dh [B] from grad [B, L, V] ----
+
+// One row in rank order from the vector block holding k0: dlam[j] += h·c_j, returns Σ_j Λ_j·c_j.
+// lam and g_rank are padded with zeros past V (g_rank to Vp + 1), dlam to Vp.
+template <class T>
+SLIMRATE_CPU_CLONES T transition_backward_row(const T* lam, const T* g_rank, T hb, int64_t k0, int64_t Vp, T* dlam) {
+  using Math = typename PolyMathFor<T>::type;
+  constexpr int64_t W = kLanes<T>;
+  T acc[W] = {};
+  for (int64_t j0 = k0 / W * W; j0 < Vp; j0 += W) {
+#pragma omp simd
+    for (int64_t y = 0; y < W; ++y) {
+      const int64_t j = j0 + y;
+      T c = transition_backward_coef<Math>(hb, lam[j], g_rank[j], g_rank[j + 1], j, k0);
+      dlam[j] += hb * c;
+      acc[y] += lam[j] * c;
+    }
+  }
+  T dh = 0;
+  for (T a : acc) dh += a;
+  return dh;
+}
+
+std::tuple<at::Tensor, at::Tensor> ctmc_transition_rows_backward_cpu(const at::Tensor& grad, const at::Tensor& x0,
+                                                                     const at::Tensor& h, const at::Tensor& lam,
+                                                                     const at::Tensor& perm,
+                                                                     const at::Tensor& perm_inv) {
+  CtmcStructure s = ctmc_structure(lam, perm, perm_inv, at::kCPU);
+  TORCH_CHECK_VALUE(x0.dim() == 2 && x0.size(1) == s.L, "x0: expected shape [B, L = ", s.L, "], got ", x0.sizes());
+  const int64_t B = x0.size(0), L = s.L, V = s.V;
+  check_ctmc_index(x0, "x0", {B, L}, at::kCPU);
+  check_ctmc_float(h, "h", {B}, lam);
+  check_ctmc_float(grad, "grad", {B, L, V}, lam);
+  at::Tensor x0c = x0.contiguous(), hc = h.contiguous(), gc = grad.contiguous();
+  check_structure_cpu(s);
+  check_tokens_cpu(x0c, "x0", V);
+  check_times_cpu(hc, "h");
+  // Batch chunks per position: enough tasks for the threads when L is small, chosen from the shape alone.
+  const int64_t chunks = std::clamp<int64_t>((64 + L - 1) / std::max<int64_t>(L, 1), 1, std::max<int64_t>(B, 1));
+  const int64_t per_chunk = (B + chunks - 1) / std::max<int64_t>(chunks, 1);
+  at::Tensor dlam_part, dh_part = at::empty({B, L}, lam.options());
+  AT_DISPATCH_FLOATING_TYPES(lam.scalar_type(), "ctmc_transition_rows_backward", [&] {
+    const int64_t Vp = padded_width<scalar_t>(V);
+    at::Tensor lam_p = at::constant_pad_nd(s.lam, {0, Vp - V});  // [L, Vp], zeros past V
+    dlam_part = at::zeros({chunks, L, Vp}, lam.options());
+    const scalar_t* lp = lam_p.const_data_ptr<scalar_t>();
+    const int64_t* perm_p = s.perm.const_data_ptr<int64_t>();
+    const int64_t* inv_p = s.perm_inv.const_data_ptr<int64_t>();
+    const int64_t* xp = x0c.const_data_ptr<int64_t>();
+    const scalar_t* hp = hc.const_data_ptr<scalar_t>();
+    const scalar_t* gp = gc.const_data_ptr<scalar_t>();
+    scalar_t* dlp = dlam_part.data_ptr<scalar_t>();
+    scalar_t* dhp = dh_part.data_ptr<scalar_t>();
+    at::parallel_for(0, chunks * L, std::max<int64_t>(1, (int64_t{1} << 14) / std::max<int64_t>(1, per_chunk * V)),
+                     [&](int64_t lo, int64_t hi) {
+      std::vector<scalar_t> g_rank(Vp + 1, scalar_t(0));  // G' in rank order, zero past V
+      for (int64_t task = lo; task < hi; ++task) {
+        const int64_t c = task / L, l = task % L;
+        const int64_t* inv = inv_p + l * V;
+        for (int64_t b = c * per_chunk; b < std::min(B, (c + 1) * per_chunk); ++b) {
+          const int64_t i = b * L + l;
+          const scalar_t* g = gp + i * V;
+          for (int64_t j = 0; j < V; ++j) g_rank[j] = g[inv[j]];
+          dhp[i] = transition_backward_row<scalar_t>(lp + l * Vp, g_rank.data(), hp[b], perm_p[l * V + xp[i]], Vp,
+                                                     dlp + task * Vp);
+        }
+      }
+    });
+  });
+  at::Tensor dlam = dlam_part.narrow(2, 0, V);
+  return {chunks == 1 ? dlam.squeeze(0).contiguous() : dlam.sum(0), dh_part.sum(1)};
+}
+
+// ---- rate columns: out[b, l, y] = Q[y, x[b, l]] ----
+
+template <class T>
+SLIMRATE_CPU_CLONES void rate_cols_span(const int64_t* x, const T* lam, const Tables<T>& tb, T* out, int64_t L,
+                                        int64_t V, int64_t lo, int64_t hi) {
+  constexpr int64_t W = kLanes<T>;
+  const int64_t Vp = tb.Vp;
+  RowBuffer<T> ob(V, Vp);
+  for (int64_t i = lo; i < hi; ++i) {
+    const int64_t l = i % L;
+    const RankInt<T>* rank = tb.rank.data() + l * Vp;
+    const int64_t xi = x[i];
+    const RankInt<T> k = rank[xi];
+    const T rate_k = tb.rate_s[l * Vp + xi], lam_k = lam[l * V + k];
+    T* o = ob.target(out + i * V);
+    for (int64_t y0 = 0; y0 < Vp; y0 += W) {
+#pragma omp simd
+      for (int64_t y = y0; y < y0 + W; ++y) o[y] = rate_into(rank[y], k, rate_k, lam_k);
+    }
+    ob.store(out + i * V, V);
+  }
+}
+
+at::Tensor ctmc_rate_cols_cpu(const at::Tensor& x, const at::Tensor& lam, const at::Tensor& perm,
+                              const at::Tensor& perm_inv) {
+  CtmcStructure s = ctmc_structure(lam, perm, perm_inv, at::kCPU);
+  TORCH_CHECK_VALUE(x.dim() == 2 && x.size(1) == s.L, "x: expected shape [B, L = ", s.L, "], got ", x.sizes());
+  const int64_t B = x.size(0), L = s.L, V = s.V;
+  check_ctmc_index(x, "x", {B, L}, at::kCPU);
+  at::Tensor xc = x.contiguous();
+  check_structure_cpu(s);
+  check_tokens_cpu(xc, "x", V);
+  at::Tensor out = at::empty({B, L, V}, lam.options());
+  AT_DISPATCH_FLOATING_TYPES(lam.scalar_type(), "ctmc_rate_cols", [&] {
+    Tables<scalar_t> tb = build_tables<scalar_t>(s);
+    const int64_t* xp = xc.const_data_ptr<int64_t>();
+    const scalar_t* lp = s.lam.const_data_ptr<scalar_t>();
+    scalar_t* op = out.data_ptr<scalar_t>();
+    at::parallel_for(0, B * L, row_grain(V), [&](int64_t lo, int64_t hi) {
+      rate_cols_span<scalar_t>(xp, lp, tb, op, L, V, lo, hi);
+    });
+  });
+  return out;
+}
+
+// ---- score entropy: loss [B] and, when asked, d loss[b] / d logscore[b] [B, L, V] ----
+
+// Rows [lo, hi): loss_row[i] = w·Σ_y term_y, grad row = w·(e^s − r) on active y.  Returns the first row
+// whose x_t cannot be reached from x0 (p(x_t|x0) = 0 with a nonzero weight), or −1.
+template <class T, bool kWithGrad>
+SLIMRATE_CPU_CLONES int64_t score_entropy_span(const T* ls, const int64_t* x_t, const int64_t* x0, const T* h,
+                                               const T* sigma, const Tables<T>& tb, T* loss_row, T* grad, int64_t L,
+                                               int64_t V, int64_t lo, int64_t hi) {
+  using Math = typename PolyMathFor<T>::type;
+  constexpr T kNegInf = -std::numeric_limits<T>::infinity();
+  constexpr int64_t W = kLanes<T>;
+  const int64_t Vp = tb.Vp;
+  RowBuffer<T> sb(V, Vp), gb(V, Vp);
+  int64_t bad = -1;
+  for (int64_t i = lo; i < hi; ++i) {
+    const int64_t b = i / L, row = (i % L) * Vp, xt = x_t[i];
+    const RankInt<T>* rank = tb.rank.data() + row;
+    const T* lam_s = tb.lam_s.data() + row;
+    const T* rate_s = tb.rate_s.data() + row;
+    const RankInt<T> k = rank[xt], k0 = rank[x0[i]];
+    const T hb = h[b], w = sigma[b] * rate_s[xt];  // σ·a_{k−1}: the same rate into x_t from every lower rank
+    const T logp_k = log_transition_prob<Math>(hb, lam_s[xt], rate_s[xt], k, k0, kNegInf);
+    if (w == T(0) || k == 0 || k < k0 || logp_k == kNegInf) {
+      // No state has a (weighted) rate into x_t, so the row adds nothing; or x_t is unreachable (reported).
+      if (w != T(0) && k != 0 && bad < 0) bad = i;
+      loss_row[i] = 0;
+      if constexpr (kWithGrad) std::fill(grad + i * V, grad + (i + 1) * V, T(0));
+      continue;
+    }
+    const T* s = sb.load(ls + i * V, V);
+    T* g = kWithGrad ? gb.target(grad + i * V) : nullptr;
+    T sum = 0;
+    for (int64_t y0 = 0; y0 < Vp; y0 += W) {
+#pragma omp simd reduction(+ : sum)
+      for (int64_t y = y0; y < y0 + W; ++y) {
+        ScoreTerm<T> t = score_entropy_term<Math>(s[y], hb, lam_s[y], rate_s[y], rank[y], k0, k, logp_k);
+        sum += t.loss;
+        if constexpr (kWithGrad) g[y] = w * t.grad;
+      }
+    }
+    if constexpr (kWithGrad) gb.store(grad + i * V, V);
+    loss_row[i] = w * sum;
+  }
+  return bad;
+}
+
+std::tuple<at::Tensor, at::Tensor> score_entropy_cpu(const at::Tensor& logscore, const at::Tensor& x_t,
+                                                     const at::Tensor& x0, const at::Tensor& h,
+                                                     const at::Tensor& sigma, const at::Tensor& lam,
+                                                     const at::Tensor& perm, const at::Tensor& perm_inv,
+                                                     bool with_grad) {
+  CtmcStructure s = ctmc_structure(lam, perm, perm_inv, at::kCPU);
+  TORCH_CHECK_VALUE(x_t.dim() == 2 && x_t.size(1) == s.L, "x_t: expected shape [B, L = ", s.L, "], got ",
+                    x_t.sizes());
+  const int64_t B = x_t.size(0), L = s.L, V = s.V;
+  check_ctmc_index(x_t, "x_t", {B, L}, at::kCPU);
+  check_ctmc_index(x0, "x0", {B, L}, at::kCPU);
+  check_ctmc_float(logscore, "logscore", {B, L, V}, lam);
+  check_ctmc_float(h, "h", {B}, lam);
+  check_ctmc_float(sigma, "sigma", {B}, lam);
+  at::Tensor xtc = x_t.contiguous(), x0c = x0.contiguous(), hc = h.contiguous(), sc = sigma.contiguous();
+  at::Tensor lsc = logscore.contiguous();
+  check_structure_cpu(s);
+  check_tokens_cpu(xtc, "x_t", V);
+  check_tokens_cpu(x0c, "x0", V);
+  check_times_cpu(hc, "h");
+  check_times_cpu(sc, "sigma");
+  at::Tensor loss_row = at::empty({B, L}, lam.options());
+  at::Tensor grad = with_grad ? at::empty({B, L, V}, lam.options()) : at::empty({0}, lam.options());
+  std::atomic<int64_t> bad{std::numeric_limits<int64_t>::max()};
+  AT_DISPATCH_FLOATING_TYPES(lam.scalar_type(), "score_entropy", [&] {
+    Tables<scalar_t> tb = build_tables<scalar_t>(s);
+    const scalar_t* lsp = lsc.const_data_ptr<scalar_t>();
+    const int64_t* xtp = xtc.const_data_ptr<int64_t>();
+    const int64_t* x0p = x0c.const_data_ptr<int64_t>();
+    const scalar_t* hp = hc.const_data_ptr<scalar_t>();
+    const scalar_t* sp = sc.const_data_ptr<scalar_t>();
+    scalar_t* lp = loss_row.data_ptr<scalar_t>();
+    at::parallel_for(0, B * L, row_grain(V), [&](int64_t lo, int64_t hi) {
+      int64_t first = with_grad ? score_entropy_span<scalar_t, true>(lsp, xtp, x0p, hp, sp, tb, lp,
+                                                                     grad.data_ptr<scalar_t>(), L, V, lo, hi)
+                                : score_entropy_span<scalar_t, false>(lsp, xtp, x0p, hp, sp, tb, lp, nullptr, L, V,
+                                                                      lo, hi);
+      if (first >= 0) {
+        int64_t cur = bad.load();
+        while (first < cur && !bad.compare_exchange_weak(cur, first)) {
+        }
+      }
+    });
+  });
+  const int64_t i = bad.load();
+  if (i != std::numeric_limits<int64_t>::max()) {
+    const int64_t b = i / L, l = i % L;
+    TORCH_CHECK_VALUE(false, "x_t: x_t[", b, ", ", l, "] = ", xtc[b][l].item<int64_t>(), " cannot be reached from x0 = ",
+                      x0c[b][l].item<int64_t>(), " in time h = ", hc[b].item<double>(),
+                      " (its rank is below x0's, or h·a underflows to 0): p(x_t | x0) = 0, so the score ratio is "
+                      "undefined; sample x_t from ctmc_transition_rows(x0, h, ...)");
+  }
+  return {loss_row.sum(1), grad};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(slimrate, CPU, m) {
+  m.impl("ctmc_transition_rows", &ctmc_transition_rows_cpu);
+  m.impl("ctmc_transition_rows_backward", &ctmc_transition_rows_backward_cpu);
+  m.impl("ctmc_rate_cols", &ctmc_rate_cols_cpu);
+  m.impl("score_entropy", &score_entropy_cpu);
+}
+
+}  // namespace slimrate

@@ -1,0 +1,333 @@
+"""The CTMC ops of the Discrete Markov Bridge (papers/dmb.md §2–3, §5): rows of exp(h·Q) and columns of Q for DMB's
+structured rate matrix, and the fused denoising score entropy, without ever forming a V×V matrix.
+
+Conventions (issue 7, as in DMB's code): row vectors, Q[x, y] is the rate x → y; per position l,
+``perm[l, y]`` is the rank of state y and ``perm_inv[l, j]`` the state at rank j (inverse permutations);
+``lam[l]`` is Λ in rank order, Λ_j = −Σ_{i≥j} a_i with rates a_i ≥ 0 (non-decreasing, last entry 0, the code's
+get_lambda).  Rank i moves to rank j > i at rate a_{j−1}; the last rank absorbs.  h = σ̄(t) is the total noise,
+sigma = σ(t) the noise rate.
+
+Closed forms (dmb.md §3, derived from Q = A·U·diag(Λ)·U⁻¹·A⁻¹, Lemma 4.3 / Prop. 5.1 of the DMB paper), with
+k0 = rank(x0), j = rank(y), E_j = exp(hΛ_j):  p(y|x0) = 0 (j < k0), E_{k0} (j = k0), E_j − E_{j−1} (j > k0);
+Q[y, x] with k = rank(x): a_{k−1} (j < k), Λ_k (j = k), 0 (j > k).
+
+Input checks: shapes, dtypes and devices here; token ranges, perm/perm_inv consistency, lam validity, h ≥ 0
+and sigma ≥ 0 in the compiled glue for the native backend (csrc/ctmc_inputs.h: one pass, no graph break under
+torch.compile) and in ``_check_data`` below for the Triton and reference backends.  All raise ValueError or
+TypeError naming the argument.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from slimrate.ops import reference
+from slimrate.ops.backend import backend_name, extension_available, pick_backend
+
+CTMC_DTYPES = (torch.float32, torch.float64)
+
+
+# ---- argument checks ----
+
+def _check_structure(lam, perm, perm_inv) -> tuple[int, int]:
+    if not isinstance(lam, torch.Tensor):
+        raise TypeError(f"lam: expected a torch.Tensor, got {type(lam).__name__}")
+    if lam.dtype not in CTMC_DTYPES:
+        raise TypeError(f"lam: expected float32 or float64, got {lam.dtype}")
+    if lam.dim() != 2 or lam.shape[1] == 0:
+        raise ValueError(f"lam: expected a [L, V] tensor with V > 0, got shape {tuple(lam.shape)}")
+    for name, t in (("perm", perm), ("perm_inv", perm_inv)):
+        _check_index(name, t, lam)
+        if t.shape != lam.shape:
+            raise ValueError(f"{name}: expected shape {tuple(lam.shape)} like lam, got {tuple(t.shape)}")
+    return lam.shape[0], lam.shape[1]
+
+
+def _check_index(name: str, t, lam: torch.Tensor) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+    if t.dtype != torch.int64:
+        raise TypeError(f"{name}: expected int64, got {t.dtype}; convert with .long()")
+    if t.device != lam.device:
+        raise ValueError(f"{name}: on {t.device} but lam is on {lam.device}; move one with .to(device)")
+
+
+def _check_tokens(name: str, x, lam: torch.Tensor, batch: int | None = None) -> int:
+    _check_index(name, x, lam)
+    L = lam.shape[0]
+    if x.dim() != 2 or x.shape[1] != L or (batch is not None and x.shape[0] != batch):
+        want = f"[{'B' if batch is None else batch}, L = {L}]"
+        raise ValueError(f"{name}: expected token ids of shape {want}, got {tuple(x.shape)}")
+    return x.shape[0]
+
+
+def _as_times(name: str, t, batch: int, lam: torch.Tensor) -> torch.Tensor:
+    """t as a [batch] tensor in lam's dtype: a Python number is broadcast, a tensor must match exactly."""
+    if isinstance(t, (int, float)) and not isinstance(t, bool):
+        return torch.full((batch,), float(t), dtype=lam.dtype, device=lam.device)
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name}: expected a [B] tensor or a Python number, got {type(t).__name__}")
+    if t.dtype != lam.dtype:
+        raise TypeError(f"{name}: expected {lam.dtype} like lam, got {t.dtype}")
+    if t.shape != (batch,) or t.device != lam.device:
+        raise ValueError(f"{name}: expected shape ({batch},) on {lam.device}, got {tuple(t.shape)} on {t.device}")
+    return t
+
+
+def _check_data(lam, perm, perm_inv, tokens: dict, times: dict) -> None:
+    """The glue's data checks (csrc/ctmc_inputs.h) for the backends without it: one synchronisation."""
+    L, V = lam.shape
+    checks: list[tuple[torch.Tensor, str]] = []
+    for name, x in tokens.items():
+        if x.numel():
+            checks.append((((x < 0) | (x >= V)).any(), f"{name}: a token id is not in [0, V = {V})"))
+    if L:
+        checks.append((((perm_inv < 0) | (perm_inv >= V)).any(), "perm_inv: an entry is not a state in [0, V)"))
+        ranks = torch.arange(V, device=lam.device).expand(L, V)
+        checks.append((perm.gather(1, perm_inv.clamp(0, V - 1)).ne(ranks).any(),
+                       "perm: perm[l, perm_inv[l, k]] != k somewhere; perm[l] and perm_inv[l] must be inverse "
+                       "permutations"))
+        checks.append((~torch.isfinite(lam).all(), "lam: an entry is not finite"))
+        checks.append(((lam[:, 1:] < lam[:, :-1]).any(),
+                       "lam: a row decreases (a negative rate a_i = lam[l, i+1] - lam[l, i]); build lam as "
+                       "Λ_k = −Σ_{i≥k} a_i from rates a_i ≥ 0"))
+        checks.append(((lam[:, -1] != 0).any(), "lam: expected lam[:, V-1] = 0 (the absorbing last rank)"))
+    for name, t in times.items():
+        if t.numel():
+            checks.append((((~torch.isfinite(t)) | (t < 0)).any(), f"{name}: expected finite values >= 0"))
+    if not checks:
+        return
+    flags = torch.stack([c for c, _ in checks]).tolist()
+    for bad, (_, message) in zip(flags, checks, strict=True):
+        if bad:
+            raise ValueError(message)
+
+
+def _check_reachable(x_t, x0, h, sigma, lam, perm) -> None:
+    """score_entropy's extra data check off the native backend: p(x_t | x0) > 0 wherever the weight is nonzero."""
+    B, L = x_t.shape
+    if B * L == 0:
+        return
+    k = perm.gather(1, x_t.t()).t()
+    k0 = perm.gather(1, x0.t()).t()
+    rate = lam.gather(1, k.t()).t() - lam.gather(1, (k - 1).clamp_min(0).t()).t()
+    weighted = (k > 0) & (sigma[:, None] * rate > 0)
+    bad = weighted & ((k < k0) | ((k > k0) & (h[:, None] * rate == 0)))
+    if bad.any():
+        b, pos = (int(i) for i in bad.nonzero()[0])
+        raise ValueError(f"x_t: x_t[{b}, {pos}] = {int(x_t[b, pos])} cannot be reached from x0 = {int(x0[b, pos])} in "
+                         f"time "
+                         f"h = {float(h[b])}: p(x_t | x0) = 0, so the score ratio is undefined; sample x_t from "
+                         "ctmc_transition_rows(x0, h, ...)")
+
+
+# ---- the ops ----
+
+def ctmc_lambda(a: torch.Tensor) -> torch.Tensor:
+    """Λ from the rates: a [L, V−1] (≥ 0, any float dtype) -> lam [L, V] with Λ_k = −Σ_{i≥k} a_i, Λ_{V−1} = 0
+    (DMB's get_lambda without its relu: concat 0 → negate → reverse cumsum).  Differentiable in a.
+
+    A parallel scan (CUDA's cumsum) may add in an order where rounding makes one partial sum smaller than the
+    previous; the running maximum restores the non-decreasing order every op checks (a no-op in exact arithmetic).
+    """
+    if not isinstance(a, torch.Tensor) or not a.is_floating_point() or a.dim() != 2:
+        raise TypeError(f"a: expected a float [L, V-1] tensor of rates, got {a!r:.80}")
+    if (a.detach() < 0).any():
+        raise ValueError("a: rates must be >= 0 (DMB applies relu to its parameters first)")
+    lam = -torch.cat([a, a.new_zeros(a.shape[0], 1)], 1).flip(1).cumsum(1).flip(1)
+    return torch.cummax(lam, dim=1).values
+
+
+def ctmc_transition_rows(x0: torch.Tensor, h: torch.Tensor | float, lam: torch.Tensor, perm: torch.Tensor,
+                         perm_inv: torch.Tensor, *, backend: str | None = None) -> torch.Tensor:
+    """p(· | x0) after time h: rows x0 of exp(h·Q) for DMB's structured Q, [B, L, V] in lam's dtype.
+
+    x0 [B, L] int64 token ids; h [B] (σ̄(t), ≥ 0, lam's dtype) or a number; lam [L, V] float32/float64;
+    perm, perm_inv [L, V] int64.  O(B·L·V), no V×V matrix.  Differentiable in lam and h (closed-form backward,
+    summation by parts: ∂/∂Λ_j = h·E_j·(G'_j − G'_{j+1}) over ranks j ≥ rank(x0)).
+    """
+    _check_structure(lam, perm, perm_inv)
+    B = _check_tokens("x0", x0, lam)
+    h = _as_times("h", h, B, lam)
+    name = backend_name(backend)
+    if name == "native":
+        return pick_backend("ctmc_transition_rows", name, lam.device)(x0, h, lam, perm, perm_inv)
+    _check_data(lam, perm, perm_inv, {"x0": x0}, {"h": h})
+    if name == "triton":
+        pick_backend("ctmc_transition_rows", name, lam.device)  # CUDA tensors, or the interpreter: else a ValueError saying so
+        return _TritonTransitionRows.apply(x0, h, lam, perm, perm_inv)
+    return reference.ctmc_transition_rows(x0, h, lam, perm, perm_inv)
+
+
+def ctmc_rate_cols(x: torch.Tensor, lam: torch.Tensor, perm: torch.Tensor, perm_inv: torch.Tensor, *,
+                   backend: str | None = None) -> torch.Tensor:
+    """Column x of Q, the rates into each x: out[b, l, y] = Q[y, x[b, l]], [B, L, V] in lam's dtype.
+
+    x [B, L] int64; lam, perm, perm_inv as in ctmc_transition_rows.  The diagonal entry (y = x) is Λ_{rank(x)} ≤ 0.
+    Differentiable in lam.
+    """
+    _check_structure(lam, perm, perm_inv)
+    _check_tokens("x", x, lam)
+    name = backend_name(backend)
+    if name == "native":
+        return pick_backend("ctmc_rate_cols", name, lam.device)(x, lam, perm, perm_inv)
+    _check_data(lam, perm, perm_inv, {"x": x}, {})
+    if name == "triton":
+        pick_backend("ctmc_rate_cols", name, lam.device)  # CUDA tensors, or the interpreter: else a ValueError saying so
+        return _TritonRateCols.apply(x, lam, perm, perm_inv)
+    return reference.ctmc_rate_cols(x, lam, perm, perm_inv)
+
+
+def score_entropy(logscore: torch.Tensor, x_t: torch.Tensor, x0: torch.Tensor, h: torch.Tensor | float,
+                  sigma: torch.Tensor | float, lam: torch.Tensor, perm: torch.Tensor, perm_inv: torch.Tensor, *,
+                  backend: str | None = None) -> torch.Tensor:
+    """Diffusion-weighted denoising score entropy per sequence, [B] in lam's dtype (nats; dmb.md §5, SEDD eq. 10):
+
+        Σ_l Σ_{y ≠ x_t} σ·Q[y, x_t]·(e^{s_y} − r_y·s_y + r_y(log r_y − 1)),   r_y = p(y|x0) / p(x_t|x0)
+
+    with s = logscore [B, L, V] (lam's dtype), x_t, x0 [B, L] int64, h = σ̄(t) and sigma = σ(t) [B] (≥ 0, or
+    numbers).  The constant is included: every term is ≥ 0 and 0 at s_y = log r_y.  logscore[..., x_t] does not
+    enter the loss (DMB's score scatter).  r is formed in log space, so it stays finite where p(·|x0) underflows.
+    Differentiable in logscore only (Q is frozen in score learning, as in DMB's code); the native and Triton
+    backends produce the gradient in the same pass as the loss.  x_t must be reachable from x0 wherever the
+    weight is nonzero (ValueError otherwise).
+    """
+    _check_structure(lam, perm, perm_inv)
+    B = _check_tokens("x_t", x_t, lam)
+    _check_tokens("x0", x0, lam, batch=B)
+    if not isinstance(logscore, torch.Tensor):
+        raise TypeError(f"logscore: expected a torch.Tensor, got {type(logscore).__name__}")
+    if logscore.dtype != lam.dtype:
+        raise TypeError(f"logscore: expected {lam.dtype} like lam, got {logscore.dtype}")
+    if logscore.shape != (B, *lam.shape) or logscore.device != lam.device:
+        raise ValueError(f"logscore: expected shape ({B}, {lam.shape[0]}, {lam.shape[1]}) on {lam.device}, got "
+                         f"{tuple(logscore.shape)} on {logscore.device}")
+    h = _as_times("h", h, B, lam)
+    sigma = _as_times("sigma", sigma, B, lam)
+    with_grad = torch.is_grad_enabled() and logscore.requires_grad
+    name = backend_name(backend)
+    if name == "native":
+        op = pick_backend("score_entropy", name, lam.device)
+        return op(logscore, x_t, x0, h, sigma, lam, perm, perm_inv, with_grad)[0]
+    _check_data(lam, perm, perm_inv, {"x_t": x_t, "x0": x0}, {"h": h, "sigma": sigma})
+    _check_reachable(x_t, x0, h, sigma, lam, perm)
+    if name == "triton":
+        pick_backend("score_entropy", name, lam.device)
+        return _TritonScoreEntropy.apply(logscore, x_t, x0, h, sigma, lam, perm, perm_inv, with_grad)[0]
+    # Q frozen on every backend: no gradient to lam, h or sigma (the native and Triton ops give none).
+    return reference.score_entropy(logscore, x_t, x0, h.detach(), sigma.detach(), lam.detach(), perm, perm_inv)
+
+
+# ---- autograd: one backward per op for the native and Triton kernels ----
+
+def _rows_setup(ctx, inputs, output) -> None:
+    x0, h, lam, perm, perm_inv = inputs
+    ctx.save_for_backward(x0, h, lam, perm, perm_inv)  # the output is recomputed, not saved
+
+
+def _rows_backward(ctx, grad: torch.Tensor, backward_kernel) -> tuple:
+    x0, h, lam, perm, perm_inv = ctx.saved_tensors
+    dlam, dh = backward_kernel(grad.contiguous(), x0, h, lam, perm, perm_inv)
+    need = ctx.needs_input_grad
+    return None, dh if need[1] else None, dlam if need[2] else None, None, None
+
+
+def _cols_setup(ctx, inputs, output) -> None:
+    x, lam, perm, perm_inv = inputs
+    ctx.save_for_backward(x, perm, perm_inv)
+    ctx.lam_shape = lam.shape
+
+
+def _cols_backward(ctx, grad: torch.Tensor) -> tuple:
+    """out[y] = a_{k−1} (rank j < k), Λ_k (j = k): ∂/∂Λ_k = Σ_{j≤k} G'_j, ∂/∂Λ_{k−1} = −Σ_{j<k} G'_j (k ≥ 1)."""
+    x, perm, perm_inv = ctx.saved_tensors
+    L, V = ctx.lam_shape
+    B = x.shape[0]
+    g_rank = grad.gather(-1, perm_inv.expand(B, L, V))  # G' in rank order
+    k = perm.gather(1, x.t()).t()  # [B, L]
+    below = (torch.arange(V, device=x.device) < k[..., None]).to(grad.dtype)
+    s_lt = (g_rank * below).sum(-1)
+    g_k = g_rank.gather(-1, k[..., None]).squeeze(-1)
+    row = torch.arange(L, device=x.device) * V
+    dlam = grad.new_zeros(L * V)
+    dlam.index_add_(0, (row + k).flatten(), (s_lt + g_k).flatten())
+    dlam.index_add_(0, (row + (k - 1).clamp_min(0)).flatten(), torch.where(k > 0, -s_lt, 0.0).flatten())
+    return None, dlam.view(L, V), None, None
+
+
+def _score_setup(ctx, inputs, output) -> None:
+    ctx.save_for_backward(output[1])  # d loss[b] / d logscore from the forward pass
+    ctx.with_grad = inputs[-1]
+    ctx.mark_non_differentiable(output[1])
+
+
+def _score_backward(ctx, grad_loss: torch.Tensor, _grad_of_grad) -> tuple:
+    if not ctx.with_grad:
+        raise RuntimeError("score_entropy: the op ran with with_grad=False, so it kept no gradient; call "
+                           "slimrate.ops.score_entropy, which sets it when logscore requires grad")
+    (g,) = ctx.saved_tensors
+    return (grad_loss[:, None, None] * g,) + (None,) * 8
+
+
+class _TritonTransitionRows(torch.autograd.Function):
+    @staticmethod
+    def forward(x0, h, lam, perm, perm_inv):
+        from slimrate.triton_kernels import ctmc_transition_rows_triton
+
+        return ctmc_transition_rows_triton(x0, h, lam, perm, perm_inv)
+
+    setup_context = staticmethod(_rows_setup)
+
+    @staticmethod
+    def backward(ctx, grad):
+        from slimrate.triton_kernels import ctmc_transition_rows_backward_triton
+
+        return _rows_backward(ctx, grad, ctmc_transition_rows_backward_triton)
+
+
+class _TritonRateCols(torch.autograd.Function):
+    @staticmethod
+    def forward(x, lam, perm, perm_inv):
+        from slimrate.triton_kernels import ctmc_rate_cols_triton
+
+        return ctmc_rate_cols_triton(x, lam, perm, perm_inv)
+
+    setup_context = staticmethod(_cols_setup)
+    backward = staticmethod(_cols_backward)
+
+
+class _TritonScoreEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(logscore, x_t, x0, h, sigma, lam, perm, perm_inv, with_grad):
+        from slimrate.triton_kernels import score_entropy_triton
+
+        return score_entropy_triton(logscore, x_t, x0, h, sigma, lam, perm, perm_inv, with_grad)
+
+    setup_context = staticmethod(_score_setup)
+    backward = staticmethod(_score_backward)
+
+
+if extension_available():
+    @torch.library.register_fake("slimrate::ctmc_transition_rows")
+    def _ctmc_transition_rows_fake(x0, h, lam, perm, perm_inv):
+        return lam.new_empty((x0.shape[0], lam.shape[0], lam.shape[1]))
+
+    @torch.library.register_fake("slimrate::ctmc_transition_rows_backward")
+    def _ctmc_transition_rows_backward_fake(grad, x0, h, lam, perm, perm_inv):
+        return lam.new_empty(lam.shape), lam.new_empty((x0.shape[0],))
+
+    @torch.library.register_fake("slimrate::ctmc_rate_cols")
+    def _ctmc_rate_cols_fake(x, lam, perm, perm_inv):
+        return lam.new_empty((x.shape[0], lam.shape[0], lam.shape[1]))
+
+    @torch.library.register_fake("slimrate::score_entropy")
+    def _score_entropy_fake(logscore, x_t, x0, h, sigma, lam, perm, perm_inv, with_grad):
+        grad = lam.new_empty(logscore.shape) if with_grad else lam.new_empty((0,))
+        return lam.new_empty((x_t.shape[0],)), grad
+
+    torch.library.register_autograd(
+        "slimrate::ctmc_transition_rows",
+        lambda ctx, grad: _rows_backward(ctx, grad, torch.ops.slimrate.ctmc_transition_rows_backward),
+        setup_context=_rows_setup)
+    torch.library.register_autograd("slimrate::ctmc_rate_cols", _cols_backward, setup_context=_cols_setup)
+    torch.library.register_autograd("slimrate::score_entropy", _score_backward, setup_context=_score_setup)
