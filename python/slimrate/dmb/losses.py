@@ -1,0 +1,77 @@
+"""DMB's two objectives (papers/dmb.md §4–5) and the sampling they need.
+
+- Score learning: the diffusion-weighted denoising score entropy (DWDSE, SEDD eq. 10 in row form) of
+  the score network at one random time per sequence, in nats per sequence.
+- Matrix learning: E_{x0∼μ} KL(p_{T|0}(·|x0) ‖ p̂_0·exp(σ̄(1)Q)), summed over positions.  The KL
+  factorises over positions and depends on x0 only through its per-position marginals, so it is computed
+  exactly from the training histogram μ̂ (the official code averages it over minibatches; same
+  expectation, no sampling noise).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from slimrate.dmb.noise import Noise
+
+# t ~ U(T_MIN, 1) in training: SEDD's sampling_eps (the DMB code uses 1e-10; papers/dmb.md §5).
+TRAIN_T_MIN = 1e-3
+# Probabilities are clamped here before a log: zeros in p_{T|0} are structural (ranks below x0's), and
+# clamping (instead of the official code's (p + ε)/Σ smoothing) keeps the KL and its gradient finite
+# without moving mass.
+PROB_FLOOR = 1e-30
+
+
+def sample_categorical(probs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """One draw per row of unnormalised non-negative ``probs`` (..., V) by the exponential race
+    argmax p_v / E_v, E_v ~ Exp(1) (SEDD catsample.py); a zero-probability state is never drawn."""
+    u = torch.rand(probs.shape, generator=generator, dtype=torch.float64, device=probs.device)
+    race = -torch.log1p(-u)  # Exp(1), finite since u < 1
+    return (probs.double() / race).argmax(-1)
+
+
+def sample_times(n: int, t_min: float, generator: torch.Generator | None = None) -> torch.Tensor:
+    """n times in (t_min, 1], float64: t = 1 − (1 − t_min)·U (never exactly t_min, where σ̄ may be 0)."""
+    return 1 - (1 - t_min) * torch.rand(n, generator=generator, dtype=torch.float64)
+
+
+def score_entropy_at(net, rates, noise: Noise, x0: torch.Tensor, t: torch.Tensor,
+                     generator: torch.Generator | None = None) -> torch.Tensor:
+    """DWDSE (B,) in nats per sequence at times t (B,): x_t ~ p_{t|0}(·|x0), logscore = net(x_t, σ̄(t))."""
+    h, sigma = noise.total(t), noise.rate(t)
+    with torch.no_grad():
+        x_t = sample_categorical(rates.transition_rows(x0, h), generator)
+    logscore = net(x_t, h.float())
+    return rates.score_entropy(logscore, x_t, x0, h.float(), sigma.float())
+
+
+def score_loss(net, rates, noise: Noise, x0: torch.Tensor, t_min: float = TRAIN_T_MIN) -> torch.Tensor:
+    """Score learning's loss: the batch mean of the DWDSE at one random t per sequence, nats/sequence."""
+    return score_entropy_at(net, rates, noise, x0, sample_times(x0.shape[0], t_min)).mean()
+
+
+def row_kl(rows: torch.Tensor, p_T: torch.Tensor) -> torch.Tensor:
+    """Σ_{l,y} rows·log(rows / p_T) for rows (..., L, V) against p_T (L, V): (...) nats."""
+    log_ratio = torch.log(rows.clamp_min(PROB_FLOOR)) - torch.log(p_T.clamp_min(PROB_FLOOR))
+    return (rows * log_ratio).sum(dim=(-2, -1))
+
+
+def prior_kl(rates, x0: torch.Tensor, p_T: torch.Tensor, h_T: float) -> torch.Tensor:
+    """KL(p_{T|0}(·|x0) ‖ p_T) per sequence (B,) in nats, summed over positions (the ELBO's prior term)."""
+    h = torch.full((x0.shape[0],), float(h_T), dtype=torch.float64)
+    return row_kl(rates.transition_rows(x0, h), p_T)
+
+
+def matrix_loss(rates, mu_hat: torch.Tensor, p0_hat: torch.Tensor, h_T: float) -> torch.Tensor:
+    """J_Q = E_{x0∼μ̂} KL(p_{T|0}(·|x0) ‖ p̂_0·exp(h_T·Q)) in nats per sequence (papers/dmb.md §4, eq. 5).
+
+    mu_hat, p0_hat (L, V).  Exact over μ̂: rows of every state v at every position, weighted by μ̂[l, v].
+    Gradients reach the rates through both the rows and the prediction, as in the official code.
+    """
+    L, V = mu_hat.shape
+    p_T = rates.push_forward(p0_hat, h_T)  # (L, V)
+    states = torch.arange(V).expand(L, V).t().contiguous()  # (V, L): row v holds state v everywhere
+    rows = rates.transition_rows(states, torch.full((V,), float(h_T), dtype=torch.float64))  # (V, L, V)
+    log_ratio = torch.log(rows.clamp_min(PROB_FLOOR)) - torch.log(p_T.clamp_min(PROB_FLOOR))
+    kl = (rows * log_ratio).sum(-1)  # (V, L)
+    return (mu_hat.t().double() * kl).sum()

@@ -1,0 +1,341 @@
+"""Training DMB and the SEDD baselines through the shared loop (``slimrate.train.train``).
+
+One run = score learning, the loop's steps (AdamW, UBA schedule, gradient clipping, checkpoint/resume,
+metrics JSONL + TensorBoard, progress bar), plus for DMB the alternating outer loop of
+papers/dmb.md §6 as a hook: every ``outer_every`` score steps, p̂_0 is re-estimated from samples of
+the EMA network and the rate matrix is trained for ``matrix_steps`` steps with the network frozen
+(one such phase also runs before the first score step).  The baselines keep Q fixed and
+p̂_0 = μ̂, the training histogram.  At the end, ``model.safetensors`` (EMA weights, rates, p̂_0) and
+``dmb.json`` (settings, data, final bound, SHA-256 of the weights) are written to ``out_dir``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import json
+import math
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save as save_safetensors
+from torch import nn
+
+from slimrate.dmb.baselines import AbsorbingRates, UniformRates
+from slimrate.dmb.data import TokenData, load_token_data
+from slimrate.dmb.elbo import elbo_bits
+from slimrate.dmb.losses import TRAIN_T_MIN, matrix_loss, score_loss
+from slimrate.dmb.model import ScoreNet, ScoreNetConfig
+from slimrate.dmb.noise import NOISE_SCHEDULES, make_noise, noise_from_dict
+from slimrate.dmb.rate_matrix import RATE_INITS, RateMatrix
+from slimrate.dmb.sampler import estimate_p0, reverse_sample
+from slimrate.files import write_bytes_atomic, write_text_atomic
+from slimrate.schedules import UBA
+from slimrate.train import TrainConfig, latest_checkpoint, train
+from slimrate.train.loop import CHECKPOINTS_DIR
+
+METHODS = ("dmb", "sedd-absorb", "sedd-uniform")
+MODEL_FILE, MANIFEST_FILE = "model.safetensors", "dmb.json"
+FORMAT, VERSION = "slimrate-dmb", 1
+# Evaluations draw their times and x_t from a generator with this seed: every evaluation of a run uses
+# the same times t (so do the methods), which keeps BPC-vs-steps curves free of time-sampling jitter.
+EVAL_SEED = 12345
+
+
+@dataclass
+class DMBConfig:
+    """Settings of one run.  data: "text8" (embedded corpus), "digits", a text file or a CIFAR-10 folder.
+    steps: score-learning steps (the budget).  seq_len: text only.  model: a ``MODEL_PRESETS`` name.
+    lr/weight_decay/grad_clip: AdamW for the network (DMB's code: 3e-4, 0.01, 1 at batch 512 and
+    92M parameters; 1e-3 here for nets of 10⁴–10⁵ parameters, not tuned), UBA schedule with ``phi``
+    after ``warmup_share`` of the steps.
+    ema: EMA decay, warmed up as min(ema, (1+n)/(10+n)) (the official code; it uses 0.9999 for millions
+    of steps).  DMB only: ``init`` of the rates; every ``outer_every`` steps p̂_0 from ``p0_samples``
+    sequences × ``p0_steps`` Euler steps, then ``matrix_steps`` of AdamW(``matrix_lr``,
+    ``matrix_weight_decay``) on the matrix loss (official code: 1e-3, 1e-2, clip 1).
+    eval_every: bound on ``eval_sequences`` × ``eval_samples`` times every k steps (0: at the end only).
+    scale_by_sigma: the network's σ̄-scaled output (``ScoreNetConfig``); None = the official codes' choice
+    (SEDD-absorb yes, DMB's example script and SEDD-uniform no)."""
+
+    out_dir: str
+    data: str = "text8"
+    method: str = "dmb"
+    steps: int = 2000
+    batch: int = 32
+    seq_len: int = 64
+    model: str = "small"
+    schedule: str = "loglinear"
+    lr: float = 1e-3
+    weight_decay: float = 0.01
+    grad_clip: float = 1.0
+    phi: float = 2.0
+    warmup_share: float = 0.05
+    ema: float = 0.999
+    init: str = "gather"
+    outer_every: int = 500
+    matrix_steps: int = 50
+    matrix_lr: float = 1e-3
+    matrix_weight_decay: float = 0.01
+    p0_samples: int = 32
+    p0_steps: int = 32
+    eval_every: int = 0
+    eval_sequences: int = 64
+    eval_samples: int = 4
+    checkpoint_every: int = 500
+    log_every: int = 50
+    seed: int = 0
+    resume: bool = False
+    progress: bool = True
+    scale_by_sigma: bool | None = None
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"method: expected one of {METHODS}, got {self.method!r}")
+        if self.schedule not in NOISE_SCHEDULES:
+            raise ValueError(f"schedule: expected one of {NOISE_SCHEDULES}, got {self.schedule!r}")
+        if self.init not in RATE_INITS:
+            raise ValueError(f"init: expected one of {RATE_INITS}, got {self.init!r}")
+        for name in ("steps", "batch", "seq_len", "outer_every", "matrix_steps", "p0_samples", "p0_steps",
+                     "eval_sequences", "log_every"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name}: expected an int >= 1, got {value!r}")
+        if self.eval_samples < 2:
+            raise ValueError(f"eval_samples: expected >= 2 (the standard error needs two), got {self.eval_samples}")
+        if not 0 <= self.ema < 1:
+            raise ValueError(f"ema: expected a decay in [0, 1), got {self.ema!r}")
+
+
+class EMA:
+    """Exponential moving average of a module's parameters, a training-loop hook (state in checkpoints)."""
+
+    def __init__(self, module: nn.Module, decay: float) -> None:
+        self.params = [p for p in module.parameters()]
+        self.shadow = [p.detach().clone() for p in self.params]
+        self.decay, self.updates = decay, 0
+
+    def after_step(self, step: int) -> None:
+        self.updates += 1
+        d = min(self.decay, (1 + self.updates) / (10 + self.updates))
+        with torch.no_grad():
+            for s, p in zip(self.shadow, self.params, strict=True):
+                s.lerp_(p.detach(), 1 - d)
+
+    @contextlib.contextmanager
+    def applied(self):
+        """Swap the EMA weights in for the duration of the block."""
+        saved = [p.detach().clone() for p in self.params]
+        with torch.no_grad():
+            for p, s in zip(self.params, self.shadow, strict=True):
+                p.copy_(s)
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for p, s in zip(self.params, saved, strict=True):
+                    p.copy_(s)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"updates": self.updates, "shadow": list(self.shadow)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.updates = int(state["updates"])
+        for s, saved in zip(self.shadow, state["shadow"], strict=True):
+            s.copy_(saved)
+
+
+class DMBModel(nn.Module):
+    """The score network, the forward process and p̂_0 (L, V) in one module (so one checkpoint holds all).
+    ``forward(x0)`` is score learning's loss, nats per sequence averaged over the batch."""
+
+    def __init__(self, net: ScoreNet, rates: nn.Module, p0_hat: torch.Tensor, noise) -> None:
+        super().__init__()
+        self.net, self.rates, self.noise = net, rates, noise
+        self.register_buffer("p0_hat", p0_hat.double().clone())
+
+    def forward(self, x0: torch.Tensor) -> torch.Tensor:
+        return score_loss(self.net, self.rates, self.noise, x0, TRAIN_T_MIN)
+
+    @property
+    def total_noise_T(self) -> float:
+        return float(self.noise.total(torch.tensor(1.0, dtype=torch.float64)))
+
+    def prior(self) -> torch.Tensor:
+        """p_T = p̂_0·exp(σ̄(1)·Q), (L, V)."""
+        return self.rates.push_forward(self.p0_hat, self.total_noise_T)
+
+
+def build_model(config: DMBConfig, data: TokenData) -> DMBModel:
+    """Network, forward process and p̂_0 for ``config.method`` on ``data``, freshly initialised."""
+    noise = make_noise(config.schedule)
+    mu_hat = data.histogram()
+    h_T = float(noise.total(torch.tensor(1.0, dtype=torch.float64)))
+    if config.method == "dmb":
+        rates = RateMatrix.from_data(mu_hat, config.init, h_T=h_T)
+        p0 = mu_hat
+    elif config.method == "sedd-absorb":
+        rates = AbsorbingRates(data.vocab_size, data.seq_len)
+        p0 = torch.cat([mu_hat, torch.zeros(data.seq_len, 1, dtype=torch.float64)], dim=1)  # [MASK] never data
+    else:
+        rates = UniformRates(data.vocab_size, data.seq_len)
+        p0 = mu_hat
+    scale = config.method == "sedd-absorb" if config.scale_by_sigma is None else config.scale_by_sigma
+    net_config = ScoreNetConfig.preset(config.model, rates.vocab_size, data.seq_len, scale_by_sigma=scale)
+    torch.manual_seed(config.seed)
+    return DMBModel(ScoreNet(net_config), rates, p0, noise)
+
+
+class OuterLoop:
+    """DMB's alternation as a hook: after every ``outer_every``-th score step, re-estimate p̂_0 with the EMA
+    network, then train the rates (``matrix_phase``); its optimizer state is checkpointed."""
+
+    def __init__(self, model: DMBModel, ema: EMA, data: TokenData, config: DMBConfig) -> None:
+        self.model, self.ema, self.data, self.config = model, ema, data, config
+        self.mu_hat = data.histogram()
+        self.optimizer = torch.optim.AdamW([model.rates.raw], lr=config.matrix_lr,
+                                           weight_decay=config.matrix_weight_decay)
+        self.last_kl = math.nan
+
+    def matrix_phase(self) -> float:
+        """``matrix_steps`` AdamW steps on the matrix loss (network untouched); returns the last loss."""
+        raw = self.model.rates.raw
+        for _ in range(self.config.matrix_steps):
+            loss = matrix_loss(self.model.rates, self.mu_hat, self.model.p0_hat, self.model.total_noise_T)
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            nn.utils.clip_grad_norm_([raw], 1.0)  # the official code's clip
+            self.optimizer.step()
+        raw.grad = None  # keep the loop's gradient clipping of the network free of a stale rate gradient
+        self.last_kl = loss.item()
+        return self.last_kl
+
+    @torch.no_grad()
+    def estimate_p0(self) -> None:
+        net = self.model.net
+        was_training = net.training
+        net.eval()
+        try:
+            with self.ema.applied():
+                result = reverse_sample(net, self.model.rates, self.model.noise, self.model.prior(),
+                                        self.config.p0_samples, self.config.p0_steps)
+        finally:
+            net.train(was_training)
+        self.model.p0_hat.copy_(estimate_p0(result.last_probs, self.data.shared_positions))
+
+    def after_step(self, step: int) -> None:
+        done = step + 1
+        if done % self.config.outer_every == 0 and done < self.config.steps:
+            self.estimate_p0()
+            self.matrix_phase()
+
+    def metrics(self) -> dict[str, float]:
+        return {"matrix_kl": self.last_kl}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"optimizer": self.optimizer.state_dict(), "last_kl": self.last_kl}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.last_kl = float(state["last_kl"])
+
+
+class BoundEvaluator:
+    """The loop's ``evaluate``: the bound on fixed evaluation sequences with the EMA weights."""
+
+    def __init__(self, ema: EMA, x_eval: torch.Tensor, samples: int) -> None:
+        self.ema, self.x_eval, self.samples = ema, x_eval, samples
+
+    def __call__(self, model: DMBModel) -> dict[str, float]:
+        with self.ema.applied():
+            result = bound_of(model, self.x_eval, self.samples, EVAL_SEED)
+        return {"bits_per_token": result.bits_per_token, "bits_per_token_se": result.standard_error,
+                "score_bits": result.score_bits, "prior_bits": result.prior_bits}
+
+
+def bound_of(model: DMBModel, x_eval: torch.Tensor, samples: int, seed: int):
+    """``elbo_bits`` of ``model`` (current weights) on x_eval with a generator seeded by ``seed``."""
+    generator = torch.Generator().manual_seed(seed)
+    return elbo_bits(model.net, model.rates, model.noise, model.prior(), x_eval, samples=samples,
+                     generator=generator)
+
+
+def train_dmb(config: DMBConfig) -> dict[str, Any]:
+    """Train one run (module docstring); returns the manifest written to ``out_dir/dmb.json``."""
+    if config.method == "dmb" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ValueError("method: DMB's outer loop (p̂_0 sampling, matrix learning) runs in one process; run it "
+                         "without torchrun, or train a baseline (sedd-absorb, sedd-uniform) under torchrun")
+    data = load_token_data(config.data, config.seq_len)
+    model = build_model(config, data)
+    out = Path(config.out_dir)
+    ema = EMA(model.net, config.ema)
+    hooks: list[Any] = [ema]
+    if config.method == "dmb":
+        outer = OuterLoop(model, ema, data, config)
+        hooks.append(outer)
+        if latest_checkpoint(out / CHECKPOINTS_DIR) is None:  # a fresh run: matrix learning comes first
+            outer.matrix_phase()
+    optimizer = torch.optim.AdamW(model.net.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    scheduler = UBA(optimizer, config.steps, phi=config.phi, warmup_steps=int(config.warmup_share * config.steps))
+    x_eval = data.eval_subset(config.eval_sequences)
+    loop_config = TrainConfig(steps=config.steps, out_dir=str(out), eval_every=config.eval_every,
+                              log_every=config.log_every, checkpoint_every=config.checkpoint_every,
+                              resume=config.resume, max_grad_norm=config.grad_clip, seed=config.seed,
+                              progress=config.progress, desc=f"dmb {config.method}")
+    result = train(model, optimizer, lambda m, x0: m(x0), data.batch_fn(config.batch, config.seed), loop_config,
+                   scheduler=scheduler, evaluate=BoundEvaluator(ema, x_eval, config.eval_samples), hooks=hooks)
+    with ema.applied():
+        return save_model(out, model, config, data, result.eval)
+
+
+def save_model(out: Path, model: DMBModel, config: DMBConfig, data: TokenData, final: dict) -> dict[str, Any]:
+    """Write model.safetensors (the module's current state) and dmb.json atomically; returns the manifest."""
+    state = {name: t.detach().contiguous() for name, t in model.state_dict().items()}
+    payload = save_safetensors(state, metadata={"format": FORMAT})
+    write_bytes_atomic(out / MODEL_FILE, payload)
+    manifest = {"format": FORMAT, "version": VERSION, "sha256": hashlib.sha256(payload).hexdigest(),
+                "config": asdict(config), "net": asdict(model.net.cfg), "noise": model.noise.to_dict(),
+                "data": {"name": data.name, "vocab_size": data.vocab_size, "seq_len": data.seq_len,
+                         "image_shape": data.image_shape},
+                "parameters": sum(p.numel() for p in model.net.parameters()), "final_eval": final}
+    write_text_atomic(out / MANIFEST_FILE, json.dumps(manifest, indent=1) + "\n")
+    return manifest
+
+
+def load_model(directory: str | Path) -> tuple[DMBModel, DMBConfig, dict[str, Any]]:
+    """The trained model of a run folder (checked against its manifest), its config and manifest."""
+    directory = Path(directory)
+    manifest_path, model_path = directory / MANIFEST_FILE, directory / MODEL_FILE
+    if not manifest_path.is_file() or not model_path.is_file():
+        raise FileNotFoundError(f"{directory}: expected {MANIFEST_FILE} and {MODEL_FILE} from a finished "
+                                "`slimrate dmb train --out DIR` run")
+    manifest = json.loads(manifest_path.read_text())
+    if manifest.get("format") != FORMAT or manifest.get("version") != VERSION:
+        raise ValueError(f"{manifest_path}: expected format {FORMAT!r} version {VERSION}, got "
+                         f"{manifest.get('format')!r} version {manifest.get('version')!r}")
+    payload = model_path.read_bytes()
+    if hashlib.sha256(payload).hexdigest() != manifest["sha256"]:
+        raise ValueError(f"{model_path}: SHA-256 does not match {MANIFEST_FILE}; the file is corrupt or was "
+                         "replaced")
+    unknown = set(manifest["config"]) - {f.name for f in dataclasses.fields(DMBConfig)}
+    if unknown:
+        raise ValueError(f"{manifest_path}: settings {sorted(unknown)} are unknown to this slimrate; the run was "
+                         "written by another version")
+    config = DMBConfig(**{**manifest["config"], "resume": False})
+    noise = noise_from_dict(manifest["noise"])
+    state = load_safetensors(payload)
+    V, L = manifest["net"]["vocab_size"], manifest["net"]["seq_len"]
+    if config.method == "dmb":
+        rates = RateMatrix(state["rates.perm"], torch.relu(state["rates.raw"]))
+    elif config.method == "sedd-absorb":
+        rates = AbsorbingRates(V - 1, L)
+    else:
+        rates = UniformRates(V, L)
+    model = DMBModel(ScoreNet(ScoreNetConfig(**manifest["net"])), rates, state["p0_hat"], noise)
+    model.load_state_dict(state)
+    model.eval()
+    return model, config, manifest

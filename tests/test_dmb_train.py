@@ -1,0 +1,166 @@
+"""DMB end to end: training through the shared loop and its resume, the CLI (train, eval, sample), the
+data loaders (text files, digits, CIFAR-10 pickles) and the quick study."""
+
+import json
+import pickle
+
+import numpy as np
+import pytest
+import torch
+
+from slimrate.cli import main
+from slimrate.dmb import DMBConfig, TokenData, load_model, load_token_data, read_cifar10_batch, train_dmb
+from slimrate.train import list_checkpoints
+
+TINY = {"model": "tiny", "seq_len": 16, "batch": 8, "eval_sequences": 4, "eval_samples": 2, "p0_samples": 4,
+        "p0_steps": 3, "matrix_steps": 2, "log_every": 1, "progress": False}
+
+
+class Crash(Exception):
+    pass
+
+
+@pytest.mark.parametrize("method", ["dmb", "sedd-absorb"])
+def test_train_resumes_bit_identically_after_a_crash(tmp_path, monkeypatch, method):
+    """6 steps, DMB's outer loop every 2, a checkpoint every 3.  A run that crashes at step 4 and is resumed
+    must end with the same weights, rates, p̂_0 and bound as the uninterrupted run."""
+    torch.set_num_threads(1)  # bit-identical resume needs a fixed thread count (slimrate.train.loop)
+    config = dict(method=method, steps=6, outer_every=2, checkpoint_every=3, **TINY)
+    train_dmb(DMBConfig(out_dir=str(tmp_path / "full"), **config))
+    expected, manifest = load_model(tmp_path / "full")[0].state_dict(), json.loads(
+        (tmp_path / "full" / "dmb.json").read_text())
+
+    batch_fn = TokenData.batch_fn
+
+    def crashing_batch_fn(self, batch, seed):
+        get_batch = batch_fn(self, batch, seed)
+
+        def get(step, rank, world_size):
+            if step == 4:
+                raise Crash
+            return get_batch(step, rank, world_size)
+        return get
+
+    monkeypatch.setattr(TokenData, "batch_fn", crashing_batch_fn)
+    with pytest.raises(Crash):
+        train_dmb(DMBConfig(out_dir=str(tmp_path / "part"), **config))
+    assert [step for step, _ in list_checkpoints(tmp_path / "part" / "checkpoints")] == [3]
+    monkeypatch.setattr(TokenData, "batch_fn", batch_fn)
+    with pytest.raises(ValueError, match="resume=True"):
+        train_dmb(DMBConfig(out_dir=str(tmp_path / "part"), **config))
+    resumed = train_dmb(DMBConfig(out_dir=str(tmp_path / "part"), resume=True, **config))
+    got = load_model(tmp_path / "part")[0].state_dict()
+    for name, tensor in expected.items():
+        assert torch.equal(tensor, got[name]), name
+    assert resumed["final_eval"] == manifest["final_eval"]
+
+
+def test_cli_trains_evaluates_and_samples_text(tmp_path, capsys):
+    corpus = tmp_path / "text8"
+    corpus.write_text("the quick brown fox jumps over the lazy dog " * 40)
+    out = tmp_path / "run"
+    assert main(["dmb", "train", "--data", str(corpus), "--budget", "3", "--out", str(out), "--model", "tiny",
+                 "--seq-len", "16", "--batch", "4", "--method", "sedd-uniform", "--no-progress"]) == 0
+    assert "bits/token after 3 steps" in capsys.readouterr().out
+    assert (out / "metrics.jsonl").is_file() and (out / "model.safetensors").is_file()
+    assert main(["dmb", "eval", str(out), "--sequences", "4", "--samples", "2"]) == 0
+    line = capsys.readouterr().out
+    assert "bound" in line and "±" in line and "4 sequences × 2 times" in line and "bits per character" in line
+    assert main(["dmb", "sample", str(out), "-n", "3", "--steps", "4"]) == 0
+    samples = capsys.readouterr().out.splitlines()
+    assert len(samples) == 3 and all(len(s) == 16 and set(s) <= set(" abcdefghijklmnopqrstuvwxyz") for s in samples)
+
+
+def test_cli_samples_digits_as_a_png_grid(tmp_path, capsys):
+    out = tmp_path / "digits"
+    assert main(["dmb", "train", "--data", "digits", "--budget", "2", "--out", str(out), "--model", "tiny",
+                 "--batch", "4", "--method", "sedd-absorb", "--no-progress"]) == 0
+    assert main(["dmb", "sample", str(out), "-n", "4", "--steps", "3", "--sampler", "analytic"]) == 0
+    assert "samples.png" in capsys.readouterr().out
+    assert (out / "samples.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["dmb", "train", "--data", "/nonexistent/text8", "--budget", "2", "--out", "x"], "no such file or folder"),
+    (["dmb", "eval", "/nonexistent/run"], "no dmb.json here"),
+    (["dmb", "sample", "/nonexistent/run"], "no dmb.json here"),
+    (["dmb", "train", "--data", "digits", "--budget", "0", "--out", "x"], "expected an integer > 0"),
+    (["dmb", "train", "--data", "digits", "--budget", "2", "--out", "x", "--method", "d3pm"], "invalid choice"),
+])
+def test_cli_rejects_bad_inputs(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_cli_rejects_one_sample_per_window(tmp_path, capsys):
+    (tmp_path / "dmb.json").write_text("{}")
+    with pytest.raises(SystemExit):
+        main(["dmb", "eval", str(tmp_path), "--samples", "1"])
+    assert "--samples: expected >= 2" in capsys.readouterr().err
+
+
+def test_load_model_rejects_a_corrupt_weights_file(tmp_path):
+    train_dmb(DMBConfig(out_dir=str(tmp_path), method="sedd-uniform", steps=1, **TINY))
+    weights = tmp_path / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match="SHA-256 does not match"):
+        load_model(tmp_path)
+
+
+def write_cifar_batch(path, n, seed):
+    """A file in the CIFAR-10 python format: a pickled dict with b'data' (n, 3072) uint8 and b'labels'."""
+    rng = np.random.default_rng(seed)
+    batch = {b"batch_label": b"test", b"labels": rng.integers(0, 10, n).tolist(),
+             b"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8), b"filenames": [b"x.png"] * n}
+    path.write_bytes(pickle.dumps(batch, protocol=2))
+    return batch[b"data"]
+
+
+def test_cifar10_batches_load_as_pixel_tokens(tmp_path):
+    train = write_cifar_batch(tmp_path / "data_batch_1", 5, 0)
+    test = write_cifar_batch(tmp_path / "test_batch", 3, 1)
+    data = load_token_data(str(tmp_path))
+    assert (data.vocab_size, data.seq_len, data.image_shape) == (256, 3072, (3, 32, 32))
+    assert torch.equal(data.train, torch.from_numpy(train)) and torch.equal(data.eval, torch.from_numpy(test).long())
+    assert data.histogram().shape == (3072, 256)
+
+
+def test_cifar10_reader_refuses_pickles_that_load_other_globals(tmp_path):
+    class Payload:
+        def __reduce__(self):
+            return (print, ("this must never run",))
+
+    path = tmp_path / "data_batch_1"
+    path.write_bytes(pickle.dumps({b"data": Payload()}, protocol=2))
+    with pytest.raises(pickle.UnpicklingError, match=r"refusing to load global (__builtin__|builtins)\.print"):
+        read_cifar10_batch(path)
+
+
+def test_data_loaders_report_missing_paths_and_short_texts(tmp_path):
+    with pytest.raises(FileNotFoundError, match="neither 'text8', 'digits'"):
+        load_token_data(str(tmp_path / "missing.txt"))
+    with pytest.raises(FileNotFoundError, match="no CIFAR-10 python batches"):
+        load_token_data(str(tmp_path))
+    short = tmp_path / "short.txt"
+    short.write_text("too short")
+    with pytest.raises(ValueError, match="too short for seq_len=64"):
+        load_token_data(str(short), 64)
+
+
+def test_quick_dmb_study_writes_table_plot_and_curves(tmp_path, capsys):
+    assert main(["study", "dmb", "--quick", "-o", str(tmp_path)]) == 0
+    payload = json.loads((tmp_path / "dmb.json").read_text())
+    rows = payload["rows"]
+    assert [(r["method"], r["scale_by_sigma"]) for r in rows] == [("dmb", False), ("dmb", True), ("sedd-absorb", True),
+                                                                  ("sedd-uniform", False)]
+    for row in rows:
+        assert row["bpc"] > 0 and row["se"] > 0 and [p["step"] for p in row["curve"]] == [3, 6]
+    table = (tmp_path / "dmb.md").read_text()
+    assert "| dmb | no |" in table and "| sedd-absorb | yes |" in table and "Does the learned Q help" in table
+    assert table.count(" SE), ") >= 2
+    assert (tmp_path / "dmb.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "wrote" in capsys.readouterr().out
