@@ -24,6 +24,8 @@ bench: $(BUILD_STAMP)
 	$(VPY) bench/sparse_report.py bench/results/sparse.json bench/results/sparse.md
 	$(VPY) -m pytest bench/bench_sparse_e2e.py --benchmark-only --benchmark-json bench/results/sparse_e2e.json
 	$(VPY) bench/summarize.py bench/results/sparse_e2e.json bench/results/sparse_e2e.md
+	$(VPY) -m pytest bench/bench_nf4.py --benchmark-only --benchmark-json bench/results/nf4.json
+	$(VPY) bench/nf4_report.py bench/results/nf4.json bench/results/nf4.md
 
 build: $(BUILD_STAMP)
 

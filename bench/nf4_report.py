@@ -18,6 +18,28 @@ from summarize import fmt_time, header
 
 TARGET_VS_PEFT = {1: 3.0, 16: 3.0, 512: 1.2}
 
+NOTES = """How to read this.  Regenerate with
+`OMP_NUM_THREADS=1 .venv/bin/python -m pytest bench/bench_nf4.py --benchmark-only --benchmark-json
+bench/results/nf4.json`, then `.venv/bin/python bench/nf4_report.py bench/results/nf4.json bench/results/nf4.md`.
+
+- One thread for every row.  The development machine's 2 cores are shared with other jobs (load average
+  above); with 2 threads, every OpenMP barrier waits on whichever thread the scheduler has parked, and medians
+  moved by 2-5× from run to run.  One thread compares the kernels, not the scheduler.
+- bnb-peft is what a QLoRA user runs on a CPU today (peft LoRA around bitsandbytes Linear4bit, train mode),
+  bnb-dequant is unsloth's approach (dequantize W once, keep it for the backward), slimrate the fused op.
+  All three compute the same layer: each row's output is checked against bnb-peft before timing.
+- Few tokens are bound by reading W: slimrate reads the 0.5 byte per weight of packed W and decodes it in
+  registers/L1, the others write and read a float copy of W (and bnb-peft dequantizes it twice).  At 512
+  tokens both sides run the same two GEMMs (x·Wᵀ and g·W); slimrate saves the dequantized copies and their
+  page faults, and multiplies bfloat16 activations in bfloat16 (as bitsandbytes does) with float32
+  accumulation.  In float32 at 512 tokens the margin is the dequantization alone, so that cell moves most
+  between runs (11008×4096: 1.13× and 1.28× over bnb-peft in two runs of this code).
+- nf4_dequantize rows allocate a fresh output per call, as both APIs do: for W of 32-180 MB the page faults
+  of that allocation dominate (about 0.7 ms per MB here).  With warm memory (1024×4096, repeated runs):
+  float32 0.4-0.7 ms against bitsandbytes' 0.6-1.5 ms, float16 0.4 against 0.55 ms, bfloat16 0.65 against
+  0.57 ms (slimrate rounds to bfloat16 with integer AVX-512 instructions, not AVX512-BF16's conversion).
+"""
+
 
 def layer_table(benchmarks: list[dict]) -> list[str]:
     cells: dict = {}
@@ -68,7 +90,7 @@ def main() -> None:
     parser.add_argument("md_path", type=Path)
     args = parser.parse_args()
     data = json.loads(args.json_path.read_text())
-    text = "\n".join(header(data) + layer_table(data["benchmarks"]) + dequant_table(data["benchmarks"]))
+    text = "\n".join(header(data) + [NOTES] + layer_table(data["benchmarks"]) + dequant_table(data["benchmarks"]))
     tmp = args.md_path.with_suffix(args.md_path.suffix + ".tmp")
     tmp.write_text(text)
     tmp.replace(args.md_path)
