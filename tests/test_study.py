@@ -86,17 +86,3 @@ def test_nncodec_adapter_codes_each_tensor_at_the_nearest_step():
     assert uniform["max_abs_error"] <= result["step"] / 2 * (1 + 1e-6)  # round to nearest, float32 slack
     assert dq["total_bytes"] > 0 and dq["max_abs_error"] > 0
     assert {n: t.shape for n, t in dq_decoded.items()} == {n: w.shape for n, w in weights.items()}
-
-
-def test_global_magnitude_pruning_zeroes_the_smallest_share():
-    import torch
-
-    from slimrate.studies.backslash import prune_
-
-    weights = [torch.randn(40, 30), torch.randn(17, 5) * 3]
-    flat = torch.cat([w.abs().flatten() for w in weights])
-    k = int(0.7 * flat.numel())
-    expected_kept = (flat > flat.sort().values[k - 1]).sum()
-    prune_(weights, 0.7)
-    zeros = sum(int((w == 0).sum()) for w in weights)
-    assert zeros == k and sum(int((w != 0).sum()) for w in weights) == expected_kept

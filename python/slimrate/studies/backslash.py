@@ -33,6 +33,7 @@ from tqdm import tqdm
 from slimrate.backslash import RateConstraint
 from slimrate.backslash.metrics import slim_weight_bits, symbol_entropy_bits
 from slimrate.ops import quantize
+from slimrate.sparse import prune_
 from slimrate.studies.output import figure_png, write_study_files
 from slimrate.studies.schedules import PRIMARY, TASKS, StudyConfig
 from slimrate.train import TrainConfig, train
@@ -97,18 +98,6 @@ def general_coder_bits(symbols: torch.Tensor) -> dict[str, float]:
             "lzma": 8 * len(lzma.compress(raw, preset=6)) / n}
 
 
-def prune_(weights: list[torch.Tensor], rate: float) -> None:
-    """Global magnitude pruning in place: zero the ``rate`` share of smallest |θ| over all weights."""
-    if rate <= 0:
-        return
-    flat = torch.cat([w.detach().abs().flatten() for w in weights])
-    k = int(rate * flat.numel())
-    threshold = flat.kthvalue(max(k, 1)).values
-    with torch.no_grad():
-        for w in weights:
-            w.masked_fill_(w.abs() <= threshold, 0.0)
-
-
 def fresh_model(cfg: BackslashStudyConfig, task_name: str, state_dict: dict[str, torch.Tensor]) -> nn.Module:
     """The task's model in eval mode holding ``state_dict``."""
     model = TASKS[task_name](cfg.tasks_config, cfg.seed).model
@@ -142,7 +131,7 @@ def run_one(cfg: BackslashStudyConfig, task_name: str, lam: float) -> tuple[dict
     curve = {}
     for rate in cfg.prune_rates:
         pruned = fresh_model(cfg, task_name, model.state_dict())
-        prune_(list(weight_matrices(pruned).values()), rate)
+        prune_(pruned, rate, include=lambda name, p: p.dim() >= 2)  # the weight matrices, globally
         curve[str(rate)] = task.metrics(pruned)[metric]
     row["pruning"] = curve
     return row, {k: v.detach().clone() for k, v in model.state_dict().items()}
