@@ -61,14 +61,23 @@ inline CtmcStructure ctmc_structure(const at::Tensor& lam, const at::Tensor& per
 
 // ---- data checks on the CPU: one pass each, the first bad entry named ----
 
+// Branch-free passes (they run on every call); the first bad entry is searched for only on failure.
 inline void check_structure_cpu(const CtmcStructure& s) {
   const int64_t L = s.L, V = s.V;
   const int64_t* perm = s.perm.const_data_ptr<int64_t>();
   const int64_t* inv = s.perm_inv.const_data_ptr<int64_t>();
+  int64_t bad = 0;
   for (int64_t l = 0; l < L; ++l) {
     for (int64_t k = 0; k < V; ++k) {
-      int64_t y = inv[l * V + k];
       // perm[perm_inv[k]] = k for every k makes perm_inv injective, so both are permutations of [0, V).
+      const int64_t y = inv[l * V + k];
+      const int64_t out = static_cast<int64_t>(static_cast<uint64_t>(y) >= static_cast<uint64_t>(V));
+      bad |= out | static_cast<int64_t>(perm[l * V + (out ? 0 : y)] != k);
+    }
+  }
+  for (int64_t l = 0; bad != 0 && l < L; ++l) {
+    for (int64_t k = 0; k < V; ++k) {
+      const int64_t y = inv[l * V + k];
       TORCH_CHECK_VALUE(y >= 0 && y < V, "perm_inv: entry [", l, ", ", k, "] = ", y, " is not a state in [0, ", V,
                         "); perm_inv[l] must be the inverse permutation of perm[l]");
       TORCH_CHECK_VALUE(perm[l * V + y] == k, "perm: perm[", l, ", perm_inv[", l, ", ", k, "]] = ", perm[l * V + y],
@@ -77,10 +86,18 @@ inline void check_structure_cpu(const CtmcStructure& s) {
   }
   AT_DISPATCH_FLOATING_TYPES(s.lam.scalar_type(), "ctmc lam check", [&] {
     const scalar_t* lam = s.lam.const_data_ptr<scalar_t>();
+    int64_t bad_lam = 0;
     for (int64_t l = 0; l < L; ++l) {
       const scalar_t* row = lam + l * V;
+      // !(a <= b) also catches NaN; a finite last entry 0 and a non-decreasing row bound every entry.
       for (int64_t j = 0; j + 1 < V; ++j) {
-        // !(a <= b) also catches NaN; a finite last entry 0 and a non-decreasing row bound every entry.
+        bad_lam |= static_cast<int64_t>(!(row[j] <= row[j + 1]) || !std::isfinite(row[j]));
+      }
+      bad_lam |= static_cast<int64_t>(row[V - 1] != 0);
+    }
+    for (int64_t l = 0; bad_lam != 0 && l < L; ++l) {
+      const scalar_t* row = lam + l * V;
+      for (int64_t j = 0; j + 1 < V; ++j) {
         TORCH_CHECK_VALUE(std::isfinite(row[j]) && row[j] <= row[j + 1], "lam: row ", l, " is not a valid Λ: lam[",
                           l, ", ", j, "] = ", row[j], " > lam[", l, ", ", j + 1, "] = ", row[j + 1],
                           " means a negative rate a_", j, " (or a non-finite entry); build lam as "
@@ -140,7 +157,8 @@ struct DeviceCheck {
   }
   void add_tokens(const at::Tensor& x, const char* what, int64_t V) {
     if (x.numel() == 0) return;
-    add(x.lt(0).logical_or(x.ge(V)).any(), std::string(what) + ": a token id is not in [0, V = " + std::to_string(V) + ")");
+    add(x.lt(0).logical_or(x.ge(V)).any(),
+        std::string(what) + ": a token id is not in [0, V = " + std::to_string(V) + ")");
   }
   void add_times(const at::Tensor& t, const char* what) {
     if (t.numel() == 0) return;

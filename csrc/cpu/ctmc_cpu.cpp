@@ -1,12 +1,14 @@
 // CPU kernels of the CTMC ops (schemas in csrc/ops.cpp; closed forms in csrc/kernels/ctmc.h).
 //
-// Forward passes run over the B·L rows with at::parallel_for, each row vectorised over its V states in state
-// order, so every output row is written contiguously.  They read per-position tables built once per call
-// (O(L·V)): rank[l, y] = perm[l, y] (int32 for float32, so rank compares share the float lanes), and Λ and the
-// inflow rate a_{j−1} of each state gathered into state order.  The closed forms (kernels/ctmc.h) are written
-// as float selects so GCC vectorises them; `objdump -d` of the x86-64-v4 clones shows zmm code for every loop.  The transition-row backward runs in rank order
-// (the order of lam and its gradient) over tasks of one position and a chunk of the batch; each task writes its
-// own partial dlam row, summed in chunk order, so results do not depend on the thread count.
+// Forward passes run over the B·L rows with at::parallel_for, each row vectorised over its V states.  Transition
+// rows are computed in rank order from rank(x0) on (the entries below are 0) and scattered into state order;
+// rate columns and the score entropy run in state order, so their rows are read and written contiguously, from
+// per-position tables built once per call (O(L·V)): rank[l, y] = perm[l, y] (int32 for float32, so rank compares
+// share the float lanes), and Λ and the inflow rate a_{j−1} of each state gathered into state order.  The closed
+// forms (kernels/ctmc.h) are written as float selects so GCC vectorises them; `objdump -d` of the x86-64-v4 clones
+// shows zmm code for every loop.  The transition-row backward runs in rank order (the order of lam and its
+// gradient) over tasks of one position and a chunk of the batch; each task writes its own partial dlam row, summed
+// in chunk order, so results do not depend on the thread count.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -39,6 +41,19 @@ constexpr int64_t kLanes = 64 / sizeof(T);
 template <class T>
 int64_t padded_width(int64_t V) { return (V + kLanes<T> - 1) / kLanes<T> * kLanes<T>; }
 
+// Position l and batch index b of flat rows i = b·L + l, advanced without a division per row (a 64-bit
+// division costs tens of cycles, as much as the closed form of a V = 27 row).
+struct RowCursor {
+  int64_t b, l, L;
+  RowCursor(int64_t i, int64_t L_) : b(i / L_), l(i % L_), L(L_) {}
+  void next() {
+    if (++l == L) {
+      l = 0;
+      ++b;
+    }
+  }
+};
+
 // About 16 Ki output elements per task: enough work to amortise scheduling, small enough to balance.
 int64_t row_grain(int64_t V) { return std::max<int64_t>(1, (int64_t{1} << 14) / V); }
 
@@ -49,7 +64,8 @@ struct Tables {
   int64_t Vp;
   std::vector<RankInt<T>> rank;
   std::vector<T> lam_s;   // Λ_{rank[y]}
-  std::vector<T> rate_s;  // a_{rank[y]−1} = Λ_{rank[y]} − Λ_{rank[y]−1}: the rate into y from each lower rank (0 at rank 0)
+  std::vector<T> rate_s;  // a_{rank[y]−1} = Λ_{rank[y]} − Λ_{rank[y]−1}: the rate into y from each lower rank
+                          // (0 at rank 0)
 };
 
 template <class T>
@@ -92,26 +108,54 @@ struct RowBuffer {
 
 // ---- transition rows: out[b, l, y] = p(y | x0[b, l]) after time h[b] ----
 
+// Rank-order tables of one call, [L, Vp] each, zero past V: Λ_j and a_{j−1} = Λ_j − Λ_{j−1} (0 at j = 0).
 template <class T>
-SLIMRATE_CPU_CLONES void transition_rows_span(const int64_t* x0, const T* h, const Tables<T>& tb, T* out, int64_t L,
+struct RankTables {
+  int64_t Vp;
+  std::vector<T> lam, rate;
+};
+
+template <class T>
+RankTables<T> build_rank_tables(const CtmcStructure& s) {
+  const int64_t L = s.L, V = s.V, Vp = padded_width<T>(V);
+  RankTables<T> t{Vp, std::vector<T>(L * Vp, T(0)), std::vector<T>(L * Vp, T(0))};
+  const T* lam = s.lam.const_data_ptr<T>();
+  for (int64_t l = 0; l < L; ++l) {
+    for (int64_t j = 0; j < V; ++j) {
+      t.lam[l * Vp + j] = lam[l * V + j];
+      t.rate[l * Vp + j] = j > 0 ? lam[l * V + j] - lam[l * V + j - 1] : T(0);
+    }
+  }
+  return t;
+}
+
+// Rows in rank order from the vector block holding k0 = rank(x0) (entries below k0 are 0: on average half the
+// row is skipped), then scattered into state order through perm_inv.
+template <class T>
+SLIMRATE_CPU_CLONES void transition_rows_span(const int64_t* x0, const T* h, const RankTables<T>& rt,
+                                              const int64_t* perm, const int64_t* perm_inv, T* out, int64_t L,
                                               int64_t V, int64_t lo, int64_t hi) {
   using Math = typename PolyMathFor<T>::type;
   constexpr int64_t W = kLanes<T>;
-  const int64_t Vp = tb.Vp;
-  RowBuffer<T> ob(V, Vp);
-  for (int64_t i = lo; i < hi; ++i) {
-    const int64_t row = (i % L) * Vp;
-    const RankInt<T>* rank = tb.rank.data() + row;
-    const T* lam_s = tb.lam_s.data() + row;
-    const T* rate_s = tb.rate_s.data() + row;
-    const RankInt<T> k0 = rank[x0[i]];
-    const T hb = h[i / L];
-    T* o = ob.target(out + i * V);
-    for (int64_t y0 = 0; y0 < Vp; y0 += W) {
+  const int64_t Vp = rt.Vp;
+  std::vector<T> p(Vp);
+  RowCursor at(lo, L);
+  for (int64_t i = lo; i < hi; ++i, at.next()) {
+    const int64_t l = at.l;
+    const T* lam = rt.lam.data() + l * Vp;
+    const T* rate = rt.rate.data() + l * Vp;
+    const RankInt<T> k0 = static_cast<RankInt<T>>(perm[l * V + x0[i]]);
+    const T hb = h[at.b];
+    for (int64_t j0 = k0 / W * W; j0 < Vp; j0 += W) {
 #pragma omp simd
-      for (int64_t y = y0; y < y0 + W; ++y) o[y] = transition_prob<Math>(hb, lam_s[y], rate_s[y], rank[y], k0);
+      for (int64_t j = j0; j < j0 + W; ++j) {
+        p[j] = transition_prob<Math>(hb, lam[j], rate[j], static_cast<RankInt<T>>(j), k0);
+      }
     }
-    ob.store(out + i * V, V);
+    T* o = out + i * V;
+    std::fill(o, o + V, T(0));
+    const int64_t* inv = perm_inv + l * V;
+    for (int64_t j = k0; j < V; ++j) o[inv[j]] = p[j];
   }
 }
 
@@ -128,12 +172,13 @@ at::Tensor ctmc_transition_rows_cpu(const at::Tensor& x0, const at::Tensor& h, c
   check_times_cpu(hc, "h");
   at::Tensor out = at::empty({B, L, V}, lam.options());
   AT_DISPATCH_FLOATING_TYPES(lam.scalar_type(), "ctmc_transition_rows", [&] {
-    Tables<scalar_t> tb = build_tables<scalar_t>(s);
+    RankTables<scalar_t> rt = build_rank_tables<scalar_t>(s);
     const int64_t* xp = x0c.const_data_ptr<int64_t>();
     const scalar_t* hp = hc.const_data_ptr<scalar_t>();
     scalar_t* op = out.data_ptr<scalar_t>();
     at::parallel_for(0, B * L, row_grain(V), [&](int64_t lo, int64_t hi) {
-      transition_rows_span<scalar_t>(xp, hp, tb, op, L, V, lo, hi);
+      transition_rows_span<scalar_t>(xp, hp, rt, s.perm.const_data_ptr<int64_t>(),
+                                     s.perm_inv.const_data_ptr<int64_t>(), op, L, V, lo, hi);
     });
   });
   return out;
@@ -181,10 +226,10 @@ std::tuple<at::Tensor, at::Tensor> ctmc_transition_rows_backward_cpu(const at::T
   const int64_t per_chunk = (B + chunks - 1) / std::max<int64_t>(chunks, 1);
   at::Tensor dlam_part, dh_part = at::empty({B, L}, lam.options());
   AT_DISPATCH_FLOATING_TYPES(lam.scalar_type(), "ctmc_transition_rows_backward", [&] {
-    const int64_t Vp = padded_width<scalar_t>(V);
-    at::Tensor lam_p = at::constant_pad_nd(s.lam, {0, Vp - V});  // [L, Vp], zeros past V
+    RankTables<scalar_t> rt = build_rank_tables<scalar_t>(s);  // Λ as [L, Vp], zeros past V
+    const int64_t Vp = rt.Vp;
     dlam_part = at::zeros({chunks, L, Vp}, lam.options());
-    const scalar_t* lp = lam_p.const_data_ptr<scalar_t>();
+    const scalar_t* lp = rt.lam.data();
     const int64_t* perm_p = s.perm.const_data_ptr<int64_t>();
     const int64_t* inv_p = s.perm_inv.const_data_ptr<int64_t>();
     const int64_t* xp = x0c.const_data_ptr<int64_t>();
@@ -201,9 +246,10 @@ std::tuple<at::Tensor, at::Tensor> ctmc_transition_rows_backward_cpu(const at::T
         for (int64_t b = c * per_chunk; b < std::min(B, (c + 1) * per_chunk); ++b) {
           const int64_t i = b * L + l;
           const scalar_t* g = gp + i * V;
-          for (int64_t j = 0; j < V; ++j) g_rank[j] = g[inv[j]];
-          dhp[i] = transition_backward_row<scalar_t>(lp + l * Vp, g_rank.data(), hp[b], perm_p[l * V + xp[i]], Vp,
-                                                     dlp + task * Vp);
+          const int64_t k0 = perm_p[l * V + xp[i]];
+          // G' for the ranks the row reads: from the vector block holding k0 on.
+          for (int64_t j = k0 / kLanes<scalar_t> * kLanes<scalar_t>; j < V; ++j) g_rank[j] = g[inv[j]];
+          dhp[i] = transition_backward_row<scalar_t>(lp + l * Vp, g_rank.data(), hp[b], k0, Vp, dlp + task * Vp);
         }
       }
     });
@@ -220,8 +266,9 @@ SLIMRATE_CPU_CLONES void rate_cols_span(const int64_t* x, const T* lam, const Ta
   constexpr int64_t W = kLanes<T>;
   const int64_t Vp = tb.Vp;
   RowBuffer<T> ob(V, Vp);
-  for (int64_t i = lo; i < hi; ++i) {
-    const int64_t l = i % L;
+  RowCursor at(lo, L);
+  for (int64_t i = lo; i < hi; ++i, at.next()) {
+    const int64_t l = at.l;
     const RankInt<T>* rank = tb.rank.data() + l * Vp;
     const int64_t xi = x[i];
     const RankInt<T> k = rank[xi];
@@ -271,8 +318,9 @@ SLIMRATE_CPU_CLONES int64_t score_entropy_span(const T* ls, const int64_t* x_t, 
   const int64_t Vp = tb.Vp;
   RowBuffer<T> sb(V, Vp), gb(V, Vp);
   int64_t bad = -1;
-  for (int64_t i = lo; i < hi; ++i) {
-    const int64_t b = i / L, row = (i % L) * Vp, xt = x_t[i];
+  RowCursor at(lo, L);
+  for (int64_t i = lo; i < hi; ++i, at.next()) {
+    const int64_t b = at.b, row = at.l * Vp, xt = x_t[i];
     const RankInt<T>* rank = tb.rank.data() + row;
     const T* lam_s = tb.lam_s.data() + row;
     const T* rate_s = tb.rate_s.data() + row;
@@ -350,8 +398,8 @@ std::tuple<at::Tensor, at::Tensor> score_entropy_cpu(const at::Tensor& logscore,
   const int64_t i = bad.load();
   if (i != std::numeric_limits<int64_t>::max()) {
     const int64_t b = i / L, l = i % L;
-    TORCH_CHECK_VALUE(false, "x_t: x_t[", b, ", ", l, "] = ", xtc[b][l].item<int64_t>(), " cannot be reached from x0 = ",
-                      x0c[b][l].item<int64_t>(), " in time h = ", hc[b].item<double>(),
+    TORCH_CHECK_VALUE(false, "x_t: x_t[", b, ", ", l, "] = ", xtc[b][l].item<int64_t>(),
+                      " cannot be reached from x0 = ", x0c[b][l].item<int64_t>(), " in time h = ", hc[b].item<double>(),
                       " (its rank is below x0's, or h·a underflows to 0): p(x_t | x0) = 0, so the score ratio is "
                       "undefined; sample x_t from ctmc_transition_rows(x0, h, ...)");
   }

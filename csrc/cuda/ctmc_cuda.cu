@@ -17,21 +17,21 @@ namespace {
 constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / 32;
 
-// libdevice exp/log (float32 or float64) and the series length of one_minus_exp_neg (kernels/ctmc.h).
+// libdevice exp/expm1/log in float32 or float64 (the Math of kernels/ctmc.h).
 template <class T>
 struct CudaMath;
 template <>
 struct CudaMath<float> {
   using real = float;
-  static constexpr int kSeriesDegree = 9;
   SLIMRATE_HD static float exp(float x) { return ::expf(x); }
+  SLIMRATE_HD static float expm1(float x) { return ::expm1f(x); }
   SLIMRATE_HD static float log(float x) { return ::logf(x); }
 };
 template <>
 struct CudaMath<double> {
   using real = double;
-  static constexpr int kSeriesDegree = 16;
   SLIMRATE_HD static double exp(double x) { return ::exp(x); }
+  SLIMRATE_HD static double expm1(double x) { return ::expm1(x); }
   SLIMRATE_HD static double log(double x) { return ::log(x); }
 };
 

@@ -137,8 +137,8 @@ std::tuple<at::Tensor, at::Tensor> score_entropy_cuda(const at::Tensor& logscore
     at::Tensor weighted = sc.unsqueeze(1).mul(rate).gt(0);
     at::Tensor unreachable = k.lt(k0).logical_or(k.gt(k0).logical_and(hc.unsqueeze(1).mul(rate).eq(0)));
     check.add(weighted.logical_and(unreachable).any(),
-              "x_t: a token cannot be reached from x0 in time h (its rank is below x0's, or h·a is 0): p(x_t | x0) = 0, "
-              "so the score ratio is undefined; sample x_t from ctmc_transition_rows(x0, h, ...)");
+              "x_t: a token cannot be reached from x0 in time h (its rank is below x0's, or h·a is 0): "
+              "p(x_t | x0) = 0, so the score ratio is undefined; sample x_t from ctmc_transition_rows(x0, h, ...)");
   }
   check.run();
   at::Tensor loss_row = at::zeros({B, s.L}, lam.options());

@@ -8,8 +8,8 @@
 //   Q[y, x] (rates into x at rank k) = a_{k−1} for j < k,  Λ_k at j = k,  0 for j > k.
 // Both follow from Q = A·U·diag(Λ)·U⁻¹·A⁻¹ with U the all-ones upper triangle (dmb.md §2, Lemma 4.3):
 // exp(hQ) = (AU)·diag(E)·(AU)⁻¹, whose row k0 is U's row k0 (ones from k0 on) times diag(E) times U⁻¹
-// (first differences).  E_j − E_{j−1} is computed as E_j·(1 − e^{−h·a_{j−1}}) with a series for small
-// h·a, so probabilities of slowly-entered states keep their relative precision.
+// (first differences).  E_j − E_{j−1} is computed as E_j·(−expm1(−h·a_{j−1})), so probabilities of
+// slowly-entered states keep their relative precision.
 #pragma once
 #include <cstdint>
 
@@ -18,22 +18,20 @@
 
 namespace slimrate {
 
-// exp and log in float64 without calls or branches (CPU loops vectorise with 8 lanes on AVX-512):
+// exp, expm1 and log in float64 without calls or branches (CPU loops vectorise with 8 lanes on AVX-512):
 // the float64 twin of PolyMathF32 (kernels/rate_terms.h).
-struct PolyMathF64 {
+struct PolyMathF64 : ExpFromReduction<PolyMathF64, double, int64_t> {
   using real = double;
-  // 1 − e^{−x} by its Taylor series below kSeriesBelow: degree kSeriesDegree leaves a remainder
-  // 0.5^17/17! ≈ 2e-20 at x = 0.5; above, 1 − e^{−x} ≥ 0.39 loses at most 1.5 ulps.
-  static constexpr int kSeriesDegree = 16;
-  // y clamped to [−745.2, 709.7] (below, the result is a denormal or 0); y = n·ln2 + r with |r| ≤ ln2/2,
-  // Taylor degree 13 (remainder (ln2/2)^14/14! ≈ 4e-18), 2^n built in the exponent bits in two factors so
-  // n down to −1075 stays exact.
-  SLIMRATE_HD static double exp(double y) {
-    y = y < -745.2 ? -745.2 : (y > 709.7 ? 709.7 : y);
+  // y = n·ln2 + r with |r| ≤ ln2/2 (fdlibm's ln2 hi/lo); k = n.
+  SLIMRATE_HD static double reduce(double y, int64_t& k) {
     constexpr double kRound = 6755399441055744.0;  // 1.5·2^52: adding it rounds to an integer
     double shifted = y * 1.4426950408889634 + kRound;
     double n = shifted - kRound;
-    double r = (y - n * 6.93147180369123816490e-01) - n * 1.90821492927058770002e-10;  // fdlibm ln2 hi/lo
+    k = static_cast<int64_t>(f64_to_bits(shifted) << 13) >> 13;  // n from the low 51 bits (two's complement)
+    return (y - n * 6.93147180369123816490e-01) - n * 1.90821492927058770002e-10;
+  }
+  // e^r − 1 = r + r²·(1/2 + r/6 + … + r^11/13!) for |r| ≤ ln2/2 (Taylor remainder (ln2/2)^14/14! ≈ 4e-18).
+  SLIMRATE_HD static double expm1_reduced(double r) {
     double p = 1.0 / 6227020800.0;
     p = p * r + 1.0 / 479001600.0;
     p = p * r + 1.0 / 39916800.0;
@@ -46,12 +44,11 @@ struct PolyMathF64 {
     p = p * r + 1.0 / 24.0;
     p = p * r + 1.0 / 6.0;
     p = p * r + 0.5;
-    p = p * (r * r) + r + 1.0;
-    // n from the low 51 bits of `shifted` (two's complement), split as n1 + n2 with normal 2^n1, 2^n2.
-    int64_t k = static_cast<int64_t>(f64_to_bits(shifted) << 13) >> 13;
-    int64_t k1 = k >> 1, k2 = k - k1;
-    return p * bits_to_f64(static_cast<uint64_t>(k1 + 1023) << 52) * bits_to_f64(static_cast<uint64_t>(k2 + 1023) << 52);
+    return p * (r * r) + r;
   }
+  SLIMRATE_HD static double pow2(int64_t k) { return bits_to_f64(static_cast<uint64_t>(k + 1023) << 52); }
+  // Below kExpMin e^y is a denormal or 0; below kExpm1Min e^y is under half an ulp of 1.
+  static constexpr double kExpMin = -745.2, kExpMax = 709.7, kExpm1Min = -60.0, kExpm1Max = 709.0;
   // x > 0 finite.  x = m·2^e, m in [√½, √2), f = m − 1, s = f/(2+f):
   // log(1+f) = f − f²/2 + s·(f²/2 + R(s²)), R(z) = Σ_{k=1..10} 2z^k/(2k+1) (fdlibm's e_log.c identity with
   // the atanh series; z ≤ 0.0295 leaves 2e-19).  Denormal x is scaled by 2^54 first.
@@ -82,49 +79,20 @@ struct PolyMathF64 {
   }
 };
 
-// The float32 polynomials (kernels/rate_terms.h) with the series length of one_minus_exp_neg.
-struct PolyMathF32Ctmc : PolyMathF32 {
-  // 0.5^10/10! ≈ 3e-10 at x = 0.5, far below float32's 6e-8.
-  static constexpr int kSeriesDegree = 9;
-};
-
-// (−1)^{k+1}/k!, the k-th coefficient of 1 − e^{−x} = x − x²/2 + x³/6 − …, folded at compile time.
-#if defined(__CUDACC__)
-__host__ __device__
-#endif
-constexpr double neg_exp_series_coef(int k) {
-  double c = 1.0;
-  for (int i = 2; i <= k; ++i) c /= i;
-  return k % 2 == 1 ? c : -c;
-}
-
-// Σ_{k=K..D} coef_k·x^{k−K} by Horner, unrolled at compile time.
-template <int K, int D, class T>
-SLIMRATE_HD T neg_exp_series(T x) {
-  constexpr T c = static_cast<T>(neg_exp_series_coef(K));
-  if constexpr (K == D) {
-    return c;
-  } else {
-    return c + x * neg_exp_series<K + 1, D, T>(x);
-  }
-}
-
 // The polynomial math of a CPU kernel computing in T.
 template <class T>
 struct PolyMathFor {
-  using type = PolyMathF32Ctmc;
+  using type = PolyMathF32;
 };
 template <>
 struct PolyMathFor<double> {
   using type = PolyMathF64;
 };
 
-// 1 − e^{−x} for x ≥ 0 (−expm1(−x)), accurate to a few ulps relative also for tiny x: the Taylor series
-// below 0.5, 1 − exp(−x) above.  Branch-free.
+// 1 − e^{−x} for x ≥ 0, accurate to a few ulps relative also for tiny x (expm1, not 1 − exp).
 template <class Math, class T = typename Math::real>
 SLIMRATE_HD T one_minus_exp_neg(T x) {
-  T series = x * neg_exp_series<1, Math::kSeriesDegree, T>(x);
-  return x < T(0.5) ? series : T(1) - Math::exp(-x);
+  return -Math::expm1(-x);
 }
 
 // p(y | x0) for y at rank j: lam_j = Λ_j, rate_j = a_{j−1} = Λ_j − Λ_{j−1} (anything at j = 0, unused).

@@ -7,11 +7,36 @@
 
 namespace slimrate {
 
-// log and exp in float32 from the Cephes polynomials (logf, expf; about 1 ulp each), free of calls
+SLIMRATE_HD float clamp_to(float y, float lo, float hi) { return y < lo ? lo : (y > hi ? hi : y); }
+SLIMRATE_HD double clamp_to(double y, double lo, double hi) { return y < lo ? lo : (y > hi ? hi : y); }
+
+// exp and expm1 of a polynomial-math struct M (float or double, its integer I) from its range reduction
+// y = n·ln2 + r, |r| ≤ ln2/2 (M::reduce), its e^r − 1 polynomial (M::expm1_reduced), 2^n (M::pow2) and its
+// clamps (M::kExpMin, …).
+template <class M, class T, class I>
+struct ExpFromReduction {
+  // e^y = (1 + (e^r − 1))·2^n, 2^n in two factors n = n1 + n2, n1 = n/2, so each has a normal exponent and
+  // n down to the smallest denormal's exponent stays exact.
+  SLIMRATE_HD static T exp(T y) {
+    I k;
+    T p = T(1) + M::expm1_reduced(M::reduce(clamp_to(y, M::kExpMin, M::kExpMax), k));
+    I k1 = k >> 1;
+    return p * M::pow2(k1) * M::pow2(k - k1);
+  }
+  // e^y − 1 = 2^n·(e^r − 1) + (2^n − 1): as accurate as exp, and exact-relative for small y (n = 0).
+  SLIMRATE_HD static T expm1(T y) {
+    I k;
+    T q = M::expm1_reduced(M::reduce(clamp_to(y, M::kExpm1Min, M::kExpm1Max), k));
+    T t = M::pow2(k);
+    return t * q + (t - T(1));
+  }
+};
+
+// log, exp and expm1 in float32 from the Cephes polynomials (logf, expf; about 1 ulp each), free of calls
 // and branches so CPU loops vectorise with 16 lanes on AVX-512.  Double-precision polynomials were
 // measured first: half of torch's float32 error instead of about the same, but 1.5× slower
 // (20 vs 13 ms for 16M fp32 weights on this 2-core machine).
-struct PolyMathF32 {
+struct PolyMathF32 : ExpFromReduction<PolyMathF32, float, int32_t> {
   using real = float;
   // x > 0.  x = m·2^e with m in [√½, √2), log x = e·ln2 + log(1 + f), f = m − 1; ln2 split into
   // an exact head and a tail.  Denormal x is scaled by 2^23 first.
@@ -31,22 +56,22 @@ struct PolyMathF32 {
     y += -2.12194440e-4f * e - 0.5f * z;
     return (f + y) + 0.693359375f * e;
   }
-  // y clamped to [-103, 88.7] (below, the result is a float32 denormal or 0); y = n·ln2 + r,
-  // |r| ≤ ln2/2, 2^n built in the exponent bits in two factors so n down to −149 stays exact.
-  SLIMRATE_HD static float exp(float y) {
-    y = y < -103.0f ? -103.0f : (y > 88.7f ? 88.7f : y);
+  // y = n·ln2 + r with |r| ≤ ln2/2 (ln2 split into an exact head and a tail); k = n.
+  SLIMRATE_HD static float reduce(float y, int32_t& k) {
     constexpr float kRound = 12582912.0f;  // 1.5·2^23: adding it rounds to an integer
     float shifted = y * 1.44269504f + kRound;
     float n = shifted - kRound;
-    float r = (y - n * 0.693359375f) - n * -2.12194440e-4f;
-    float p = (((((1.9875691500e-4f * r + 1.3981999507e-3f) * r + 8.3334519073e-3f) * r +
-                 4.1665795894e-2f) * r + 1.6666665459e-1f) * r + 5.0000001201e-1f) * (r * r) + r + 1.0f;
-    // n from the low bits of `shifted` (n mod 2^22, two's complement in the mantissa): split as
-    // n = n1 + n2 with n1 = n/2 so each 2^k has a normal exponent.
-    int32_t k = static_cast<int32_t>(f32_to_bits(shifted) << 10) >> 10;
-    int32_t k1 = k >> 1, k2 = k - k1;
-    return p * bits_to_f32(static_cast<uint32_t>(k1 + 127) << 23) * bits_to_f32(static_cast<uint32_t>(k2 + 127) << 23);
+    k = static_cast<int32_t>(f32_to_bits(shifted) << 10) >> 10;  // n from the low 22 bits (two's complement)
+    return (y - n * 0.693359375f) - n * -2.12194440e-4f;
   }
+  // e^r − 1 for |r| ≤ ln2/2.
+  SLIMRATE_HD static float expm1_reduced(float r) {
+    return (((((1.9875691500e-4f * r + 1.3981999507e-3f) * r + 8.3334519073e-3f) * r + 4.1665795894e-2f) * r +
+             1.6666665459e-1f) * r + 5.0000001201e-1f) * (r * r) + r;
+  }
+  SLIMRATE_HD static float pow2(int32_t k) { return bits_to_f32(static_cast<uint32_t>(k + 127) << 23); }
+  // Below kExpMin e^y is a float32 denormal or 0; below kExpm1Min e^y is under half an ulp of 1.
+  static constexpr float kExpMin = -103.0f, kExpMax = 88.7f, kExpm1Min = -30.0f, kExpm1Max = 88.0f;
 };
 
 // Full-precision libm, for float64 weights.
