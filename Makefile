@@ -26,6 +26,10 @@ bench: $(BUILD_STAMP)
 	$(VPY) bench/summarize.py bench/results/sparse_e2e.json bench/results/sparse_e2e.md
 	$(VPY) -m pytest bench/bench_nf4.py --benchmark-only --benchmark-json bench/results/nf4.json
 	$(VPY) bench/nf4_report.py bench/results/nf4.json bench/results/nf4.md
+	$(VPY) -m pytest bench/bench_ctmc.py --benchmark-only --benchmark-json bench/results/ctmc.json
+	$(VPY) bench/summarize.py bench/results/ctmc.json bench/results/ctmc.md
+	$(VPY) -m pytest bench/bench_dmb_train.py --benchmark-only --benchmark-json bench/results/dmb_train.json
+	$(VPY) bench/summarize.py bench/results/dmb_train.json bench/results/dmb_train.md
 
 build: $(BUILD_STAMP)
 

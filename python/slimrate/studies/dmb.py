@@ -17,7 +17,10 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import torch
+
 from slimrate.dmb.data import load_token_data
+from slimrate.dmb.sampler import reverse_sample
 from slimrate.dmb.train import EVAL_SEED, DMBConfig, bound_of, load_model, train_dmb
 from slimrate.studies.output import figure_png, write_study_files
 from slimrate.train import read_jsonl
@@ -29,12 +32,13 @@ RUNS = (("dmb", "dmb", None), ("dmb σ-scaled", "dmb", True), ("sedd-absorb", "s
 
 @dataclass
 class DMBStudyConfig:
-    """The default trains each run for 5000 steps of the `small` net: ≈ 30 steps/s on 2 idle CPU cores (torch
-    2.13), so ≈ 3 minutes a run and ≈ 12 minutes in all; 3–5× that on a machine shared with other jobs."""
+    """The default trains each run for 10000 steps of the `small` net: ≈ 30 steps/s on 2 idle CPU cores (torch
+    2.13), so ≈ 6 minutes a run and ≈ 25–30 minutes in all; 3–5× that on a machine shared with other jobs.
+    Each run ends with ``sample_count`` samples of ``sample_steps`` Euler steps (the text in the report)."""
 
     runs: tuple[tuple[str, str, bool | None], ...] = RUNS
     data: str = "text8"
-    steps: int = 5000
+    steps: int = 10000
     eval_every: int = 500
     batch: int = 32
     seq_len: int = 64
@@ -48,13 +52,16 @@ class DMBStudyConfig:
     matrix_steps: int = 50
     p0_samples: int = 32
     p0_steps: int = 32
+    sample_count: int = 3
+    sample_steps: int = 128
     seed: int = 0
 
 
 def quick_dmb_config() -> DMBStudyConfig:
     """A seconds-long version for the tests: a few steps of the tiny net on short windows."""
     return DMBStudyConfig(steps=6, eval_every=3, batch=8, seq_len=16, model="tiny", eval_sequences=4, eval_samples=2,
-                          final_sequences=8, final_samples=2, outer_every=3, matrix_steps=2, p0_samples=4, p0_steps=4)
+                          final_sequences=8, final_samples=2, outer_every=3, matrix_steps=2, p0_samples=4, p0_steps=4,
+                          sample_count=1, sample_steps=4)
 
 
 def run_one(cfg: DMBStudyConfig, label: str, method: str, scale_by_sigma: bool | None, out_dir: Path) -> dict:
@@ -73,11 +80,15 @@ def run_one(cfg: DMBStudyConfig, label: str, method: str, scale_by_sigma: bool |
     model, _, _ = load_model(out_dir)
     data = load_token_data(cfg.data, cfg.seq_len)
     final = bound_of(model, data.eval_subset(cfg.final_sequences), cfg.final_samples, EVAL_SEED + 1)
+    with torch.no_grad():
+        tokens = reverse_sample(model.net, model.rates, model.noise, model.prior(), cfg.sample_count, cfg.sample_steps,
+                                generator=torch.Generator().manual_seed(cfg.seed)).tokens
     return {"label": label, "method": method, "scale_by_sigma": model.net.cfg.scale_by_sigma,
             "bpc": final.bits_per_token, "se": final.standard_error, "score_bpc": final.score_bits,
             "prior_bpc": final.prior_bits, "curve": curve,
             "steps_per_s": statistics.median(rates[1:] if len(rates) >= 3 else rates),
-            "parameters": manifest["parameters"], "minutes": (time.perf_counter() - start) / 60}
+            "parameters": manifest["parameters"], "samples": data.describe(tokens),
+            "minutes": (time.perf_counter() - start) / 60}
 
 
 def compare(a: dict, b: dict) -> str:
@@ -119,8 +130,12 @@ def format_table(cfg: DMBStudyConfig, rows: list[dict]) -> str:
                      f"| {r['minutes']:.1f} |")
     lines += ["", "Does the learned Q help at this scale?", "", *verdicts(rows), "",
               "Paper scale for context (text8, 92M-parameter net, 8 GPUs): DMB ≤ 1.38, SEDD-absorb ≤ 1.39, "
-              "SEDD-uniform ≤ 1.47 (papers/dmb.md §8).", "", "![BPC vs steps](dmb.png)", ""]
-    return "\n".join(lines)
+              "SEDD-uniform ≤ 1.47 (papers/dmb.md §8).", "", "![BPC vs steps](dmb.png)", "",
+              f"Samples ({cfg.sample_steps} Euler steps from the prior, EMA weights, seed {cfg.seed}; the baselines "
+              "end with SEDD's denoising step, so no [MASK] is left):", ""]
+    for r in rows:
+        lines += [f"- {r['label']}:", *(f"  - `{text}`" for text in r["samples"])]
+    return "\n".join(lines + [""])
 
 
 def plot_curves(rows: list[dict]) -> bytes:
