@@ -55,6 +55,22 @@ def test_train_resumes_bit_identically_after_a_crash(tmp_path, monkeypatch, meth
     assert resumed["final_eval"] == manifest["final_eval"]
 
 
+def test_fixed_q_run_keeps_the_init_rates_and_the_training_histogram(tmp_path):
+    """learn_q=False: no matrix learning and no p̂_0 re-estimation, so Q and p̂_0 end where they started
+    (with learn_q=True, the same run moves both)."""
+    fixed = train_dmb(DMBConfig(out_dir=str(tmp_path / "fixed"), steps=4, outer_every=2, learn_q=False, **TINY))
+    model = load_model(tmp_path / "fixed")[0]
+    init = torch.zeros(16, 26, dtype=torch.float64) + 1e-10  # L = 16, V − 1 = 26
+    init[:, -1] += 1.0
+    assert torch.equal(model.rates.rates(), init)
+    assert torch.equal(model.p0_hat, load_token_data("text8", 16).histogram())
+    assert "matrix_kl" not in (tmp_path / "fixed" / "metrics.jsonl").read_text()
+    assert fixed["config"]["learn_q"] is False
+    train_dmb(DMBConfig(out_dir=str(tmp_path / "learned"), steps=4, outer_every=2, **TINY))
+    learned = load_model(tmp_path / "learned")[0]
+    assert not torch.equal(learned.rates.rates(), init) and not torch.equal(learned.p0_hat, model.p0_hat)
+
+
 def test_cli_trains_evaluates_and_samples_text(tmp_path, capsys):
     corpus = tmp_path / "text8"
     corpus.write_text("the quick brown fox jumps over the lazy dog " * 40)
@@ -155,12 +171,17 @@ def test_quick_dmb_study_writes_table_plot_and_curves(tmp_path, capsys):
     assert main(["study", "dmb", "--quick", "-o", str(tmp_path)]) == 0
     payload = json.loads((tmp_path / "dmb.json").read_text())
     rows = payload["rows"]
-    assert [(r["method"], r["scale_by_sigma"]) for r in rows] == [("dmb", False), ("dmb", True), ("sedd-absorb", True),
-                                                                  ("sedd-uniform", False)]
+    assert [(r["method"], r["scale_by_sigma"], r["learn_q"]) for r in rows] == [
+        ("dmb", False, True), ("dmb", True, True), ("dmb", False, False), ("sedd-absorb", True, True),
+        ("sedd-uniform", False, True)]
     for row in rows:
         assert row["bpc"] > 0 and row["se"] > 0 and [p["step"] for p in row["curve"]] == [3, 6]
+        assert len(row["samples"]) == 1 and len(row["samples"][0]) == 16
+    assert rows[2]["rates"] == {"absorbing_rate": pytest.approx(1.0), "other_rate_mean": pytest.approx(1e-10),
+                                "other_rate_max": pytest.approx(1e-10)}  # the gather init, untouched
+    assert rows[3]["rates"] is None
     table = (tmp_path / "dmb.md").read_text()
     assert "| dmb | no |" in table and "| sedd-absorb | yes |" in table and "Does the learned Q help" in table
-    assert table.count(" SE), ") >= 2
+    assert table.count(" SE), ") == 3 * 2 + 1  # each DMB run against each baseline, learned against frozen Q
     assert (tmp_path / "dmb.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "wrote" in capsys.readouterr().out

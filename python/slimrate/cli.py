@@ -129,6 +129,8 @@ def add_dmb_parser(commands) -> None:
                        help="bound every k steps (default: at the end only)")
     train.add_argument("--scale-by-sigma", action=argparse.BooleanOptionalAction, default=None,
                        help="σ̄-scaled network output (default: on for sedd-absorb only, as the official codes)")
+    train.add_argument("--learn-q", action=argparse.BooleanOptionalAction, default=True,
+                       help="DMB: matrix learning and p̂_0 re-estimation (--no-learn-q keeps Q at its init)")
     train.add_argument("--seed", type=int, default=defaults.seed)
     train.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
     train.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -348,7 +350,7 @@ def run_dmb_command(args: argparse.Namespace) -> int:
                                        batch=args.batch, seq_len=args.seq_len, model=args.model, lr=args.lr,
                                        schedule=args.schedule, eval_every=args.eval_every, seed=args.seed,
                                        resume=args.resume, progress=not args.no_progress,
-                                       scale_by_sigma=args.scale_by_sigma))
+                                       scale_by_sigma=args.scale_by_sigma, learn_q=args.learn_q))
         final = manifest["final_eval"]
         print(f"{args.method} on {manifest['data']['name']}: bound {final['bits_per_token']:.4f} ± "
               f"{final['bits_per_token_se']:.4f} bits/token after {args.budget} steps; wrote {args.out}")

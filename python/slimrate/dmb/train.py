@@ -60,7 +60,9 @@ class DMBConfig:
     ``matrix_weight_decay``) on the matrix loss (official code: 1e-3, 1e-2, clip 1).
     eval_every: bound on ``eval_sequences`` × ``eval_samples`` times every k steps (0: at the end only).
     scale_by_sigma: the network's σ̄-scaled output (``ScoreNetConfig``); None = the official codes' choice
-    (SEDD-absorb yes, DMB's example script and SEDD-uniform no)."""
+    (SEDD-absorb yes, DMB's example script and SEDD-uniform no).
+    learn_q: DMB only; False keeps Q at its ``init`` and p̂_0 = μ̂ (no outer loop): the control that shows
+    what matrix learning adds."""
 
     out_dir: str
     data: str = "text8"
@@ -92,6 +94,7 @@ class DMBConfig:
     resume: bool = False
     progress: bool = True
     scale_by_sigma: bool | None = None
+    learn_q: bool = True
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -176,7 +179,7 @@ def build_model(config: DMBConfig, data: TokenData) -> DMBModel:
     mu_hat = data.histogram()
     h_T = float(noise.total(torch.tensor(1.0, dtype=torch.float64)))
     if config.method == "dmb":
-        rates = RateMatrix.from_data(mu_hat, config.init, h_T=h_T)
+        rates = RateMatrix.from_data(mu_hat, config.init, h_T=h_T, learnable=config.learn_q)
         p0 = mu_hat
     elif config.method == "sedd-absorb":
         rates = AbsorbingRates(data.vocab_size, data.seq_len)
@@ -274,7 +277,7 @@ def train_dmb(config: DMBConfig) -> dict[str, Any]:
     out = Path(config.out_dir)
     ema = EMA(model.net, config.ema)
     hooks: list[Any] = [ema]
-    if config.method == "dmb":
+    if config.method == "dmb" and config.learn_q:
         outer = OuterLoop(model, ema, data, config)
         hooks.append(outer)
         if latest_checkpoint(out / CHECKPOINTS_DIR) is None:  # a fresh run: matrix learning comes first

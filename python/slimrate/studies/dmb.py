@@ -4,9 +4,10 @@ Each run trains the same DDiT preset for the same number of score steps with the
 schedule and batches (``slimrate.dmb.train``); the forward process differs (DMB: learned Q with its
 alternating matrix learning and p̂_0; the baselines: SEDD's fixed Q), and so may the network's output
 scaling: SEDD-absorb divides its scores by e^σ̄ − 1 (``scale_by_sigma``), DMB's official script does not.
-DMB therefore runs twice, as in its code and with SEDD-absorb's scaling, so that one comparison differs
-only in Q.  The bound in bits per character is evaluated on the same validation windows with the same
-times every ``eval_every`` steps (the curve) and at the end on more windows and times (the table).
+DMB therefore runs as in its code, with SEDD-absorb's scaling (so that one comparison differs only in Q),
+and with Q frozen at its init (the control: what matrix learning adds).  The bound in bits per character
+is evaluated on the same validation windows with the same times every ``eval_every`` steps (the curve)
+and at the end on more windows and times (the table).
 """
 
 from __future__ import annotations
@@ -25,18 +26,18 @@ from slimrate.dmb.train import EVAL_SEED, DMBConfig, bound_of, load_model, train
 from slimrate.studies.output import figure_png, write_study_files
 from slimrate.train import read_jsonl
 
-# (label, method, scale_by_sigma; None = the official code's choice)
-RUNS = (("dmb", "dmb", None), ("dmb σ-scaled", "dmb", True), ("sedd-absorb", "sedd-absorb", None),
-        ("sedd-uniform", "sedd-uniform", None))
+# (label, method, scale_by_sigma (None = the official code's choice), learn_q)
+RUNS = (("dmb", "dmb", None, True), ("dmb σ-scaled", "dmb", True, True), ("dmb fixed Q", "dmb", None, False),
+        ("sedd-absorb", "sedd-absorb", None, True), ("sedd-uniform", "sedd-uniform", None, True))
 
 
 @dataclass
 class DMBStudyConfig:
     """The default trains each run for 10000 steps of the `small` net: ≈ 30 steps/s on 2 idle CPU cores (torch
-    2.13), so ≈ 6 minutes a run and ≈ 25–30 minutes in all; 3–5× that on a machine shared with other jobs.
+    2.13), so ≈ 5–6 minutes a run and ≈ 27 minutes in all; 3–5× that on a machine shared with other jobs.
     Each run ends with ``sample_count`` samples of ``sample_steps`` Euler steps (the text in the report)."""
 
-    runs: tuple[tuple[str, str, bool | None], ...] = RUNS
+    runs: tuple[tuple[str, str, bool | None, bool], ...] = RUNS
     data: str = "text8"
     steps: int = 10000
     eval_every: int = 500
@@ -64,15 +65,24 @@ def quick_dmb_config() -> DMBStudyConfig:
                           sample_count=1, sample_steps=4)
 
 
-def run_one(cfg: DMBStudyConfig, label: str, method: str, scale_by_sigma: bool | None, out_dir: Path) -> dict:
-    """Train one run and evaluate it; returns its row (final bound, curve, speed, time)."""
+def rate_summary(rates) -> dict:
+    """What DMB's Q is after training: the mean rate into the last (absorbing) rank, the mean and largest of the
+    other rates, over positions (the gather init: 1, 1e-10, 1e-10)."""
+    a = rates.rates().detach()
+    return {"absorbing_rate": float(a[:, -1].mean()), "other_rate_mean": float(a[:, :-1].mean()),
+            "other_rate_max": float(a[:, :-1].max())}
+
+
+def run_one(cfg: DMBStudyConfig, label: str, method: str, scale_by_sigma: bool | None, learn_q: bool,
+            out_dir: Path) -> dict:
+    """Train one run and evaluate it; returns its row (final bound, curve, speed, time, samples, rates)."""
     start = time.perf_counter()
     manifest = train_dmb(DMBConfig(
         out_dir=str(out_dir), data=cfg.data, method=method, steps=cfg.steps, batch=cfg.batch, seq_len=cfg.seq_len,
         model=cfg.model, lr=cfg.lr, eval_every=cfg.eval_every, eval_sequences=cfg.eval_sequences,
         eval_samples=cfg.eval_samples, outer_every=cfg.outer_every, matrix_steps=cfg.matrix_steps,
         p0_samples=cfg.p0_samples, p0_steps=cfg.p0_steps, checkpoint_every=0, log_every=max(1, cfg.steps // 20),
-        seed=cfg.seed, progress=False, scale_by_sigma=scale_by_sigma))
+        seed=cfg.seed, progress=False, scale_by_sigma=scale_by_sigma, learn_q=learn_q))
     records = read_jsonl(out_dir / "metrics.jsonl")
     curve = [{"step": r["step"], "bpc": r["eval/bits_per_token"], "se": r["eval/bits_per_token_se"]}
              for r in records if "eval/bits_per_token" in r]
@@ -83,7 +93,8 @@ def run_one(cfg: DMBStudyConfig, label: str, method: str, scale_by_sigma: bool |
     with torch.no_grad():
         tokens = reverse_sample(model.net, model.rates, model.noise, model.prior(), cfg.sample_count, cfg.sample_steps,
                                 generator=torch.Generator().manual_seed(cfg.seed)).tokens
-    return {"label": label, "method": method, "scale_by_sigma": model.net.cfg.scale_by_sigma,
+    return {"label": label, "method": method, "scale_by_sigma": model.net.cfg.scale_by_sigma, "learn_q": learn_q,
+            "rates": rate_summary(model.rates) if method == "dmb" else None,
             "bpc": final.bits_per_token, "se": final.standard_error, "score_bpc": final.score_bits,
             "prior_bpc": final.prior_bits, "curve": curve,
             "steps_per_s": statistics.median(rates[1:] if len(rates) >= 3 else rates),
@@ -102,16 +113,17 @@ def compare(a: dict, b: dict) -> str:
 
 
 def verdicts(rows: list[dict]) -> list[str]:
-    """Each DMB run against the best baseline, and σ-scaled DMB against SEDD-absorb (same network, other Q)."""
-    baselines = [r for r in rows if r["method"] != "dmb"]
-    if not baselines:
-        return []
-    best = min(baselines, key=lambda r: r["bpc"])
-    lines = [f"- {compare(r, best)}" for r in rows if r["method"] == "dmb"]
-    scaled = [r for r in rows if r["method"] == "dmb" and r["scale_by_sigma"]]
-    absorb = [r for r in rows if r["method"] == "sedd-absorb"]
-    if scaled and absorb and absorb[0] is not best:
-        lines.append(f"- Same network, learned vs fixed absorbing Q: {compare(scaled[0], absorb[0])}")
+    """Each DMB run against each baseline, then learned against frozen Q (same network and scaling)."""
+    dmb = [r for r in rows if r["method"] == "dmb"]
+    lines = [f"- {compare(r, b)}" for r in dmb for b in rows if b["method"] != "dmb"]
+    learned = [r for r in dmb if r["learn_q"] and not r["scale_by_sigma"]]
+    frozen = [r for r in dmb if not r["learn_q"] and not r["scale_by_sigma"]]
+    if learned and frozen:
+        lines.append(f"- Matrix learning on vs off: {compare(learned[0], frozen[0])}")
+    for r in dmb:
+        q = r["rates"]
+        lines.append(f"- {r['label']}: Q after training has mean rate {q['absorbing_rate']:.3g} into the absorbing "
+                     f"rank and {q['other_rate_mean']:.3g} (max {q['other_rate_max']:.3g}) into the others.")
     return lines
 
 
@@ -119,7 +131,8 @@ def format_table(cfg: DMBStudyConfig, rows: list[dict]) -> str:
     lines = [f"Data: {cfg.data} (validation windows of {cfg.seq_len} characters); model preset `{cfg.model}`; "
              f"{cfg.steps} score steps of batch {cfg.batch}, AdamW lr {cfg.lr:g} with the UBA schedule (φ = 2), "
              f"seed {cfg.seed}; DMB: matrix learning ({cfg.matrix_steps} steps) and p̂_0 "
-             f"({cfg.p0_samples} samples × {cfg.p0_steps} Euler steps) every {cfg.outer_every} steps.", "",
+             f"({cfg.p0_samples} samples × {cfg.p0_steps} Euler steps) every {cfg.outer_every} steps, except in "
+             "'dmb fixed Q', whose Q stays at the gather init with p̂_0 = μ̂.", "",
              f"Bound in bits per character on {cfg.final_sequences} windows × {cfg.final_samples} Monte Carlo "
              "times each (± its Monte Carlo standard error; slimrate.dmb.elbo):", "",
              "| run | σ-scaled output | BPC bound | score term | prior term | train steps/s | parameters | minutes |",
@@ -160,8 +173,7 @@ def write_dmb_study(cfg: DMBStudyConfig, out_dir: str) -> list[Path]:
     """Train every run (folders in a temporary directory), write dmb.{md,png,json} to out_dir."""
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="slimrate-dmb-study-") as runs:
-        rows = [run_one(cfg, label, method, scale, Path(runs) / f"run{i}")
-                for i, (label, method, scale) in enumerate(cfg.runs)]
+        rows = [run_one(cfg, *run, Path(runs) / f"run{i}") for i, run in enumerate(cfg.runs)]
     minutes = (time.perf_counter() - start) / 60
     return write_study_files(out_dir, "dmb", "DMB vs SEDD (absorb, uniform): bound in bits per character",
                              len(rows), minutes, format_table(cfg, rows), plot_curves(rows),
