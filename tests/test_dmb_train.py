@@ -168,8 +168,9 @@ def test_data_loaders_report_missing_paths_and_short_texts(tmp_path):
 
 
 def test_quick_dmb_study_writes_table_plot_and_curves(tmp_path, capsys):
-    assert main(["study", "dmb", "--quick", "-o", str(tmp_path)]) == 0
+    assert main(["study", "dmb", "--quick", "--seed", "1", "-o", str(tmp_path)]) == 0
     payload = json.loads((tmp_path / "dmb.json").read_text())
+    assert payload["config"]["seed"] == 1
     rows = payload["rows"]
     assert [(r["method"], r["scale_by_sigma"], r["learn_q"]) for r in rows] == [
         ("dmb", False, True), ("dmb", True, True), ("dmb", False, False), ("sedd-absorb", True, True),

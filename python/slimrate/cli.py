@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import sys
@@ -75,6 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
     dmb_study = study_commands.add_parser("dmb", help="DMB vs SEDD-absorb vs SEDD-uniform: bound in bits/char")
     dmb_study.add_argument("--quick", action="store_true", help="a seconds-long version (tiny net, a few steps)")
     dmb_study.add_argument("-o", "--out", default="bench/results", help="folder for dmb.{md,png,json} "
+                           "(default %(default)s)")
+    dmb_study.add_argument("--seed", type=int, default=0, help="seed of every run: weights, batches, times "
                            "(default %(default)s)")
     compress = commands.add_parser("compress", help="entropy-code a safetensors checkpoint into a .slim file")
     compress.add_argument("checkpoint", help="a .safetensors file, or a folder holding model.safetensors")
@@ -224,7 +227,8 @@ def run_study_command(args: argparse.Namespace) -> int:
     elif args.study_command == "dmb":
         from slimrate.studies.dmb import DMBStudyConfig, quick_dmb_config, write_dmb_study
 
-        paths = write_dmb_study(quick_dmb_config() if args.quick else DMBStudyConfig(), args.out)
+        config = quick_dmb_config() if args.quick else DMBStudyConfig()
+        paths = write_dmb_study(dataclasses.replace(config, seed=args.seed), args.out)
     else:
         from slimrate.studies.backslash import BackslashStudyConfig, quick_backslash_config, write_backslash_study
 
