@@ -55,6 +55,11 @@ def test_train_resumes_bit_identically_after_a_crash(tmp_path, monkeypatch, meth
     assert resumed["final_eval"] == manifest["final_eval"]
 
 
+def test_config_rejects_a_frozen_q_for_the_baselines(tmp_path):
+    with pytest.raises(ValueError, match="only DMB learns Q"):
+        DMBConfig(out_dir=str(tmp_path), method="sedd-uniform", learn_q=False)
+
+
 def test_fixed_q_run_keeps_the_init_rates_and_the_training_histogram(tmp_path):
     """learn_q=False: no matrix learning and no p̂_0 re-estimation, so Q and p̂_0 end where they started
     (with learn_q=True, the same run moves both)."""
@@ -102,6 +107,8 @@ def test_cli_samples_digits_as_a_png_grid(tmp_path, capsys):
     (["dmb", "sample", "/nonexistent/run"], "no dmb.json here"),
     (["dmb", "train", "--data", "digits", "--budget", "0", "--out", "x"], "expected an integer > 0"),
     (["dmb", "train", "--data", "digits", "--budget", "2", "--out", "x", "--method", "d3pm"], "invalid choice"),
+    (["dmb", "train", "--budget", "2", "--out", "x", "--method", "sedd-absorb", "--no-learn-q"],
+     "only --method dmb learns Q"),
 ])
 def test_cli_rejects_bad_inputs(argv, message, capsys):
     with pytest.raises(SystemExit) as exit_info:

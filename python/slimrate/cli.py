@@ -387,6 +387,8 @@ def dmb_input_problem(args: argparse.Namespace) -> str | None:
     if args.dmb_command == "train":
         if args.data not in ("text8", "digits") and not Path(args.data).exists():
             return f"--data: {args.data}: no such file or folder (or pass text8 or digits)"
+        if not args.learn_q and args.method != "dmb":
+            return f"--no-learn-q: only --method dmb learns Q; {args.method} has a fixed Q"
         return None
     if not (Path(args.dir) / "dmb.json").is_file():
         return f"{args.dir}: no dmb.json here; pass the --out folder of a finished `slimrate dmb train` run"

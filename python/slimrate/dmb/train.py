@@ -101,6 +101,9 @@ class DMBConfig:
             raise ValueError(f"method: expected one of {METHODS}, got {self.method!r}")
         if self.schedule not in NOISE_SCHEDULES:
             raise ValueError(f"schedule: expected one of {NOISE_SCHEDULES}, got {self.schedule!r}")
+        if not self.learn_q and self.method != "dmb":
+            raise ValueError(f"learn_q: only DMB learns Q; {self.method} has a fixed Q, so learn_q=False means "
+                             "nothing there (leave it True)")
         if self.init not in RATE_INITS:
             raise ValueError(f"init: expected one of {RATE_INITS}, got {self.init!r}")
         for name in ("steps", "batch", "seq_len", "outer_every", "matrix_steps", "p0_samples", "p0_steps",
