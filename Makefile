@@ -15,21 +15,21 @@ demo: $(BUILD_STAMP)
 test: $(BUILD_STAMP)
 	$(VPY) -m pytest -q tests
 
+# $(call bench_suite,NAME,REPORT): bench/bench_NAME.py into bench/results/NAME.json, then bench/REPORT turns it
+# into bench/results/NAME.md.
+define bench_suite
+$(VPY) -m pytest bench/bench_$(1).py --benchmark-only --benchmark-json bench/results/$(1).json
+$(VPY) bench/$(2) bench/results/$(1).json bench/results/$(1).md
+endef
+
 bench: $(BUILD_STAMP)
-	$(VPY) -m pytest bench/bench_rate_grad.py --benchmark-only --benchmark-json bench/results/rate_grad.json
-	$(VPY) bench/summarize.py bench/results/rate_grad.json bench/results/rate_grad.md
-	$(VPY) -m pytest bench/bench_coding.py --benchmark-only --benchmark-json bench/results/coding.json
-	$(VPY) bench/summarize.py bench/results/coding.json bench/results/coding.md
-	$(VPY) -m pytest bench/bench_sparse.py --benchmark-only --benchmark-json bench/results/sparse.json
-	$(VPY) bench/sparse_report.py bench/results/sparse.json bench/results/sparse.md
-	$(VPY) -m pytest bench/bench_sparse_e2e.py --benchmark-only --benchmark-json bench/results/sparse_e2e.json
-	$(VPY) bench/summarize.py bench/results/sparse_e2e.json bench/results/sparse_e2e.md
-	$(VPY) -m pytest bench/bench_nf4.py --benchmark-only --benchmark-json bench/results/nf4.json
-	$(VPY) bench/nf4_report.py bench/results/nf4.json bench/results/nf4.md
-	$(VPY) -m pytest bench/bench_ctmc.py --benchmark-only --benchmark-json bench/results/ctmc.json
-	$(VPY) bench/summarize.py bench/results/ctmc.json bench/results/ctmc.md
-	$(VPY) -m pytest bench/bench_dmb_train.py --benchmark-only --benchmark-json bench/results/dmb_train.json
-	$(VPY) bench/summarize.py bench/results/dmb_train.json bench/results/dmb_train.md
+	$(call bench_suite,rate_grad,summarize.py)
+	$(call bench_suite,coding,summarize.py)
+	$(call bench_suite,sparse,sparse_report.py)
+	$(call bench_suite,sparse_e2e,summarize.py)
+	$(call bench_suite,nf4,nf4_report.py)
+	$(call bench_suite,ctmc,summarize.py)
+	$(call bench_suite,dmb_train,summarize.py)
 
 build: $(BUILD_STAMP)
 
