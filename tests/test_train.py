@@ -17,10 +17,9 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 from torch import nn
 
-from slimrate.backslash import RateConstraint
+from slimrate.backslash import RateConstraint, RateConstraintHook
 from slimrate.train import (
     CheckpointError,
-    RateConstraintHook,
     TrainConfig,
     latest_checkpoint,
     list_checkpoints,

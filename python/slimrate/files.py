@@ -1,8 +1,10 @@
 """Atomic file writes: a temporary file in the target's folder, fsync, then rename over the target,
-so a reader never sees a half-written file and an interruption leaves the old file intact."""
+so a reader never sees a half-written file and an interruption leaves the old file intact; and the PNG
+bytes of a matplotlib figure, for such writes."""
 
 from __future__ import annotations
 
+import io
 import os
 import tempfile
 from pathlib import Path
@@ -28,3 +30,10 @@ def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> Path:
 def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
     """Write UTF-8 ``text`` to ``path`` atomically; returns the path."""
     return write_bytes_atomic(path, text.encode("utf-8"))
+
+
+def figure_png(figure, dpi: int = 110) -> bytes:
+    """A matplotlib Figure rendered to PNG bytes (Agg; no display)."""
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=dpi)
+    return buffer.getvalue()

@@ -17,7 +17,6 @@ where max_lr is the group's initial lr and min_lr an absolute floor shared by al
 
 from __future__ import annotations
 
-import io
 import math
 import numbers
 from collections.abc import Callable, Sequence
@@ -25,6 +24,8 @@ from collections.abc import Callable, Sequence
 import torch
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler, OneCycleLR
+
+from slimrate.files import figure_png
 
 # φ = 2 makes UBA exactly cosine annealing. The paper's φ guidance is unknown (papers/uba.md §4), so the
 # default is the one value whose behaviour is known and standard: a default UBA is never a regression against
@@ -272,6 +273,4 @@ def plot_schedules(total_steps: int, phis: Sequence[float], warmup_steps: int = 
     baseline_axes.legend(loc="center left", bbox_to_anchor=(1.0, 0.5))  # outside: the baselines fill the box
     uba_axes.set_ylabel("lr / max_lr")
     figure.suptitle(f"learning-rate schedules, budget {total_steps} steps, warm-up {warmup_steps}")
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=120)
-    return buffer.getvalue()
+    return figure_png(figure, dpi=120)

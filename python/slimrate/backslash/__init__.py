@@ -1,5 +1,6 @@
 """BackSlash rate-constrained training (papers/backslash.md): shape estimation, the rate proxy R,
-RateConstraint and its transformers Trainer callback, and the .slim model file (save_slim / load_slim).
+RateConstraint with its hook for slimrate's training loop and its transformers Trainer callback, and the
+.slim model file (save_slim / load_slim).
 
 ``RateConstraintCallback`` is loaded on first use, so importing slimrate never imports transformers.
 """
@@ -8,9 +9,10 @@ from slimrate.backslash.constraint import RateConstraint
 from slimrate.backslash.rate import rate
 from slimrate.backslash.shape import estimate_shape, shape_from_moments
 from slimrate.backslash.slim_format import SlimFormatError, load_slim, save_slim, slim_report
+from slimrate.backslash.train_hook import RateConstraintHook
 
-__all__ = ["RateConstraint", "RateConstraintCallback", "SlimFormatError", "estimate_shape", "load_slim", "rate",
-           "save_slim", "shape_from_moments", "slim_report"]
+__all__ = ["RateConstraint", "RateConstraintCallback", "RateConstraintHook", "SlimFormatError", "estimate_shape",
+           "load_slim", "rate", "save_slim", "shape_from_moments", "slim_report"]
 
 
 def __getattr__(name: str):

@@ -219,6 +219,12 @@ class RateConstraint:
         self.last_rate = float(state["last_rate"])
         self.nu_per_tensor = nus
 
+    def as_train_hook(self):
+        """This constraint as a hook of ``slimrate.train.train`` (what the loop calls for a bare constraint)."""
+        from slimrate.backslash.train_hook import RateConstraintHook  # train_hook imports this module
+
+        return RateConstraintHook(self)
+
     def __repr__(self) -> str:
         nu = "auto" if self.auto_nu else self._fixed_nu
         return (f"RateConstraint(lam={self.lam}, eps={self.eps}, nu={nu!r}, mode={self.mode!r}, "

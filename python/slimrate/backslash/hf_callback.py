@@ -6,16 +6,13 @@ Imports transformers; ``slimrate.backslash`` loads this module only when the cal
 from __future__ import annotations
 
 from slimrate.backslash.constraint import RateConstraint
+from slimrate.backslash.train_hook import NU_LOG_KEY, RATE_LOG_KEY
 
 try:
     from transformers import TrainerCallback
 except ImportError as error:
     raise ImportError("RateConstraintCallback needs transformers; install it with "
                       "`pip install 'slimrate[hf]'`") from error
-
-# Keys added to the Trainer's logs (state.log_history, and callbacks after this one).
-RATE_LOG_KEY = "backslash_rate"
-NU_LOG_KEY = "backslash_nu"
 
 
 class RateConstraintCallback(TrainerCallback):

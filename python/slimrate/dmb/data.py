@@ -173,7 +173,7 @@ def image_grid_png(tokens: torch.Tensor, data: TokenData, columns: int = 8) -> b
     """PNG bytes of token rows (N, L) shown as a grid of images (grey levels scaled to [0, 1])."""
     from matplotlib.figure import Figure  # Agg rendering, no display
 
-    from slimrate.studies.output import figure_png
+    from slimrate.files import figure_png
 
     if data.image_shape is None:
         raise ValueError(f"data: {data.name} is text; print its samples instead")

@@ -32,9 +32,10 @@ from tqdm import tqdm
 
 from slimrate.backslash import RateConstraint
 from slimrate.backslash.metrics import slim_weight_bits, symbol_entropy_bits
+from slimrate.files import figure_png
 from slimrate.ops import quantize
 from slimrate.sparse import prune_
-from slimrate.studies.output import figure_png, write_study_files
+from slimrate.studies.output import write_study_files
 from slimrate.studies.schedules import PRIMARY, TASKS, StudyConfig
 from slimrate.train import TrainConfig, train
 

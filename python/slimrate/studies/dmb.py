@@ -23,7 +23,8 @@ import torch
 from slimrate.dmb.data import load_token_data
 from slimrate.dmb.sampler import reverse_sample
 from slimrate.dmb.train import EVAL_SEED, DMBConfig, bound_of, load_model, train_dmb
-from slimrate.studies.output import figure_png, write_study_files
+from slimrate.files import figure_png
+from slimrate.studies.output import write_study_files
 from slimrate.train import read_jsonl
 
 # (label, method, scale_by_sigma (None = the official code's choice), learn_q)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import datetime
-import io
 import json
 import os
 import platform
@@ -12,13 +11,6 @@ from pathlib import Path
 import torch
 
 from slimrate.files import write_bytes_atomic, write_text_atomic
-
-
-def figure_png(figure) -> bytes:
-    """A matplotlib Figure rendered to PNG bytes (Agg; no display)."""
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=110)
-    return buffer.getvalue()
 
 
 def write_study_files(out_dir: str | os.PathLike, stem: str, title: str, runs: int, minutes: float,

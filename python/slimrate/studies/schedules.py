@@ -25,10 +25,11 @@ from tqdm import tqdm
 
 from slimrate.data.digits import load_digits_split
 from slimrate.data.text import char_splits, load_text_corpus
+from slimrate.files import figure_png
 from slimrate.models.char_lm import CharLM, CharLMConfig, bits_per_char, evaluate_lm, get_lm_batch
 from slimrate.models.mlp import build_digits_mlp
 from slimrate.schedules import make_schedule
-from slimrate.studies.output import figure_png, write_study_files
+from slimrate.studies.output import write_study_files
 from slimrate.train import TrainConfig, train
 
 

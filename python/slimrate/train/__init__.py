@@ -8,11 +8,10 @@ from slimrate.train.checkpoint import (
     save_checkpoint,
 )
 from slimrate.train.distributed import DistributedInfo, init_distributed
-from slimrate.train.hooks import RateConstraintHook
 from slimrate.train.loop import TrainConfig, TrainResult, train
 from slimrate.train.metrics import MetricsLogger, read_jsonl
 from slimrate.train.rng import rng_state, seed_everything, set_rng_state
 
-__all__ = ["CheckpointError", "DistributedInfo", "MetricsLogger", "RateConstraintHook", "TrainConfig", "TrainResult",
+__all__ = ["CheckpointError", "DistributedInfo", "MetricsLogger", "TrainConfig", "TrainResult",
            "init_distributed", "latest_checkpoint", "list_checkpoints", "load_checkpoint", "read_jsonl", "rng_state",
            "save_checkpoint", "seed_everything", "set_rng_state", "train"]

@@ -24,7 +24,6 @@ from tqdm import tqdm
 
 from slimrate.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from slimrate.train.distributed import DistributedInfo, gather_objects, init_distributed, sum_across_ranks
-from slimrate.train.hooks import as_hook
 from slimrate.train.metrics import MetricsLogger, check_wandb_installed
 from slimrate.train.rng import rng_state, seed_everything, set_rng_state
 
@@ -101,8 +100,15 @@ def train(model: nn.Module, optimizer: torch.optim.Optimizer, loss_fn: Callable[
 
     Each step (counted from 0): ``batch = get_batch(step, rank, world_size)``, ``loss = loss_fn(model,
     batch)`` under autocast (the DDP-wrapped model under torchrun), backward, gradient clipping, hooks'
-    ``after_backward``, ``optimizer.step()``, ``scheduler.step()``, hooks' ``after_step`` (see
-    ``slimrate.train.hooks``; a bare ``RateConstraint`` is accepted as a hook).
+    ``after_backward``, ``optimizer.step()``, ``scheduler.step()``, hooks' ``after_step``.
+
+    A hook may define any of (all optional): ``after_backward(step)``, after the backward pass (under DDP:
+    after the gradients are averaged over ranks) and after clipping, so what it adds to the gradients is
+    not clipped, as in the transformers Trainer's ``on_pre_optimizer_step``; ``after_step(step)``;
+    ``metrics() -> dict[str, float]``, extra values for each training log record; ``state_dict()`` /
+    ``load_state_dict(state)``, saved in and restored from checkpoints; ``as_train_hook()``, returning the
+    object to use in its place (so a bare ``RateConstraint`` is accepted as a hook).  ``step`` is the
+    0-based index of the step being taken (the one ``get_batch`` was called with).
     ``evaluate(model)`` runs on every rank in eval mode under no_grad; rank 0 logs its dict.
 
     Under torchrun the process group is started (gloo on CPU, NCCL on CUDA: put the model and the
@@ -111,7 +117,7 @@ def train(model: nn.Module, optimizer: torch.optim.Optimizer, loss_fn: Callable[
     Resume is bit-identical on CPU to an uninterrupted run when the computation is deterministic
     (``torch.use_deterministic_algorithms(True)``, a fixed thread count).
     """
-    hooks = [as_hook(h) for h in hooks]
+    hooks = [h.as_train_hook() if hasattr(h, "as_train_hook") else h for h in hooks]
     if config.wandb:
         check_wandb_installed()  # fail before any work, on every rank
     info, started = init_distributed()

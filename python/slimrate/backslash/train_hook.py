@@ -1,17 +1,5 @@
-"""Training hooks: objects the loop calls at fixed points of each step.
-
-A hook may define any of these methods (all optional):
-
-- ``after_backward(step)``: after ``loss.backward()`` (under DDP: after the gradients are averaged
-  over ranks) and after gradient clipping, before ``optimizer.step()``.  Anything a hook adds to the
-  gradients here is not clipped, as in the transformers Trainer, where ``on_pre_optimizer_step``
-  runs after clipping.
-- ``after_step(step)``: after ``optimizer.step()`` and ``scheduler.step()``.
-- ``metrics() -> dict[str, float]``: extra values for each training log record.
-- ``state_dict()`` / ``load_state_dict(state)``: saved in and restored from checkpoints.
-
-``step`` is the 0-based index of the step being taken (the one ``get_batch`` was called with).
-"""
+"""RateConstraintHook: run a BackSlash RateConstraint inside slimrate's training loop; the hook
+methods it defines are the ones ``slimrate.train.train`` documents."""
 
 from __future__ import annotations
 
@@ -19,7 +7,7 @@ from typing import Any
 
 from slimrate.backslash.constraint import RateConstraint
 
-# The same keys as RateConstraintCallback (slimrate.backslash.hf_callback) adds to Trainer logs.
+# Keys of R and ν in log records, here and in RateConstraintCallback's Trainer logs.
 RATE_LOG_KEY = "backslash_rate"
 NU_LOG_KEY = "backslash_nu"
 
@@ -31,7 +19,8 @@ class RateConstraintHook:
     schedule and Adam's preconditioning apply to the rate term and the clipping does not.
     mode "decoupled": ``after_step`` does θ ← θ − λ·∂R/∂θ after the optimizer step, with no LR.
     Logs R and ν of the last step as "backslash_rate" and "backslash_nu"; its state (ν, step count,
-    λ, ...) is saved in checkpoints.  ``train`` wraps a bare ``RateConstraint`` in ``hooks`` in this.
+    λ, ...) is saved in checkpoints.  ``train`` wraps a bare ``RateConstraint`` in ``hooks`` in this
+    (through ``RateConstraint.as_train_hook``).
     """
 
     def __init__(self, constraint: RateConstraint) -> None:
@@ -57,8 +46,3 @@ class RateConstraintHook:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.constraint.load_state_dict(state)
-
-
-def as_hook(hook: Any) -> Any:
-    """``hook`` itself, or a ``RateConstraintHook`` around a bare ``RateConstraint``."""
-    return RateConstraintHook(hook) if isinstance(hook, RateConstraint) else hook
