@@ -40,8 +40,10 @@ peers:
 	bench/.venv-peers/bin/pip install -q --disable-pip-version-check torch==2.14.1 torchvision==0.29.1 \
 		nncodec==2.1.3 safetensors
 
+# ruff, then the package layers of pyproject.toml's import-linter contract.
 lint: $(DEPS_STAMP)
 	$(VENV)/bin/ruff check python triton_kernels tests bench tools
+	$(VENV)/bin/lint-imports --no-cache
 
 $(VPY):
 	$(PYTHON) -m venv $(VENV)
