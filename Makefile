@@ -42,7 +42,7 @@ peers:
 
 # ruff, then the package layers of pyproject.toml's import-linter contract.
 lint: $(DEPS_STAMP)
-	$(VENV)/bin/ruff check python triton_kernels tests bench tools
+	$(VENV)/bin/ruff check python tests bench tools
 	$(VENV)/bin/lint-imports --no-cache
 
 $(VPY):

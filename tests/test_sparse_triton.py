@@ -1,4 +1,4 @@
-"""sparse_linear on the Triton backend (triton_kernels/sparse.py) against the float64 reference
+"""sparse_linear on the Triton backend (slimrate/triton_kernels/sparse.py) against the float64 reference
 (ops/reference.py) over random block-sparse weights. Without a GPU this runs in Triton's interpreter
 (conftest.py), so shapes stay small."""
 
