@@ -1,7 +1,7 @@
 """Entropy coders on quantized weights, beside the general-purpose compressors users reach for.
 
 Input: 4 Mi weights θ ~ N(0, 0.02²) (builders.PARAM_STD) quantized with step 0.002 to int32 symbols
-(σ = 10 symbols, the papers/backslash.md §6 setting).  Rows (groups "coding-encode-4M",
+(σ = 10 symbols; coders as in docs/backslash.md §6).  Rows (groups "coding-encode-4M",
 "coding-decode-4M"), all on the same int32 symbol bytes:
 - eg0:  slimrate.ops.eg_encode/eg_decode, exp-Golomb order 0 (the paper's code), C++;
 - egk:  the same at the order k with the fewest bits for this stream (chosen with eg_code_length);

@@ -1,4 +1,4 @@
-"""The CTMC ops of the Discrete Markov Bridge beside what users write today (issue 7 benchmarks).
+"""The CTMC ops of the Discrete Markov Bridge beside what users write today (the DMB benchmarks).
 
 Groups "<op>-<pass>-B32-L256-V<V>-<dtype>-<device>", rows:
 - native: slimrate.ops.<op>, the fused C++ (CPU) or CUDA kernel with its closed-form backward;

@@ -1,4 +1,4 @@
-"""Training speed of the Discrete Markov Bridge: one step of each phase on the study's settings (issue 7).
+"""Training speed of the Discrete Markov Bridge: one step of each phase on the DMB study's settings.
 
 Groups "dmb-<phase>-<model>-B<batch>-L<seq_len>", rows:
 - native: slimrate.ops' fused CTMC kernels (transition rows, score entropy) under the step;

@@ -1,11 +1,11 @@
-"""One QLoRA layer, forward + backward on the CPU, beside what users run today (issue 6's grid).
+"""One QLoRA layer, forward + backward on the CPU, beside what users run today (the QLoRA grid).
 
 W [out, in] NF4 with double-quantized absmax (QLoRA's default, bnb_4bit_use_double_quant), LoRA r = 16,
-scaling 2 (papers/qlora.md §1), float32 adapters (peft's default), x [tokens, in] requiring grad, shapes
+scaling 2 (r = 16, α = 32: docs/qlora.md §1), float32 adapters (peft's default), x [tokens, in] requiring grad, shapes
 4096×4096 and 11008×4096, 1/16/512 tokens, float32 and bfloat16 activations.  Groups
 "nf4-lora-<out>x<in>-<dtype>-t<tokens>", rows:
 - bnb-peft:    a peft LoRA layer around a bitsandbytes Linear4bit (train mode before the first forward:
-               papers/qlora.md §6), dequantizing W in its forward and again in its backward;
+               docs/qlora.md §8), dequantizing W in its forward and again in its backward;
 - bnb-dequant: unsloth's approach: bitsandbytes.functional.dequantize_4bit once, F.linear + the LoRA terms,
                autograd keeping the dequantized W for the backward;
 - slimrate:    slimrate.ops.nf4_lora_linear (C++), W decoded tile by tile in the forward and the backward.

@@ -1,6 +1,6 @@
 """sparse_linear beside what users run today: dense F.linear (oneDNN/MKL) and torch.sparse CSR.
 
-y = x·Wᵀ for W [out, in] in float32, x [batch, in]; issue 5's grid: shapes 4096×4096 and 11008×4096,
+y = x·Wᵀ for W [out, in] in float32, x [batch, in]; the sparse grid: shapes 4096×4096 and 11008×4096,
 sparsity 50/70/80/90/95% (unstructured: a random mask, which times like magnitude pruning), batch 1, 8, 64.
 Groups "sparse-<out>x<in>-b<batch>-s<percent>", rows:
 - dense:     torch.nn.functional.linear(x, W) on the dense W (zeros included);

@@ -1,6 +1,6 @@
 """Benchmark inputs: a model-sized parameter list with its gradients.
 
-The list has the tensor mix of a small GPT-style transformer (papers/backslash.md trains models like
+The list has the tensor mix of a small GPT-style transformer (BackSlash, arXiv:2504.16968, trains models like
 this): a token embedding (V × d), then per layer four attention projections (d × d), an MLP
 up/down pair (4d × d, d × 4d), their biases and two LayerNorms (vectors), and a final LayerNorm:
 1 + 4 layers × 12 + 2 = 51 tensors.  The width d sets the bulk of the size and the vocabulary V

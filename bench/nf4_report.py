@@ -4,7 +4,7 @@
 
 One QLoRA layer (forward + backward): per shape, dtype and token count the median time of bitsandbytes +
 peft, of bitsandbytes' dequantize + F.linear (unsloth's approach) and of slimrate's fused op, the speed-ups
-(baseline median / slimrate median; > 1 is faster) and issue 6's targets (≥ 3× over bnb-peft at 1 and 16
+(baseline median / slimrate median; > 1 is faster) and the QLoRA targets (≥ 3× over bnb-peft at 1 and 16
 tokens, ≥ 1.2× at 512; faster than bnb-dequant everywhere).  Then nf4_dequantize beside dequantize_4bit.
 """
 

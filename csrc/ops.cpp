@@ -48,7 +48,7 @@ TORCH_LIBRARY(slimrate, m) {
   // weight) is plain PyTorch in python/slimrate/ops/nf4.py.
   m.def("nf4_absmax_dequantize(Tensor qabsmax, Tensor code, Tensor absmax2, Tensor offset, int blocksize) -> Tensor");
 
-  // ---- CTMC / Discrete Markov Bridge (issue 7; csrc/kernels/ctmc.h, csrc/cpu/ctmc_cpu.cpp,
+  // ---- CTMC / Discrete Markov Bridge (docs/dmb.md §4; csrc/kernels/ctmc.h, csrc/cpu/ctmc_cpu.cpp,
   // csrc/cuda/ctmc_cuda.cu; python/slimrate/ops/ctmc.py).  DMB's structured rate matrix per position l:
   // lam [L, V] float32/float64 = Λ in rank order (non-decreasing, last entry 0), perm / perm_inv [L, V] int64 =
   // rank of each state / state at each rank.  Token ids [B, L] int64; h, sigma [B] in lam's dtype.
@@ -59,7 +59,7 @@ TORCH_LIBRARY(slimrate, m) {
         "Tensor perm_inv) -> (Tensor, Tensor)");
   // Column x of Q (the rates into x) -> [B, L, V] in lam's dtype.
   m.def("ctmc_rate_cols(Tensor x, Tensor lam, Tensor perm, Tensor perm_inv) -> Tensor");
-  // Denoising score entropy per sequence (dmb.md §5) -> (loss [B], d loss[b] / d logscore [B, L, V] when
+  // Denoising score entropy per sequence (docs/dmb.md §4) -> (loss [B], d loss[b] / d logscore [B, L, V] when
   // with_grad, else [0]); logscore [B, L, V] in lam's dtype.  The gradient comes from the same pass.
   m.def("score_entropy(Tensor logscore, Tensor x_t, Tensor x0, Tensor h, Tensor sigma, Tensor lam, Tensor perm, "
         "Tensor perm_inv, bool with_grad) -> (Tensor, Tensor)");

@@ -1,5 +1,5 @@
 """BackSlash training API: shape estimation, the differentiable rate, RateConstraint and its Trainer
-callback, each checked against plain float64 autograd on R(θ) = (1/N)·Σ(|θ|+ε)^ν (papers/backslash.md)."""
+callback, each checked against plain float64 autograd on R(θ) = (1/N)·Σ(|θ|+ε)^ν (docs/backslash.md §2)."""
 
 import copy
 import io
@@ -22,7 +22,7 @@ RTOL64 = 1e-12
 # ---- helpers ---------------------------------------------------------------------------------------
 
 def gg_samples(nu: float, n: int, scale: float = 0.02) -> torch.Tensor:
-    """n generalized-Gaussian GG(ν, α) samples, θ = α·G^(1/ν)·s (papers/backslash.md §3 test oracle)."""
+    """n generalized-Gaussian GG(ν, α) samples, θ = α·G^(1/ν)·s (G ~ Gamma(1/ν, 1), s a random sign)."""
     g = torch.distributions.Gamma(torch.tensor(1.0 / nu, dtype=torch.float64), 1.0).sample((n,))
     s = torch.randint(0, 2, (n,), dtype=torch.float64) * 2 - 1
     return scale * g ** (1.0 / nu) * s
@@ -101,7 +101,7 @@ def test_shape_range_ends_and_closed_forms_match_documented_ratios():
 
     assert rho(0.1) == pytest.approx(216.8, abs=0.05)
     assert rho(3.0) == pytest.approx(1.461, abs=5e-4)
-    # ρ(1) = 2 (Laplace) and ρ(2) = π/2 (Gaussian), papers/backslash.md §3.
+    # ρ(1) = 2 (Laplace) and ρ(2) = π/2 (Gaussian), docs/backslash.md §3.
     assert shape_from_moments(4.0, 2.0, 2.0) == pytest.approx(1.0, rel=1e-12)
     assert shape_from_moments(1.0, 1.0, math.pi / 2) == pytest.approx(2.0, rel=1e-12)
 

@@ -97,7 +97,7 @@ def test_eg_encode_matches_reference_bit_exactly(k, signed):
 
 
 def test_eg_code_lengths_follow_the_standard_definition():
-    # EG0: 0 → "1", 1 → "010", 2 → "011", 3 → "00100" (papers/backslash.md §6)
+    # EG0: 0 → "1", 1 → "010", 2 → "011", 3 → "00100" (docs/slim-format.md §6)
     s = torch.tensor([0, 1, 2, 3], dtype=torch.int32)
     assert ops.eg_encode(s, 0, False).tolist() == [0b10100110, 0b01000000]
     assert ops.eg_code_length(torch.tensor([0, -1, 1], dtype=torch.int32), 0, True) == 1 + 3 + 3

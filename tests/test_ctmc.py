@@ -1,4 +1,4 @@
-"""CTMC ops of the Discrete Markov Bridge (papers/dmb.md §2–3, §5): closed forms against scipy.linalg.expm of the
+"""CTMC ops of the Discrete Markov Bridge (docs/dmb.md §2–§4): closed forms against scipy.linalg.expm of the
 explicit dense Q, gradients, the score entropy against its reference and SEDD's closed forms, expm /
 expm_multi_t against scipy, and bad inputs, on every backend."""
 
@@ -240,7 +240,7 @@ def sedd_uniform_entropy(score, sigma_bar, x, x0, V):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_score_entropy_matches_sedd_absorbing(backend):
-    """SEDD-absorb is DMB's 'gather' init (dmb.md §2, §9): a = (0, …, 0, 1) puts rate 1 into the last rank (MASK)
+    """SEDD-absorb is DMB's 'gather' init (docs/dmb.md §10): a = (0, …, 0, 1) puts rate 1 into the last rank (MASK)
     and 0 elsewhere; with MASK = state V−1 at the last rank, σ·(our loss) = σ·Σ_l SEDD's entropy."""
     skip_unless_backend(backend, "cpu")
     B, L, V = 6, 8, 7

@@ -30,7 +30,7 @@ def random_rate_matrix(L=3, V=5, scale=1.0):
 
 
 def dense_q(rates, pos):
-    """Q (V, V) at position pos in state order, built entry by entry from the definition (papers/dmb.md §2)."""
+    """Q (V, V) at position pos in state order, built entry by entry from the definition (docs/dmb.md §3)."""
     if isinstance(rates, UniformRates):
         N = rates.vocab_size
         return (torch.ones(N, N, dtype=torch.float64) - N * torch.eye(N, dtype=torch.float64)) / N
@@ -97,7 +97,7 @@ def test_gather_init_is_absorbing_into_the_last_rank():
     rates = RateMatrix.from_data(mu, "gather")
     lam = rates.lam().detach()
     assert torch.allclose(lam[:, :-1], -torch.ones(3, 5, dtype=torch.float64), atol=1e-8)
-    # loglinear + gather: P(still at x0 at t) = e^{−σ̄(t)} = 1 − (1−ε)t, as SEDD-absorb (papers/dmb.md §9)
+    # loglinear + gather: P(still at x0 at t) = e^{−σ̄(t)} = 1 − (1−ε)t, as SEDD-absorb (docs/dmb.md §10)
     noise, t = LogLinearNoise(), torch.tensor([0.4], dtype=torch.float64)
     x0 = rates.perm_inv[:, :1].t()  # the most frequent state at every position
     stay = rates.transition_rows(x0, noise.total(t)).detach().gather(-1, x0[..., None])
@@ -129,7 +129,7 @@ def test_matrix_loss_decreases_and_is_nonnegative():
 
 
 def generic_score_entropy(rates, logscore, x_t, x0, h, sigma):
-    """Σ_l Σ_{y≠x_t} σ·Q[y, x_t]·(e^s − r s + r(log r − 1)) from dense rows and columns (issue 7)."""
+    """Σ_l Σ_{y≠x_t} σ·Q[y, x_t]·(e^s − r s + r(log r − 1)) from dense rows and columns (docs/dmb.md §4)."""
     rows = rates.transition_rows(x0, h).detach()
     w = rates.rate_cols(x_t).detach() * sigma[:, None, None]
     w = w.scatter(-1, x_t[..., None], 0.0)

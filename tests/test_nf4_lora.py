@@ -16,7 +16,7 @@ DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 LAYERS = [(37, 45, 4), (64, 128, 8), (6, 1100, 1), (130, 70, 16)]
 # 1 and 3 tokens take the fused few-token schedules, 40 the panel + GEMM ones (csrc/cpu/nf4_cpu.cpp).
 TOKENS = [1, 3, 40]
-SCALING = 2.0  # lora_alpha / r of papers/qlora.md's adapter
+SCALING = 2.0  # lora_alpha / r of the seed recipe's adapter (docs/qlora.md §1)
 
 
 def make_layer(out, inp, r, adapter_dtype=torch.float32, blocksize=64):
@@ -126,8 +126,8 @@ def test_nf4_lora_linear_accepts_quant_states():
 
 
 def test_nf4_lora_linear_matches_peft_bitsandbytes_layer():
-    """A real peft LoRA layer around a bitsandbytes Linear4bit (train mode before any forward, papers/qlora.md
-    §6): same output and gradients in float32."""
+    """A real peft LoRA layer around a bitsandbytes Linear4bit (train mode before any forward, docs/qlora.md
+    §8): same output and gradients in float32."""
     bnb = pytest.importorskip("bitsandbytes")
     peft = pytest.importorskip("peft")
     skip_unless_backend("native", "cpu")

@@ -1,6 +1,6 @@
 """slimrate.qlora's peft drop-in: patch_peft / unpatch_peft against peft + bitsandbytes on a tiny 4-bit
 Mistral and on single Linear4bit layers (outputs, gradients, dropout, bias, dtypes, unsupported
-layers), adapter save/load, the merged model, and bitsandbytes' AVX512-BF16 repack (papers/qlora.md §6)."""
+layers), adapter save/load, the merged model, and bitsandbytes' AVX512-BF16 repack (docs/qlora.md §8)."""
 
 import importlib
 import importlib.util
@@ -257,7 +257,7 @@ def test_patch_peft_rejects_unknown_backend():
         patch_peft(one_layer_lora(), backend="cuda-magic")
 
 
-# ---- bitsandbytes' AVX512-BF16 repack (papers/qlora.md §6) ----
+# ---- bitsandbytes' AVX512-BF16 repack (docs/qlora.md §8) ----
 
 def repack(linear4bit):
     """What bitsandbytes does on an eval-mode no_grad forward on an AVX512-BF16 CPU, done directly (its

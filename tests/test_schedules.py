@@ -1,4 +1,4 @@
-"""UBA and the baseline schedules against independent computations (numpy from papers/uba.md, torch's and
+"""UBA and the baseline schedules against independent computations (numpy from docs/uba.md §2, torch's and
 transformers' own schedulers), their LRScheduler behaviour, bad arguments, and `slimrate schedules plot`."""
 
 import io
@@ -38,7 +38,7 @@ def rand_uniform(low: float, high: float, n: int | None = None):
 
 
 def uba_eta_reference(t: np.ndarray, T: int, eta_max: float, eta_min: float, phi: float) -> np.ndarray:
-    """papers/uba.md §3 as printed (not the normalised form the code uses): c = cos(πt/T),
+    """docs/uba.md §2's third-party form as printed (not the normalised form the code uses): c = cos(πt/T),
     η = η_min + (η_max − η_min)·2(1 + c) / (2φ + (2 − φ)(1 + c))."""
     c = np.cos(np.pi * np.asarray(t, dtype=np.float64) / T)
     return eta_min + (eta_max - eta_min) * 2 * (1 + c) / (2 * phi + (2 - phi) * (1 + c))

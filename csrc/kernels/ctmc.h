@@ -1,12 +1,12 @@
-// Torch-free closed forms of DMB's structured rate matrix (papers/dmb.md §2–3, §5), shared by the CPU
+// Torch-free closed forms of DMB's structured rate matrix (docs/dmb.md §3–§4), shared by the CPU
 // and CUDA kernels: per-element functions that CPU loops vectorise and CUDA threads call one by one.
 //
-// Conventions (issue 7): row vectors; at one position, state y has rank j = perm[y], perm_inv[j] is the
+// Conventions (docs/dmb.md §2): row vectors; at one position, state y has rank j = perm[y], perm_inv[j] is the
 // state at rank j; lam[j] = Λ_j = −Σ_{i≥j} a_i (non-decreasing, Λ_{V−1} = 0) in rank order; the rate from
-// rank i to rank j > i is a_{j−1} = Λ_j − Λ_{j−1}.  With E_j = exp(hΛ_j) (dmb.md §3 "Fused closed forms"):
+// rank i to rank j > i is a_{j−1} = Λ_j − Λ_{j−1}.  With E_j = exp(hΛ_j) (docs/dmb.md §4):
 //   p(y|x0) = 0 for j < k0 = rank(x0),  E_{k0} at j = k0,  E_j − E_{j−1} = E_j·(1 − e^{−h·a_{j−1}}) for j > k0;
 //   Q[y, x] (rates into x at rank k) = a_{k−1} for j < k,  Λ_k at j = k,  0 for j > k.
-// Both follow from Q = A·U·diag(Λ)·U⁻¹·A⁻¹ with U the all-ones upper triangle (dmb.md §2, Lemma 4.3):
+// Both follow from Q = A·U·diag(Λ)·U⁻¹·A⁻¹ with U the all-ones upper triangle (docs/dmb.md §3, Lemma 4.3):
 // exp(hQ) = (AU)·diag(E)·(AU)⁻¹, whose row k0 is U's row k0 (ones from k0 on) times diag(E) times U⁻¹
 // (first differences).  E_j − E_{j−1} is computed as E_j·(−expm1(−h·a_{j−1})), so probabilities of
 // slowly-entered states keep their relative precision.
@@ -118,7 +118,7 @@ SLIMRATE_HD T log_transition_prob(T h, T lam_k, T rate_k, I k, I k0, T neg_inf) 
   return h * lam_k + (f > T(0) ? Math::log(f > T(0) ? f : T(1)) : neg_inf);
 }
 
-// One y's share of the score entropy (dmb.md §5, SEDD's DSE), without the row weight w = σ·a_{k−1}:
+// One y's share of the score entropy (docs/dmb.md §4, SEDD's DSE), without the row weight w = σ·a_{k−1}:
 //   term = e^s − r·s + r(log r − 1),  d term / ds = e^s − r,   r = p(y|x0)/p(x_t|x0),
 // counted only for y at rank j < k = rank(x_t) (the states with a rate into x_t, so never y = x_t).
 // r = 0 below k0 (and where a_{j−1} = 0); log r = log p_j − log p_k in log space, so E_j underflowing

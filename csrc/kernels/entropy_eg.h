@@ -1,4 +1,4 @@
-// Torch-free exp-Golomb coder (papers/backslash.md §6): order-k codes, MSB-first bit order, the
+// Torch-free exp-Golomb coder (docs/slim-format.md §6): order-k codes, MSB-first bit order, the
 // last byte zero-padded.  The code of u ≥ 0 is w = u + 2^k written in nbits = ⌊log2 w⌋+1 bits,
 // preceded by nbits−1−k zeros (the same bits as EG0 of ⌊u/2^k⌋ followed by the k low bits of u),
 // so len(u) = 2·nbits − 1 − k.  Signed symbols are zig-zag mapped first: u = 2s (s ≥ 0),

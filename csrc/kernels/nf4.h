@@ -1,4 +1,4 @@
-// Torch-free NF4 helpers shared by the CPU and CUDA kernels (papers/qlora.md §3): the code table, the
+// Torch-free NF4 helpers shared by the CPU and CUDA kernels (docs/qlora.md §2–§3): the code table, the
 // quantizer's index rule and the layout of bitsandbytes' packed 4-bit weights.
 //
 // Layout: W [out, in] flattened row-major into n = out·in weights; weight i lies in byte i/2, the high nibble

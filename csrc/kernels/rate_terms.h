@@ -1,5 +1,5 @@
 // Torch-free per-element math of the BackSlash rate proxy R(θ) = (1/N) Σ (|θ|+ε)^ν
-// (papers/backslash.md §2, §4), shared by the CPU and CUDA kernels.
+// (docs/backslash.md §2), shared by the CPU and CUDA kernels.
 #pragma once
 #include <cmath>
 

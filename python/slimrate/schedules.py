@@ -1,4 +1,4 @@
-"""Learning-rate schedules for a fixed step budget: UBA (papers/uba.md) and the baselines it is compared with.
+"""Learning-rate schedules for a fixed step budget: UBA (docs/uba.md) and the baselines it is compared with.
 
 Every schedule but OneCycle sets each param group's lr at step ``step`` (= ``last_epoch``) to
 
@@ -27,7 +27,7 @@ from torch.optim.lr_scheduler import LRScheduler, OneCycleLR
 
 from slimrate.files import figure_png
 
-# φ = 2 makes UBA exactly cosine annealing. The paper's φ guidance is unknown (papers/uba.md §4), so the
+# φ = 2 makes UBA exactly cosine annealing. The paper's φ guidance is unknown (docs/uba.md §5), so the
 # default is the one value whose behaviour is known and standard: a default UBA is never a regression against
 # the cosine baseline; sweep φ (e.g. 0.5, 1, 2, 4, 8) to use it. The third-party default 0.8 is not taken:
 # its provenance is unknown and, under the φ = 2κ reading, it would mean a condition number κ < 1.
@@ -68,7 +68,7 @@ def uba_shape(progress: float, phi: float = DEFAULT_PHI) -> float:
     φ = 2 is exactly cosine annealing; φ < 2 holds the rate high longer and drops it late (WSD-like);
     φ > 2 decays early with a long low tail. Monotone non-increasing in p; lower at every interior p as φ grows.
 
-    UNVERIFIED: a reconstruction from third-party code (papers/uba.md §3), not checked against Section 3 of
+    UNVERIFIED: a reconstruction from third-party code (docs/uba.md §1–§4), not checked against Section 3 of
     Tang et al., "Stepsize anything" (NeurIPS 2025, arXiv 2505.24452). Every schedule here calls this one
     function, so a corrected form changes only this body.
     DERIVED link to curvature: with φ = 2κ this is the Chebyshev (minimax) step size for quadratics with

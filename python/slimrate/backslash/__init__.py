@@ -1,4 +1,4 @@
-"""BackSlash rate-constrained training (papers/backslash.md): shape estimation, the rate proxy R,
+"""BackSlash rate-constrained training (docs/backslash.md): shape estimation, the rate proxy R,
 RateConstraint with its hook for slimrate's training loop and its transformers Trainer callback, and the
 .slim model file (save_slim / load_slim).
 

@@ -1,12 +1,12 @@
 """RateConstraint: apply the BackSlash rate penalty λ·R(θ) to a model at every training step.
 
 R(θ) = (1/N)·Σ (|θ|+ε)^ν over the constrained parameters (N = their total element count), with ν
-re-estimated from the weights' moments (papers/backslash.md §2–§5).  Two application modes:
+re-estimated from the weights' moments (docs/backslash.md §2–§5).  Two application modes:
 
-- ``mode="grad"`` (§5a, J = D + λ·R): ``step()`` after ``loss.backward()`` and before
+- ``mode="grad"`` (§4, J = D + λ·R): ``step()`` after ``loss.backward()`` and before
   ``optimizer.step()`` adds λ·∂R/∂θ into ``p.grad``; the optimizer then applies it, so the learning
   rate, its schedule, momentum and Adam's preconditioning all act on the rate term.
-- ``mode="decoupled"`` (§5b, the authors' re-implementation): ``step()`` after ``optimizer.step()``
+- ``mode="decoupled"`` (§4, the authors' re-implementation): ``step()`` after ``optimizer.step()``
   does θ ← θ − λ·∂R/∂θ directly, with no learning rate and no optimizer state (their setting:
   λ = 2000, ε = 1).  It is a proximal-style shrink with no zero-crossing guard: a weight smaller than
   its step flips sign and oscillates around 0, as in their code.
@@ -86,7 +86,7 @@ class RateConstraint:
         λ·∂R/∂θ into ``p.grad`` (creating zero grads where None), so the LR, its schedule and Adam's
         preconditioning apply to it (gradient clipping does too if it runs after ``step()``);
         "decoupled" — call ``step()`` after ``optimizer.step()``: θ ← θ − λ·∂R/∂θ under no_grad, with
-        no LR (papers/backslash.md §5b; no zero-crossing guard).
+        no LR (docs/backslash.md §4; no zero-crossing guard).
     include: "weights" (Linear/Conv/Embedding weights; not biases or norms), "all", or a callable
         (name, module, param) -> bool.  Frozen parameters (requires_grad=False) are never taken.
     shape_scope: "global" (one ν pooled over all constrained parameters, as the authors' code) or

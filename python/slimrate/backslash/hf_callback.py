@@ -24,7 +24,7 @@ class RateConstraintCallback(TrainerCallback):
         right before ``optimizer.step()``.  So λ·∂R/∂θ is added to the clipped gradient: the LR, its
         schedule and Adam's preconditioning apply to it, the clipping does not.
     mode "decoupled": on ``on_step_end``, after ``optimizer.step()`` (as the authors' re-implementation,
-        papers/backslash.md §5b): θ ← θ − λ·∂R/∂θ with no LR.
+        docs/backslash.md §4): θ ← θ − λ·∂R/∂θ with no LR.
     On every log, R and ν of the last step are added as "backslash_rate" and "backslash_nu" to the
     logged dict and to ``state.log_history``; reporting integrations (``report_to``) run before user
     callbacks, so to have them record these too, put this callback first:

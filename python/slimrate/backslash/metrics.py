@@ -14,7 +14,7 @@ from slimrate.backslash.slim_format import load_slim, save_slim, slim_report
 def symbol_entropy_bits(symbols: torch.Tensor) -> float:
     """H(q) = −Σ p·log2 p of the symbols' empirical distribution, in bits per symbol (0 when empty).
 
-    The lower bound of any symbol-by-symbol code of the stream (papers/backslash.md §6).
+    The lower bound of any symbol-by-symbol code of the stream (docs/backslash.md §7).
     """
     if symbols.numel() == 0:
         return 0.0

@@ -1,4 +1,4 @@
-"""Generalized-Gaussian shape ν by moment matching (papers/backslash.md §3).
+"""Generalized-Gaussian shape ν by moment matching (docs/backslash.md §3).
 
 For θ ~ GG(ν, α), p(θ) ∝ exp(−(|θ|/α)^ν), the scale-free ratio
 
@@ -20,7 +20,7 @@ from slimrate.ops import rate_stats
 from slimrate.ops.checks import finite_number
 
 # The authors' re-implementation inverts ρ on the grid ν ∈ [0.1, 3.0] and clamps outside it
-# (papers/backslash.md §3, S2); we solve exactly inside the same range.  ρ(0.1) = 216.8 and
+# (docs/backslash.md §1, §3); we solve exactly inside the same range.  ρ(0.1) = 216.8 and
 # ρ(3.0) = 1.461, so ρ̂ ≥ 216.8 gives 0.1 and ρ̂ ≤ 1.461 gives 3.0 (ρ̂ ≥ 1 always, by Cauchy–Schwarz).
 NU_MIN = 0.1
 NU_MAX = 3.0

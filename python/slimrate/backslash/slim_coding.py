@@ -1,6 +1,6 @@
 """Tensor ↔ payload bytes for the .slim format (slim_format.py): raw storage and the three entropy coders.
 
-Coders (papers/backslash.md §6):
+Coders (docs/backslash.md §6; byte layouts in docs/slim-format.md §5–§7):
 - ``"raw"``: lossless, the tensor's bytes in little-endian order (bfloat16 as its 16-bit pattern).
 - ``"eg"``: the paper's Algorithm 2. q = round(θ/Δ); the distinct symbols sorted by descending frequency
   (ties: smaller value first) form the table, rank 0 = most frequent; each q is coded as EG0 of its rank

@@ -1,4 +1,4 @@
-"""The .slim model file: an entropy-coded state dict, no pickle anywhere (papers/backslash.md §6).
+"""The .slim model file: an entropy-coded state dict, no pickle anywhere (docs/slim-format.md).
 
 Layout (all integers little-endian):
 

@@ -1,4 +1,4 @@
-"""Discrete Markov Bridge (papers/dmb.md): a learned rate matrix plus a learned concrete score, trained
+"""Discrete Markov Bridge (docs/dmb.md): a learned rate matrix plus a learned concrete score, trained
 alternately, evaluated by an upper bound on −log-likelihood in bits per token; SEDD's absorbing and
 uniform chains as baselines in the same code.
 

@@ -1,4 +1,4 @@
-"""SEDD's fixed forward processes (Lou, Meng, Ermon 2024; papers/dmb.md §9) behind the same interface as
+"""SEDD's fixed forward processes (Lou, Meng, Ermon 2024; docs/dmb.md §10) behind the same interface as
 ``RateMatrix``, so the baselines share DMB's model, losses, sampler, ELBO and budget.
 
 - ``AbsorbingRates``: SEDD-absorb.  V data states plus [MASK] (index V, the last rank), unit rate into

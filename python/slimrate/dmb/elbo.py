@@ -1,4 +1,4 @@
-"""The negative ELBO in bits per token (papers/dmb.md §5–6; SEDD Thm 3.6):
+"""The negative ELBO in bits per token (docs/dmb.md §7; SEDD Thm 3.6):
 
     −log p_θ(x0) ≤ ∫₀¹ DWDSE_t(x0) dt + KL(p_{1|0}(·|x0) ‖ p_T),   p_T = p̂_0·exp(σ̄(1)Q).
 

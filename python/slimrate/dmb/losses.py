@@ -1,4 +1,4 @@
-"""DMB's two objectives (papers/dmb.md §4–5) and the sampling they need.
+"""DMB's two objectives (docs/dmb.md §5–§6) and the sampling they need.
 
 - Score learning: the diffusion-weighted denoising score entropy (DWDSE, SEDD eq. 10 in row form) of
   the score network at one random time per sequence, in nats per sequence.
@@ -14,7 +14,7 @@ import torch
 
 from slimrate.dmb.noise import Noise
 
-# t ~ U(T_MIN, 1) in training: SEDD's sampling_eps (the DMB code uses 1e-10; papers/dmb.md §5).
+# t ~ U(T_MIN, 1) in training: SEDD's sampling_eps (the DMB code uses 1e-10; docs/dmb.md §11).
 TRAIN_T_MIN = 1e-3
 # Probabilities are clamped here before a log: zeros in p_{T|0} are structural (ranks below x0's), and
 # clamping (instead of the official code's (p + ε)/Σ smoothing) keeps the KL and its gradient finite
@@ -63,7 +63,7 @@ def prior_kl(rates, x0: torch.Tensor, p_T: torch.Tensor, h_T: float) -> torch.Te
 
 
 def matrix_loss(rates, mu_hat: torch.Tensor, p0_hat: torch.Tensor, h_T: float) -> torch.Tensor:
-    """J_Q = E_{x0∼μ̂} KL(p_{T|0}(·|x0) ‖ p̂_0·exp(h_T·Q)) in nats per sequence (papers/dmb.md §4, eq. 5).
+    """J_Q = E_{x0∼μ̂} KL(p_{T|0}(·|x0) ‖ p̂_0·exp(h_T·Q)) in nats per sequence (docs/dmb.md §6, eq. 5).
 
     mu_hat, p0_hat (L, V).  Exact over μ̂: rows of every state v at every position, weighted by μ̂[l, v].
     Gradients reach the rates through both the rows and the prediction, as in the official code.

@@ -1,4 +1,4 @@
-"""The score network: SEDD's DDiT (diffusion transformer) at CPU sizes (papers/dmb.md §7, SEDD ``model/``).
+"""The score network: SEDD's DDiT (diffusion transformer) at CPU sizes (docs/dmb.md §5, SEDD ``model/``).
 
 ``ScoreNet(x_t (B, L) int64, h (B,) = σ̄(t)) -> logscore (B, L, V)``, an estimate of log p_t(y)/p_t(x_t)
 for every single-token change at every position.  Layout, as in SEDD's ``transformer.py``:
@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 # Presets: "tiny" for tests (seconds), "small" for CPU studies, "sedd-small" = the paper's text8 net
-# (768 hidden, 12 blocks, 12 heads, cond 128, ≈92M parameters; papers/dmb.md §7).
+# (768 hidden, 12 blocks, 12 heads, cond 128, ≈92M parameters; docs/dmb.md §12).
 MODEL_PRESETS = {
     "tiny": {"d_model": 32, "n_heads": 2, "n_blocks": 1, "cond_dim": 16},
     "small": {"d_model": 64, "n_heads": 4, "n_blocks": 2, "cond_dim": 32},

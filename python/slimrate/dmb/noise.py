@@ -1,7 +1,7 @@
 """Noise schedules on t ∈ [0, 1]: the rate σ(t) and the total noise σ̄(t) = ∫₀ᵗ σ(s) ds.
 
-The forward process at time t is p_{t|0} = exp(σ̄(t)·Q) (papers/dmb.md §1); the score network is
-conditioned on σ̄(t) and the DWDSE weight is σ(t).  Formulas from SEDD's ``noise_lib.py`` (papers/dmb.md §7).
+The forward process at time t is p_{t|0} = exp(σ̄(t)·Q) (docs/dmb.md §2); the score network is
+conditioned on σ̄(t) and the DWDSE weight is σ(t).  Formulas from SEDD's ``noise_lib.py`` (docs/dmb.md §5).
 """
 
 from __future__ import annotations

@@ -1,11 +1,11 @@
-"""DMB's learnable per-position rate matrix Q_α = A·H·A⁻¹ (papers/dmb.md §2).
+"""DMB's learnable per-position rate matrix Q_α = A·H·A⁻¹ (docs/dmb.md §3).
 
 At each position l, A is a permutation and H is upper triangular in rank order: the rate from rank i
 to rank j > i is a_{j−1} ≥ 0 (it depends only on the target), the diagonal is Λ_k = −Σ_{i≥k} a_i and
 the last rank absorbs (Λ_{V−1} = 0).  So exp(hQ) = (AU)·exp(hΛ)·(AU)⁻¹ with U the all-ones upper
 triangle, and every operator below costs O(V) per row; no V×V matrix is formed.
 
-Conventions (issue 7): row vectors; ``perm[l, x]`` is the rank of state x at position l and
+Conventions (docs/dmb.md §2): row vectors; ``perm[l, x]`` is the rank of state x at position l and
 ``perm_inv[l, k]`` the state at rank k; ``lam [L, V]`` is Λ in rank order; h = σ̄(t), sigma = σ(t).
 The rows, columns and the score entropy come from ``slimrate.ops`` (``ctmc_transition_rows``,
 ``ctmc_rate_cols``, ``score_entropy``); p_0·exp(hQ) for a whole distribution is computed here in plain
@@ -20,7 +20,7 @@ from torch import nn
 from slimrate import ops
 
 RATE_INITS = ("gather", "constant", "prior-matching")
-# Added to every a_i at init, as the official code does (papers/dmb.md §2): a = relu(param) has a
+# Added to every a_i at init, as the official code does (docs/dmb.md §3): a = relu(param) has a
 # zero gradient at exactly 0, so a rate that starts at 0 could never grow.
 INIT_FLOOR = 1e-10
 # Lemma 4.4's smoothing of the ratio prior/μ̂ (official code, m_permute).
@@ -63,7 +63,7 @@ def check_total_noise(name: str, h: torch.Tensor, batch: int) -> None:
 
 
 def data_permutation(mu_hat: torch.Tensor, prior: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Lemma 4.4's per-position order: ranks by (prior + ε)/(μ̂ + ε) ascending (papers/dmb.md §2).
+    """Lemma 4.4's per-position order: ranks by (prior + ε)/(μ̂ + ε) ascending (docs/dmb.md §3).
 
     mu_hat (L, V) per-position data histogram (rows sum to 1); prior (L, V), default uniform 1/V.
     Returns (perm, perm_inv), both (L, V) int64: perm[l, x] the rank of state x, perm_inv[l, k] the
@@ -82,7 +82,7 @@ def initial_rates(init: str, mu_hat: torch.Tensor, perm_inv: torch.Tensor, *, h_
     """Initial rates a (L, V−1) float64, each ≥ INIT_FLOOR.
 
     - "gather" (the paper's text init): a = (0, …, 0, 1), Λ = (−1, …, −1, 0): an absorbing chain into
-      the last rank at rate 1 (papers/dmb.md §2, DERIVED).
+      the last rank at rate 1 (docs/dmb.md §3).
     - "constant": every a_i = ``value`` (the paper's image init uses 1e-5).
     - "prior-matching": Thm 4.2's accessibility construction, e^{hΛ_k} = P_k / M_k with P, M the
       cumulative prior and data histograms in rank order, so that μ̂·exp(h_T·Q) = prior exactly at
@@ -187,7 +187,7 @@ class RateMatrix(nn.Module):
     def score_entropy(self, logscore: torch.Tensor, x_t: torch.Tensor, x0: torch.Tensor, h: torch.Tensor,
                       sigma: torch.Tensor) -> torch.Tensor:
         """DWDSE per sequence (B,) in nats: Σ_l Σ_{y≠x_t} σ·Q[y, x_t]·(e^{s_y} − r_y s_y + r_y(log r_y − 1)),
-        r_y = p(y|x0)/p(x_t|x0) (papers/dmb.md §5); gradient w.r.t. logscore (B, L, V) only."""
+        r_y = p(y|x0)/p(x_t|x0) (docs/dmb.md §4); gradient w.r.t. logscore (B, L, V) only."""
         check_tokens("x_t", x_t, self.vocab_size, self.seq_len)
         check_tokens("x0", x0, self.vocab_size, self.seq_len)
         check_total_noise("h", h, x0.shape[0])
@@ -199,7 +199,7 @@ class RateMatrix(nn.Module):
         """p0·exp(h·Q) per position: p0 (L, V) → (L, V) float64 (the prior p_T = p̂_0·exp(σ̄(1)Q)).
 
         gather (rank order) → cumsum → ·exp(hΛ) → first difference, relu-clamped → gather back
-        (papers/dmb.md §3); differentiable w.r.t. the rates (matrix learning's prediction term).
+        (docs/dmb.md §4); differentiable w.r.t. the rates (matrix learning's prediction term).
         """
         check_distribution("p0", p0, (self.seq_len, self.vocab_size))
         h = torch.as_tensor(h, dtype=torch.float64)

@@ -1,4 +1,4 @@
-"""Reverse-time sampling (papers/dmb.md §6, §9) and DMB's p̂_0 estimate.
+"""Reverse-time sampling (docs/dmb.md §8) and DMB's p̂_0 estimate.
 
 - "euler" (DMB's only sampler, and SEDD's Euler): x ~ δ_{x_t} + Δt·Q̂(x_t, ·) with the reverse rates
   Q̂[x, y] = s_θ(x)_y·σ(t)·Q[y, x] and the diagonal −Σ; negative entries (a step too long for the rate)

@@ -2,7 +2,7 @@
 
 One run = score learning, the loop's steps (AdamW, UBA schedule, gradient clipping, checkpoint/resume,
 metrics JSONL + TensorBoard, progress bar), plus for DMB the alternating outer loop of
-papers/dmb.md §6 as a hook: every ``outer_every`` score steps, p̂_0 is re-estimated from samples of
+docs/dmb.md §9 as a hook: every ``outer_every`` score steps, p̂_0 is re-estimated from samples of
 the EMA network and the rate matrix is trained for ``matrix_steps`` steps with the network frozen
 (one such phase also runs before the first score step).  The baselines keep Q fixed and
 p̂_0 = μ̂, the training histogram.  At the end, ``model.safetensors`` (EMA weights, rates, p̂_0) and

@@ -1,4 +1,4 @@
-"""Quantization and lossless entropy coding of int32 symbol streams (papers/backslash.md §6).
+"""Quantization and lossless entropy coding of int32 symbol streams (docs/backslash.md §6, docs/slim-format.md §6–§7).
 
 - ``quantize`` / ``dequantize``: uniform scalar quantizer q = round(x/Δ), x̂ = q·Δ (plain PyTorch, any device);
 - ``eg_encode`` / ``eg_decode`` / ``eg_code_length``: exp-Golomb codes of order k, MSB first;
@@ -106,7 +106,7 @@ def eg_code_length(symbols: torch.Tensor, k: int = 0, signed: bool = True, *, ba
 
 
 def eg_encode(symbols: torch.Tensor, k: int = 0, signed: bool = True, *, backend: str | None = None) -> torch.Tensor:
-    """Exp-Golomb code of order k (papers/backslash.md §6), MSB first, the last byte zero-padded.
+    """Exp-Golomb code of order k (docs/slim-format.md §6), MSB first, the last byte zero-padded.
 
     symbols: (n,) int32 on the CPU.  signed=True zig-zag maps s to u = 2s (s ≥ 0), −2s − 1 (s < 0)
     and rejects INT32_MIN; signed=False needs s ≥ 0.  u is written as w = u + 2^k in ⌊log2 w⌋+1 bits

@@ -1,13 +1,13 @@
-"""The CTMC ops of the Discrete Markov Bridge (papers/dmb.md §2–3, §5): rows of exp(h·Q) and columns of Q for DMB's
+"""The CTMC ops of the Discrete Markov Bridge (docs/dmb.md §2–§4): rows of exp(h·Q) and columns of Q for DMB's
 structured rate matrix, and the fused denoising score entropy, without ever forming a V×V matrix.
 
-Conventions (issue 7, as in DMB's code): row vectors, Q[x, y] is the rate x → y; per position l,
+Conventions (docs/dmb.md §2, as in DMB's code): row vectors, Q[x, y] is the rate x → y; per position l,
 ``perm[l, y]`` is the rank of state y and ``perm_inv[l, j]`` the state at rank j (inverse permutations);
 ``lam[l]`` is Λ in rank order, Λ_j = −Σ_{i≥j} a_i with rates a_i ≥ 0 (non-decreasing, last entry 0, the code's
 get_lambda).  Rank i moves to rank j > i at rate a_{j−1}; the last rank absorbs.  h = σ̄(t) is the total noise,
 sigma = σ(t) the noise rate.
 
-Closed forms (dmb.md §3, derived from Q = A·U·diag(Λ)·U⁻¹·A⁻¹, Lemma 4.3 / Prop. 5.1 of the DMB paper), with
+Closed forms (docs/dmb.md §4, derived from Q = A·U·diag(Λ)·U⁻¹·A⁻¹, Lemma 4.3 / Prop. 5.1 of the DMB paper), with
 k0 = rank(x0), j = rank(y), E_j = exp(hΛ_j):  p(y|x0) = 0 (j < k0), E_{k0} (j = k0), E_j − E_{j−1} (j > k0);
 Q[y, x] with k = rank(x): a_{k−1} (j < k), Λ_k (j = k), 0 (j > k).
 
@@ -181,7 +181,7 @@ def ctmc_rate_cols(x: torch.Tensor, lam: torch.Tensor, perm: torch.Tensor, perm_
 def score_entropy(logscore: torch.Tensor, x_t: torch.Tensor, x0: torch.Tensor, h: torch.Tensor | float,
                   sigma: torch.Tensor | float, lam: torch.Tensor, perm: torch.Tensor, perm_inv: torch.Tensor, *,
                   backend: str | None = None) -> torch.Tensor:
-    """Diffusion-weighted denoising score entropy per sequence, [B] in lam's dtype (nats; dmb.md §5, SEDD eq. 10):
+    """Diffusion-weighted denoising score entropy per sequence, [B] in lam's dtype (nats; docs/dmb.md §4, SEDD eq. 10):
 
         Σ_l Σ_{y ≠ x_t} σ·Q[y, x_t]·(e^{s_y} − r_y·s_y + r_y(log r_y − 1)),   r_y = p(y|x0) / p(x_t|x0)
 

@@ -1,4 +1,4 @@
-"""NF4 4-bit weights bit-compatible with bitsandbytes, and the fused NF4 + LoRA linear layer (papers/qlora.md).
+"""NF4 4-bit weights bit-compatible with bitsandbytes, and the fused NF4 + LoRA linear layer (docs/qlora.md).
 
 - ``nf4_quantize`` / ``nf4_dequantize``: the bytes and absmax of ``bitsandbytes.functional.quantize_4bit(w,
   quant_type="nf4")`` and the values of ``dequantize_4bit``, incl. the double-quantized absmax
@@ -238,7 +238,7 @@ def nf4_lora_linear(x: torch.Tensor, packed: torch.Tensor, quant_state_or_absmax
     everything in float32 and round once to x's dtype (gradients to each input's dtype); peft + bitsandbytes
     round the base product and the LoRA branch separately, so low-precision outputs are at least as accurate.
     ``backend="reference"`` is that peft + bitsandbytes arithmetic in plain PyTorch (ops/reference.py).
-    W is decoded tile by tile inside the kernels, never materialised whole (papers/qlora.md §2).
+    W is decoded tile by tile inside the kernels, never materialised whole (docs/qlora.md §6).
     """
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"x: expected a torch.Tensor, got {type(x).__name__}")
@@ -283,7 +283,7 @@ def _save_for_backward(ctx, inputs, output) -> None:
 
 
 def _lora_linear_backward(ctx, grad_y: torch.Tensor, grad_input) -> tuple:
-    """Gradients of y = x·Wᵀ + s·(lx·Aᵀ)·Bᵀ + b (papers/qlora.md §2), float32 products, each rounded once:
+    """Gradients of y = x·Wᵀ + s·(lx·Aᵀ)·Bᵀ + b (docs/qlora.md §6), float32 products, each rounded once:
     gh = s·g·B; dx = g·W (+ gh·A when lora_x is x, in the same kernel); d lora_x = gh·A; dA = ghᵀ·lx;
     dB = s·gᵀ·(lx·Aᵀ); db = Σ g.  ``grad_input`` is the backend's nf4_linear_grad_input."""
     x, packed, absmax, lora_x, lora_A, lora_B = ctx.saved_tensors

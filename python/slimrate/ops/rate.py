@@ -1,6 +1,6 @@
 """The BackSlash rate ops: moment statistics and the fused rate-proxy gradient over a whole model.
 
-R(θ) = (1/N) Σ_i (|θ_i| + ε)^ν over every element of every tensor (papers/backslash.md §2).
+R(θ) = (1/N) Σ_i (|θ_i| + ε)^ν over every element of every tensor (docs/backslash.md §2).
 """
 
 from __future__ import annotations

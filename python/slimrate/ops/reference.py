@@ -27,7 +27,7 @@ def rate_grad_(params: list[torch.Tensor], grads: list[torch.Tensor], lam: float
                eps: float) -> torch.Tensor:
     """grads[i] += lam·(ν/N)·sign(θ)·(|θ|+ε)^(ν−1) in place; returns R = (1/N) Σ (|θ|+ε)^ν, float64 [].
 
-    N is the total element count of params; papers/backslash.md §2 and §4.
+    N is the total element count of params; docs/backslash.md §2.
     """
     device = params[0].device if params else torch.device("cpu")
     n = sum(p.numel() for p in params)
@@ -42,7 +42,7 @@ def rate_grad_(params: list[torch.Tensor], grads: list[torch.Tensor], lam: float
     return total / n
 
 
-# ---- entropy coding (papers/backslash.md §6): plain Python, bit-exact to csrc/kernels/entropy_eg.h ----
+# ---- entropy coding (docs/slim-format.md §6): plain Python, bit-exact to csrc/kernels/entropy_eg.h ----
 
 def _eg_index(s: int, signed: bool) -> int:
     """Zig-zag index u of symbol s (u = 2s for s ≥ 0, −2s − 1 for s < 0), or s itself when unsigned."""
@@ -117,7 +117,7 @@ def sparse_linear(x: torch.Tensor, row_ptr: torch.Tensor, col_idx: torch.Tensor,
     return y.to(x.dtype)
 
 
-# ---- NF4 4-bit weights (papers/qlora.md §3), bit-compatible with bitsandbytes 0.50 on the CPU ----
+# ---- NF4 4-bit weights (docs/qlora.md §3), bit-compatible with bitsandbytes 0.50 on the CPU ----
 
 # The 16 NF4 code values (bitsandbytes.functional.get_4bit_type("nf4")), as float32.
 NF4_CODE = (-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
@@ -199,7 +199,7 @@ def nf4_lora_linear(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor,
     return y + lora.to(y.dtype)
 
 
-# ---- CTMC / Discrete Markov Bridge (papers/dmb.md §2–3, §5): the op chains of DMB's code ----
+# ---- CTMC / Discrete Markov Bridge (docs/dmb.md §2–§4): the op chains of DMB's code ----
 # Per position l: lam [L, V] = Λ in rank order, perm[l, y] = rank of state y, perm_inv[l, j] = state at rank j.
 
 def ctmc_transition_rows(x0: torch.Tensor, h: torch.Tensor, lam: torch.Tensor, perm: torch.Tensor,
@@ -228,7 +228,7 @@ def ctmc_rate_cols(x: torch.Tensor, lam: torch.Tensor, perm: torch.Tensor, perm_
 def score_entropy(logscore: torch.Tensor, x_t: torch.Tensor, x0: torch.Tensor, h: torch.Tensor,
                   sigma: torch.Tensor, lam: torch.Tensor, perm: torch.Tensor, perm_inv: torch.Tensor) -> torch.Tensor:
     """Σ_l Σ_{y≠x_t} σ·Q[y, x_t]·(e^{s_y} − r_y s_y + r_y(log r_y − 1)), r_y = p(y|x0)/p(x_t|x0), per sequence [B]
-    (DMB's DWDSE with the constant, dmb.md §5, without its eps smoothing).  Differentiable in logscore."""
+    (DMB's DWDSE with the constant, docs/dmb.md §4, without its eps smoothing).  Differentiable in logscore."""
     cond = ctmc_transition_rows(x0, h, lam, perm, perm_inv)
     w = sigma[:, None, None] * ctmc_rate_cols(x_t, lam, perm, perm_inv)
     w = w.scatter(-1, x_t[..., None], 0.0)  # y ≠ x_t

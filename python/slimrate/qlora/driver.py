@@ -1,5 +1,5 @@
 """The two-phase QLoRA fine-tuning driver behind ``slimrate qlora train`` (the seed paper's recipe,
-papers/qlora.md §1): a 4-bit NF4 base with LoRA adapters, phase 1 then phase 2 from phase 1's adapter.
+docs/qlora.md §10): a 4-bit NF4 base with LoRA adapters, phase 1 then phase 2 from phase 1's adapter.
 
 Each phase runs the shared training loop (``slimrate.train.train``: progress bar, ``metrics.jsonl``,
 TensorBoard, optional offline wandb) with AdamW and the UBA schedule, saves its adapter with peft's
@@ -80,7 +80,7 @@ class FinetuneConfig:
     lr: float | None = None
     phi: float = 2.0
     warmup_share: float = 0.1
-    rank: int = 16  # r = 16, alpha = 32, dropout 0: the paper's v4 adapter (papers/qlora.md §1)
+    rank: int = 16  # r = 16, alpha = 32, dropout 0: the paper's v4 adapter (docs/qlora.md §1)
     alpha: float = 32.0
     dropout: float = 0.0
     target_modules: tuple[str, ...] = ALL_LINEAR

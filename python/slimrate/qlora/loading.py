@@ -1,7 +1,7 @@
 """Load a causal LM in 4-bit NF4 with LoRA adapters (transformers + bitsandbytes + peft), and merge
 the adapters into a dequantized 16/32-bit copy of the base.
 
-Merging follows unsloth's advice (papers/qlora.md §5): peft's ``merge_and_unload`` on a 4-bit model
+Merging follows unsloth's advice (docs/qlora.md §9): peft's ``merge_and_unload`` on a 4-bit model
 adds the LoRA delta and quantizes the sum back to NF4, losing the delta's precision; here each NF4
 weight is dequantized (the exact values the 4-bit model computes with) and W + s·B·A is kept in
 the chosen float dtype.
@@ -63,7 +63,7 @@ def load_4bit(path: str | os.PathLike, lora_config, *, compute_dtype: torch.dtyp
         model = PeftModel.from_pretrained(base, lora_config, is_trainable=True, local_files_only=True)
     else:
         model = get_peft_model(base, lora_config)
-    model.train()  # before any forward: papers/qlora.md §6
+    model.train()  # before any forward: docs/qlora.md §8
     return model
 
 

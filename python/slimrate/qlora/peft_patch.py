@@ -12,7 +12,7 @@ left as peft made it and not counted.  A patched layer whose state later changes
 (``with model.disable_adapter():``, ``merge_adapter()``, ``set_adapter([...])`` with several,
 ``adapter_names=`` mixed batches) runs peft's own forward for those calls.
 
-The AVX512-BF16 repack (papers/qlora.md §6): on such CPUs bitsandbytes' ``Linear4bit.forward`` in
+The AVX512-BF16 repack (docs/qlora.md §8): on such CPUs bitsandbytes' ``Linear4bit.forward`` in
 eval mode with an input that needs no gradient rewrites the weight in place into a layout for its
 ``gemv_4bit`` kernel (``weight.quant_state.packing_format_for_cpu = True``: nibbles regrouped in
 32-row tiles, absmax transposed and rounded to bf16, double quantization undone).  That layout is not
@@ -73,7 +73,7 @@ def _repack_message(name: str) -> str:
 
 
 def prevent_cpu_repack(model: nn.Module) -> int:
-    """Stop bitsandbytes from repacking 4-bit weights on eval-mode CPU forwards (papers/qlora.md §6).
+    """Stop bitsandbytes from repacking 4-bit weights on eval-mode CPU forwards (docs/qlora.md §8).
 
     Sets ``support_avx512bf16_for_cpu = False`` on every ``bitsandbytes.nn.Linear4bit`` in ``model``;
     inference then dequantizes and multiplies as in training (no gemv fast path).  Raises

@@ -43,7 +43,7 @@ def build_char_tokenizer():
 
 def build_tiny_mistral(vocab_size: int, seed: int = 0, *, hidden: int = 64, layers: int = 2, max_positions: int = 1024):
     """A randomly initialised ``MistralForCausalLM``: hidden 64, MLP 128, 2 layers, 4 heads, 2 KV heads
-    (papers/qlora.md §6's test model, with the char vocabulary) in float32."""
+    (a config small enough for CPU tests, with the char vocabulary) in float32."""
     from transformers import MistralConfig, MistralForCausalLM
 
     config = MistralConfig(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=2 * hidden,

@@ -2,7 +2,7 @@
 
 For each task (the digits MLP, the char LM; see studies/schedules.py) and each λ (λ = 0 is plain
 training) one model is trained with the same seed, data and budget, BackSlash in the decoupled mode
-(papers/backslash.md §5b, ε = 1).  Its weight matrices are then quantized with the task's step Δ and
+(docs/backslash.md §4, ε = 1).  Its weight matrices are then quantized with the task's step Δ and
 measured:
 - size: the .slim file's weight payloads with the frequency-sorted exp-Golomb coder ("eg", the paper's
   Algorithm 2, table included) and with rANS, against fp32 storage and zstd (levels 3, 19) and lzma on
@@ -11,7 +11,7 @@ measured:
   run in a subprocess: nncodec pins its own torch; `make peers` makes the venv);
 - quality after decompression (load_slim → the model's metrics), and after nncodec's dependent quantization;
 - pruning: global magnitude pruning of the weight matrices at 0–95%, metrics after each.
-The issue's targets are checked per task: ≥ 85% smaller than fp32 at ≤ 0.5 pt quality loss, and at
+The study's targets are checked per task: ≥ 85% smaller than fp32 at ≤ 0.5 pt quality loss, and at
 80% pruning ≤ 1 pt lost by BackSlash while plain training loses more (see ``quality_loss`` for bits/char).
 """
 
@@ -41,7 +41,7 @@ from slimrate.train import TrainConfig, train
 
 REPO = Path(__file__).resolve().parents[3]
 NNCODEC_SCRIPT = REPO / "bench" / "peers" / "nncodec_sizes.py"
-SIZE_TARGET = 0.85  # the issue: ≥ 85% smaller than fp32 ...
+SIZE_TARGET = 0.85  # the target: ≥ 85% smaller than fp32 ...
 QUALITY_BUDGET = 0.005  # ... at ≤ 0.5 pt quality loss (quality_loss's units)
 PRUNING_BUDGET, PRUNING_RATE = 0.01, 0.8  # at 80% pruned BackSlash loses ≤ 1 pt, plain training more
 
@@ -209,7 +209,7 @@ def best_slim_bits(row: dict) -> tuple[float, str]:
 
 
 def target_lines(task_name: str, rows: list[dict]) -> list[str]:
-    """The issue's two targets checked on one task's rows (λ = 0 first): size at the quality budget,
+    """The study's two targets checked on one task's rows (λ = 0 first): size at the quality budget,
     and pruning robustness (if 80% is among the pruning rates)."""
     metric, lower_is_better = PRIMARY[task_name]
     points = "% of" if lower_is_better else " pt of"  # quality_loss: relative for bits/char, points for accuracy

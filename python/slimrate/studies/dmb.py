@@ -144,7 +144,7 @@ def format_table(cfg: DMBStudyConfig, rows: list[dict]) -> str:
                      f"| {r['minutes']:.1f} |")
     lines += ["", "Does the learned Q help at this scale?", "", *verdicts(rows), "",
               "Paper scale for context (text8, 92M-parameter net, 8 GPUs): DMB ≤ 1.38, SEDD-absorb ≤ 1.39, "
-              "SEDD-uniform ≤ 1.47 (papers/dmb.md §8).", "", "![BPC vs steps](dmb.png)", "",
+              "SEDD-uniform ≤ 1.47 (arXiv:2505.19752; docs/dmb.md §12).", "", "![BPC vs steps](dmb.png)", "",
               f"Samples ({cfg.sample_steps} Euler steps from the prior, EMA weights, seed {cfg.seed}; the baselines "
               "end with SEDD's denoising step, so no [MASK] is left):", ""]
     for r in rows:

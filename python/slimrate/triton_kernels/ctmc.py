@@ -1,4 +1,4 @@
-"""Triton kernels of the CTMC ops (papers/dmb.md §2–3, §5; closed forms as in csrc/kernels/ctmc.h):
+"""Triton kernels of the CTMC ops (docs/dmb.md §2–§4; closed forms as in csrc/kernels/ctmc.h):
 rows of exp(h·Q), columns of Q, the transition-row backward and the fused score entropy for DMB's structured Q.
 
 Layout: lam, perm, perm_inv [L, V] (Λ in rank order, rank of each state, state at each rank), token ids

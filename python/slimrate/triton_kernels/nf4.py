@@ -1,4 +1,4 @@
-"""Triton kernels of the NF4 ops (papers/qlora.md §3; layout in csrc/kernels/nf4.h): W [out, in] flattened into
+"""Triton kernels of the NF4 ops (docs/qlora.md §3; layout in csrc/kernels/nf4.h): W [out, in] flattened into
 n weights, weight i in byte i/2 (high nibble when i is even), scaled by absmax[i // blocksize].
 
 - nf4_quantize / nf4_dequantize: one program per quantization block / per BLOCK weights; bit-identical to

@@ -1,4 +1,4 @@
-"""Triton kernels of the BackSlash rate ops (papers/backslash.md §2, §4): moment statistics and the
+"""Triton kernels of the BackSlash rate ops (docs/backslash.md §2): moment statistics and the
 fused rate-proxy gradient, one launch per tensor, deterministic per-program partial sums.
 
 R(θ) = (1/N) Σ_i (|θ_i| + ε)^ν over every element of every tensor.
