@@ -109,7 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def add_dmb_parser(commands) -> None:
     from slimrate.dmb.model import MODEL_PRESETS
-    from slimrate.dmb.train import METHODS, DMBConfig
+    from slimrate.dmb.driver import METHODS, DMBConfig
 
     defaults = DMBConfig(out_dir="")
     dmb = commands.add_parser("dmb", help="Discrete Markov Bridge: train, bound in bits/char, sample")
@@ -347,7 +347,7 @@ def qlora_input_problem(args: argparse.Namespace) -> str | None:
 def run_dmb_command(args: argparse.Namespace) -> int:
     import torch
 
-    from slimrate.dmb.train import DMBConfig, bound_of, load_model, train_dmb
+    from slimrate.dmb.driver import DMBConfig, bound_of, load_model, train_dmb
 
     if args.dmb_command == "train":
         manifest = train_dmb(DMBConfig(out_dir=args.out, data=args.data, method=args.method, steps=args.budget,

@@ -14,7 +14,7 @@ from slimrate.dmb.model import MODEL_PRESETS, ScoreNet, ScoreNetConfig
 from slimrate.dmb.noise import GeometricNoise, LogLinearNoise, make_noise
 from slimrate.dmb.rate_matrix import RATE_INITS, RateMatrix, data_permutation, initial_rates
 from slimrate.dmb.sampler import estimate_p0, reverse_sample
-from slimrate.dmb.train import METHODS, DMBConfig, DMBModel, bound_of, load_model, train_dmb
+from slimrate.dmb.driver import METHODS, DMBConfig, DMBModel, bound_of, load_model, train_dmb
 
 __all__ = ["METHODS", "MODEL_PRESETS", "RATE_INITS", "AbsorbingRates", "DMBConfig", "DMBModel", "ElboResult",
            "GeometricNoise", "LogLinearNoise", "RateMatrix", "ScoreNet", "ScoreNetConfig", "TokenData", "UniformRates",

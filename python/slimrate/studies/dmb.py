@@ -1,7 +1,7 @@
 """DMB against SEDD-absorb and SEDD-uniform on the embedded text corpus: same network, data, budget, seed.
 
 Each run trains the same DDiT preset for the same number of score steps with the same optimizer,
-schedule and batches (``slimrate.dmb.train``); the forward process differs (DMB: learned Q with its
+schedule and batches (``slimrate.dmb.driver``); the forward process differs (DMB: learned Q with its
 alternating matrix learning and p̂_0; the baselines: SEDD's fixed Q), and so may the network's output
 scaling: SEDD-absorb divides its scores by e^σ̄ − 1 (``scale_by_sigma``), DMB's official script does not.
 DMB therefore runs as in its code, with SEDD-absorb's scaling (so that one comparison differs only in Q),
@@ -22,7 +22,7 @@ import torch
 
 from slimrate.dmb.data import load_token_data
 from slimrate.dmb.sampler import reverse_sample
-from slimrate.dmb.train import EVAL_SEED, DMBConfig, bound_of, load_model, train_dmb
+from slimrate.dmb.driver import EVAL_SEED, DMBConfig, bound_of, load_model, train_dmb
 from slimrate.studies.output import figure_png, write_study_files
 from slimrate.train import read_jsonl
 
