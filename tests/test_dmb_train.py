@@ -3,6 +3,7 @@ data loaders (text files, digits, CIFAR-10 pickles) and the quick study."""
 
 import json
 import pickle
+import shutil
 
 import numpy as np
 import pytest
@@ -10,7 +11,7 @@ import torch
 
 from slimrate.cli import main
 from slimrate.dmb import DMBConfig, TokenData, load_model, load_token_data, read_cifar10_batch, train_dmb
-from slimrate.train import list_checkpoints
+from slimrate.train import CheckpointError, list_checkpoints
 
 TINY = {"model": "tiny", "seq_len": 16, "batch": 8, "eval_sequences": 4, "eval_samples": 2, "p0_samples": 4,
         "p0_steps": 3, "matrix_steps": 2, "log_every": 1, "progress": False}
@@ -124,14 +125,49 @@ def test_cli_rejects_one_sample_per_window(tmp_path, capsys):
     assert "--samples: expected >= 2" in capsys.readouterr().err
 
 
-def test_load_model_rejects_a_corrupt_weights_file(tmp_path):
-    train_dmb(DMBConfig(out_dir=str(tmp_path), method="sedd-uniform", steps=1, **TINY))
-    weights = tmp_path / "model.safetensors"
+@pytest.fixture(scope="module")
+def trained_folder(tmp_path_factory):
+    """A finished one-step run; tests tamper with copies of it."""
+    folder = tmp_path_factory.mktemp("dmb-run")
+    train_dmb(DMBConfig(out_dir=str(folder), method="sedd-uniform", steps=1, **TINY))
+    return folder
+
+
+def flip_a_weight_byte(folder):
+    weights = folder / "model.safetensors"
     data = bytearray(weights.read_bytes())
-    data[-1] ^= 0xFF
+    data[int(torch.randint(len(data) // 2, len(data), ()))] ^= 0x01  # in the tensor bytes, past the header
     weights.write_bytes(bytes(data))
-    with pytest.raises(ValueError, match="SHA-256 does not match"):
-        load_model(tmp_path)
+
+
+def edit_a_setting(folder):
+    record = json.loads((folder / "dmb.json").read_text())
+    record["config"]["steps"] += 1
+    (folder / "dmb.json").write_text(json.dumps(record))
+
+
+def set_manifest_version(folder, version):
+    manifest = json.loads((folder / "manifest.json").read_text())
+    manifest["version"] = version
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+
+
+@pytest.mark.parametrize("tamper, message", [
+    (flip_a_weight_byte, r"model\.safetensors: SHA-256 [0-9a-f]+ does not match the manifest's"),
+    (edit_a_setting, r"dmb\.json: SHA-256 [0-9a-f]+ does not match the manifest's"),
+    (lambda folder: (folder / "manifest.json").unlink(), r"no manifest\.json, so its files cannot be verified"),
+    (lambda folder: (folder / "dmb.json").unlink(), r"dmb\.json: missing"),
+    (lambda folder: set_manifest_version(folder, 1), r"expected format 'slimrate-dmb' version 2, got 'slimrate-dmb' "
+                                                     r"version 1"),
+], ids=["weights", "settings", "no-manifest", "no-settings", "old-version"])
+def test_load_model_refuses_a_tampered_folder(trained_folder, tmp_path, tamper, message):
+    folder = tmp_path / "run"
+    shutil.copytree(trained_folder, folder)
+    load_model(folder)  # the copy as written loads
+    tamper(folder)
+    with pytest.raises(CheckpointError, match=message) as error:
+        load_model(folder)
+    assert "train it again" in str(error.value)
 
 
 def write_cifar_batch(path, n, seed):

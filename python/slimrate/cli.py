@@ -108,8 +108,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def add_dmb_parser(commands) -> None:
-    from slimrate.dmb.model import MODEL_PRESETS
     from slimrate.dmb.driver import METHODS, DMBConfig
+    from slimrate.dmb.model import MODEL_PRESETS
 
     defaults = DMBConfig(out_dir="")
     dmb = commands.add_parser("dmb", help="Discrete Markov Bridge: train, bound in bits/char, sample")

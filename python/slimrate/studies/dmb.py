@@ -21,8 +21,8 @@ from pathlib import Path
 import torch
 
 from slimrate.dmb.data import load_token_data
-from slimrate.dmb.sampler import reverse_sample
 from slimrate.dmb.driver import EVAL_SEED, DMBConfig, bound_of, load_model, train_dmb
+from slimrate.dmb.sampler import reverse_sample
 from slimrate.studies.output import figure_png, write_study_files
 from slimrate.train import read_jsonl
 
