@@ -1,5 +1,5 @@
 """DMB end to end: training through the shared loop and its resume, the CLI (train, eval, sample), the
-data loaders (text files, digits, CIFAR-10 pickles) and the quick study."""
+data loaders (text files, digits, CIFAR-10 pickles) and the model folder's manifest check."""
 
 import json
 import pickle
@@ -208,24 +208,3 @@ def test_data_loaders_report_missing_paths_and_short_texts(tmp_path):
     short.write_text("too short")
     with pytest.raises(ValueError, match="too short for seq_len=64"):
         load_token_data(str(short), 64)
-
-
-def test_quick_dmb_study_writes_table_plot_and_curves(tmp_path, capsys):
-    assert main(["study", "dmb", "--quick", "--seed", "1", "-o", str(tmp_path)]) == 0
-    payload = json.loads((tmp_path / "dmb.json").read_text())
-    assert payload["config"]["seed"] == 1
-    rows = payload["rows"]
-    assert [(r["method"], r["scale_by_sigma"], r["learn_q"]) for r in rows] == [
-        ("dmb", False, True), ("dmb", True, True), ("dmb", False, False), ("sedd-absorb", True, True),
-        ("sedd-uniform", False, True)]
-    for row in rows:
-        assert row["bpc"] > 0 and row["se"] > 0 and [p["step"] for p in row["curve"]] == [3, 6]
-        assert len(row["samples"]) == 1 and len(row["samples"][0]) == 16
-    assert rows[2]["rates"] == {"absorbing_rate": pytest.approx(1.0), "other_rate_mean": pytest.approx(1e-10),
-                                "other_rate_max": pytest.approx(1e-10)}  # the gather init, untouched
-    assert rows[3]["rates"] is None
-    table = (tmp_path / "dmb.md").read_text()
-    assert "| dmb | no |" in table and "| sedd-absorb | yes |" in table and "Does the learned Q help" in table
-    assert table.count(" SE), ") == 3 * 2 + 1  # each DMB run against each baseline, learned against frozen Q
-    assert (tmp_path / "dmb.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert "wrote" in capsys.readouterr().out
