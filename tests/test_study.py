@@ -81,10 +81,6 @@ def test_quick_study_writes_table_plot_and_json(name, tmp_path, capsys):
     CHECKS[name](dataclasses.replace(study.quick(), seed=1), payload, table)
 
 
-def test_every_study_has_a_check():
-    assert set(CHECKS) == set(STUDIES)
-
-
 def test_schedule_seeds_derive_from_the_base_seed():
     assert SchedulesStudyConfig().seeds == (0, 1, 2)  # the default study's seeds (bench/results)
     assert SchedulesStudyConfig(seed=5, seed_count=2).seeds == (5, 6)
