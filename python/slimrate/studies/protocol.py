@@ -36,8 +36,8 @@ class Study(Generic[C]):
     help: str  # one line for `slimrate study --help`
     title: str  # heading of the table
     stem: str  # output files <stem>.md, <stem>.png, <stem>.json
-    config: type[C]
-    quick: Callable[[], C]
+    config: type[C]  # config() is the full study
+    quick: Callable[[], C]  # a seconds-long config, for the tests
     run_all: Callable[[C], tuple[list[dict], dict]]
     table: Callable[[C, StudyResults], str]
     plot: Callable[[C, StudyResults], bytes]
