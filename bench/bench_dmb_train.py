@@ -15,8 +15,8 @@ import pytest
 import torch
 
 from slimrate.dmb.data import load_token_data
+from slimrate.dmb.driver import DMBConfig, build_model
 from slimrate.dmb.losses import matrix_loss
-from slimrate.dmb.train import DMBConfig, build_model
 
 BATCH, SEQ_LEN, MODEL = 32, 64, "small"  # the study's defaults (slimrate.studies.dmb)
 ROUNDS = 20

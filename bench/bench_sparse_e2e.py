@@ -24,14 +24,14 @@ from slimrate.backslash import RateConstraint
 from slimrate.models.char_lm import CharLM, CharLMConfig
 from slimrate.sparse.linear import sparsify
 from slimrate.sparse.prune import prune_
-from slimrate.studies.schedules import TASKS, StudyConfig
+from slimrate.studies.tasks import TASKS, TaskConfig
 from slimrate.train import TrainConfig, train
 
 SPARSITY = 0.9
 
 
 def digits_models() -> tuple[torch.nn.Module, torch.nn.Module, dict]:
-    task = TASKS["digits"](StudyConfig(), 0)
+    task = TASKS["digits"](TaskConfig(), 0)
     model = task.model
     train(model, task.optimizer, task.loss_fn, task.get_batch,
           TrainConfig(steps=1500, log_every=1500, seed=0, progress=False, tensorboard=False),

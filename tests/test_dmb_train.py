@@ -1,8 +1,9 @@
 """DMB end to end: training through the shared loop and its resume, the CLI (train, eval, sample), the
-data loaders (text files, digits, CIFAR-10 pickles) and the quick study."""
+data loaders (text files, digits, CIFAR-10 pickles) and the model folder's manifest check."""
 
 import json
 import pickle
+import shutil
 
 import numpy as np
 import pytest
@@ -10,7 +11,7 @@ import torch
 
 from slimrate.cli import main
 from slimrate.dmb import DMBConfig, TokenData, load_model, load_token_data, read_cifar10_batch, train_dmb
-from slimrate.train import list_checkpoints
+from slimrate.train import CheckpointError, list_checkpoints
 
 TINY = {"model": "tiny", "seq_len": 16, "batch": 8, "eval_sequences": 4, "eval_samples": 2, "p0_samples": 4,
         "p0_steps": 3, "matrix_steps": 2, "log_every": 1, "progress": False}
@@ -124,14 +125,49 @@ def test_cli_rejects_one_sample_per_window(tmp_path, capsys):
     assert "--samples: expected >= 2" in capsys.readouterr().err
 
 
-def test_load_model_rejects_a_corrupt_weights_file(tmp_path):
-    train_dmb(DMBConfig(out_dir=str(tmp_path), method="sedd-uniform", steps=1, **TINY))
-    weights = tmp_path / "model.safetensors"
+@pytest.fixture(scope="module")
+def trained_folder(tmp_path_factory):
+    """A finished one-step run; tests tamper with copies of it."""
+    folder = tmp_path_factory.mktemp("dmb-run")
+    train_dmb(DMBConfig(out_dir=str(folder), method="sedd-uniform", steps=1, **TINY))
+    return folder
+
+
+def flip_a_weight_byte(folder):
+    weights = folder / "model.safetensors"
     data = bytearray(weights.read_bytes())
-    data[-1] ^= 0xFF
+    data[int(torch.randint(len(data) // 2, len(data), ()))] ^= 0x01  # in the tensor bytes, past the header
     weights.write_bytes(bytes(data))
-    with pytest.raises(ValueError, match="SHA-256 does not match"):
-        load_model(tmp_path)
+
+
+def edit_a_setting(folder):
+    record = json.loads((folder / "dmb.json").read_text())
+    record["config"]["steps"] += 1
+    (folder / "dmb.json").write_text(json.dumps(record))
+
+
+def set_manifest_version(folder, version):
+    manifest = json.loads((folder / "manifest.json").read_text())
+    manifest["version"] = version
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+
+
+@pytest.mark.parametrize("tamper, message", [
+    (flip_a_weight_byte, r"model\.safetensors: SHA-256 [0-9a-f]+ does not match the manifest's"),
+    (edit_a_setting, r"dmb\.json: SHA-256 [0-9a-f]+ does not match the manifest's"),
+    (lambda folder: (folder / "manifest.json").unlink(), r"no manifest\.json, so its files cannot be verified"),
+    (lambda folder: (folder / "dmb.json").unlink(), r"dmb\.json: missing"),
+    (lambda folder: set_manifest_version(folder, 1), r"expected format 'slimrate-dmb' version 2, got 'slimrate-dmb' "
+                                                     r"version 1"),
+], ids=["weights", "settings", "no-manifest", "no-settings", "old-version"])
+def test_load_model_refuses_a_tampered_folder(trained_folder, tmp_path, tamper, message):
+    folder = tmp_path / "run"
+    shutil.copytree(trained_folder, folder)
+    load_model(folder)  # the copy as written loads
+    tamper(folder)
+    with pytest.raises(CheckpointError, match=message) as error:
+        load_model(folder)
+    assert "train it again" in str(error.value)
 
 
 def write_cifar_batch(path, n, seed):
@@ -172,24 +208,3 @@ def test_data_loaders_report_missing_paths_and_short_texts(tmp_path):
     short.write_text("too short")
     with pytest.raises(ValueError, match="too short for seq_len=64"):
         load_token_data(str(short), 64)
-
-
-def test_quick_dmb_study_writes_table_plot_and_curves(tmp_path, capsys):
-    assert main(["study", "dmb", "--quick", "--seed", "1", "-o", str(tmp_path)]) == 0
-    payload = json.loads((tmp_path / "dmb.json").read_text())
-    assert payload["config"]["seed"] == 1
-    rows = payload["rows"]
-    assert [(r["method"], r["scale_by_sigma"], r["learn_q"]) for r in rows] == [
-        ("dmb", False, True), ("dmb", True, True), ("dmb", False, False), ("sedd-absorb", True, True),
-        ("sedd-uniform", False, True)]
-    for row in rows:
-        assert row["bpc"] > 0 and row["se"] > 0 and [p["step"] for p in row["curve"]] == [3, 6]
-        assert len(row["samples"]) == 1 and len(row["samples"][0]) == 16
-    assert rows[2]["rates"] == {"absorbing_rate": pytest.approx(1.0), "other_rate_mean": pytest.approx(1e-10),
-                                "other_rate_max": pytest.approx(1e-10)}  # the gather init, untouched
-    assert rows[3]["rates"] is None
-    table = (tmp_path / "dmb.md").read_text()
-    assert "| dmb | no |" in table and "| sedd-absorb | yes |" in table and "Does the learned Q help" in table
-    assert table.count(" SE), ") == 3 * 2 + 1  # each DMB run against each baseline, learned against frozen Q
-    assert (tmp_path / "dmb.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert "wrote" in capsys.readouterr().out

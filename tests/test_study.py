@@ -1,31 +1,102 @@
-"""The schedule study end to end in its quick form, and the fairness of its comparison."""
+"""The studies end to end in their quick form through one protocol, and the fairness of the schedule
+comparison."""
 
+import dataclasses
 import json
 from pathlib import Path
 
 import pytest
 
 from slimrate.cli import main
-from slimrate.studies.schedules import quick_config, run_one, schedule_variants
+from slimrate.studies import STUDIES, run_study
+from slimrate.studies.schedules import SchedulesStudyConfig, quick_config, run_one, schedule_variants
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
-def test_quick_study_writes_table_plot_and_every_run(tmp_path, capsys):
-    assert main(["study", "schedules", "--quick", "-o", str(tmp_path)]) == 0
-    cfg = quick_config()
+def check_schedules(cfg, payload, table):
     labels = [label for label, _ in schedule_variants(cfg)]
-    result = json.loads((tmp_path / "schedules_study.json").read_text())
-    rows = result["rows"]
+    rows = payload["rows"]
     assert len(rows) == len(cfg.tasks) * len(cfg.budgets) * len(labels) * len(cfg.seeds)
-    assert {r["schedule"] for r in rows} == set(labels)
+    assert {r["schedule"] for r in rows} == set(labels) and {r["seed"] for r in rows} == set(cfg.seeds)
     for r in rows:
         metric = "test_acc" if r["task"] == "digits" else "val_bpc"
         assert r[metric] == r[metric] and r[metric] > 0  # finite, not NaN
-    table = (tmp_path / "schedules_study.md").read_text()
     for label in labels:
         assert f"| {label} |" in table
     assert "### digits" in table and "### charlm" in table
-    assert (tmp_path / "schedules_study.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert "wrote" in capsys.readouterr().out
+
+
+def check_backslash(cfg, payload, table):
+    rows = payload["rows"]
+    assert {(r["task"], r["lam"]) for r in rows} == {(t, lam) for t in ("digits", "charlm") for lam in (0.0, 50.0)}
+    for r in rows:
+        # rANS codes within a few % of the empirical entropy; no symbol-wise code beats it by more than
+        # its table's share, and exp-Golomb (a fixed code) cannot beat it at all.
+        assert r["rans_bits"] <= 1.1 * r["entropy_bits"] + 0.05
+        assert r["eg_bits"] >= r["entropy_bits"]
+        assert set(r["pruning"]) == {"0.0", "0.8"}
+    for task, metric in (("digits", "test_acc"), ("charlm", "val_bpc")):
+        plain, constrained = (r for r in rows if r["task"] == task)
+        assert constrained["entropy_bits"] < plain["entropy_bits"]  # the rate term lowers the entropy
+        assert metric + "_slim" in plain
+        assert "nncodec_bits" not in plain  # the quick config never runs nncodec
+    assert payload["nncodec"] == {}
+    assert "| λ |" in table and "| — | — | — |" in table
+    assert "nncodec (DeepCABAC) was not run" in table and "make peers" in table
+    assert table.count("Size target") == 2 and table.count("Pruning target") == 2
+
+
+def check_dmb(cfg, payload, table):
+    rows = payload["rows"]
+    assert [(r["method"], r["scale_by_sigma"], r["learn_q"]) for r in rows] == [
+        ("dmb", False, True), ("dmb", True, True), ("dmb", False, False), ("sedd-absorb", True, True),
+        ("sedd-uniform", False, True)]
+    for row in rows:
+        assert row["bpc"] > 0 and row["se"] > 0 and [p["step"] for p in row["curve"]] == [3, 6]
+        assert len(row["samples"]) == 1 and len(row["samples"][0]) == 16
+    assert rows[2]["rates"] == {"absorbing_rate": pytest.approx(1.0), "other_rate_mean": pytest.approx(1e-10),
+                                "other_rate_max": pytest.approx(1e-10)}  # the gather init, untouched
+    assert rows[3]["rates"] is None
+    assert payload["config"]["train"]["steps"] == cfg.train.steps  # the shared training settings are stored
+    assert "| dmb | no |" in table and "| sedd-absorb | yes |" in table and "Does the learned Q help" in table
+    assert table.count(" SE), ") == 3 * 2 + 1  # each DMB run against each baseline, learned against frozen Q
+
+
+CHECKS = {"schedules": check_schedules, "backslash": check_backslash, "dmb": check_dmb}
+
+
+@pytest.mark.parametrize("name", list(STUDIES))
+def test_quick_study_writes_table_plot_and_json(name, tmp_path, capsys):
+    """Every study end to end in its quick form through `slimrate study NAME --quick --seed 1`."""
+    study = STUDIES[name]
+    assert main(["study", name, "--quick", "--seed", "1", "-o", str(tmp_path)]) == 0
+    paths = [tmp_path / f"{study.stem}.{ext}" for ext in ("md", "png", "json")]
+    assert capsys.readouterr().out.splitlines() == [f"wrote {path}" for path in paths]
+    table = paths[0].read_text()
+    assert table.startswith(f"# {study.title}\n\n") and " runs in " in table.splitlines()[2]
+    assert paths[1].read_bytes()[:8] == PNG_MAGIC
+    payload = json.loads(paths[2].read_text())
+    assert payload["config"]["seed"] == 1
+    CHECKS[name](dataclasses.replace(study.quick(), seed=1), payload, table)
+
+
+def test_schedule_seeds_derive_from_the_base_seed():
+    assert SchedulesStudyConfig().seeds == (0, 1, 2)  # the default study's seeds (bench/results)
+    assert SchedulesStudyConfig(seed=5, seed_count=2).seeds == (5, 6)
+    with pytest.raises(ValueError, match="seed_count: expected an int >= 1, got 0"):
+        SchedulesStudyConfig(seed_count=0)
+
+
+def test_run_study_rejects_an_unknown_name(tmp_path):
+    with pytest.raises(ValueError, match=r"name: expected one of \['schedules', 'backslash', 'dmb'\], got 'sizes'"):
+        run_study("sizes", None, tmp_path)
+
+
+def test_study_rejects_another_studys_config():
+    with pytest.raises(TypeError, match="config: expected a DMBStudyConfig for the dmb study, got "
+                                        "SchedulesStudyConfig"):
+        STUDIES["dmb"].run(quick_config())
 
 
 @pytest.mark.parametrize("task", ["digits", "charlm"])
@@ -45,28 +116,6 @@ def test_study_rejects_unknown_subcommand(capsys):
         main(["study", "sizes"])
     assert exit_info.value.code == 2
     assert "invalid choice" in capsys.readouterr().err
-
-
-def test_quick_backslash_study_writes_sizes_and_pruning(tmp_path):
-    assert main(["study", "backslash", "--quick", "-o", str(tmp_path)]) == 0
-    rows = json.loads((tmp_path / "backslash.json").read_text())["rows"]
-    assert {(r["task"], r["lam"]) for r in rows} == {(t, lam) for t in ("digits", "charlm") for lam in (0.0, 50.0)}
-    for r in rows:
-        # rANS codes within a few % of the empirical entropy; no symbol-wise code beats it by more than
-        # its table's share, and exp-Golomb (a fixed code) cannot beat it at all.
-        assert r["rans_bits"] <= 1.1 * r["entropy_bits"] + 0.05
-        assert r["eg_bits"] >= r["entropy_bits"]
-        assert set(r["pruning"]) == {"0.0", "0.8"}
-    for task, metric in (("digits", "test_acc"), ("charlm", "val_bpc")):
-        plain, constrained = (r for r in rows if r["task"] == task)
-        assert constrained["entropy_bits"] < plain["entropy_bits"]  # the rate term lowers the entropy
-        assert metric + "_slim" in plain
-        assert "nncodec_bits" not in plain  # the quick config never runs nncodec
-    table = (tmp_path / "backslash.md").read_text()
-    assert "| λ |" in table and "| — | — | — |" in table
-    assert "nncodec (DeepCABAC) was not run" in table and "make peers" in table
-    assert table.count("Size target") == 2 and table.count("Pruning target") == 2
-    assert (tmp_path / "backslash.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_nncodec_adapter_codes_each_tensor_at_the_nearest_step():

@@ -42,6 +42,7 @@ def positive_finite_float(text: str) -> float:
 
 def build_parser() -> argparse.ArgumentParser:
     from slimrate.demo import DemoConfig
+    from slimrate.studies import STUDIES
 
     parser = argparse.ArgumentParser(prog="slimrate", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -65,20 +66,13 @@ def build_parser() -> argparse.ArgumentParser:
     plot.add_argument("-o", "--output", default="schedules.png", help="PNG path (default %(default)s)")
     study = commands.add_parser("study", help="studies that write tables and plots")
     study_commands = study.add_subparsers(dest="study_command", required=True)
-    schedule_study = study_commands.add_parser("schedules", help="UBA vs baseline schedules at several budgets")
-    schedule_study.add_argument("--quick", action="store_true", help="a seconds-long version (tiny budgets, one seed)")
-    schedule_study.add_argument("-o", "--out", default="bench/results",
-                                help="folder for schedules_study.{md,png,json} (default %(default)s)")
-    backslash_study = study_commands.add_parser("backslash", help="λ sweep: .slim sizes vs other coders, pruning")
-    backslash_study.add_argument("--quick", action="store_true", help="a seconds-long version (two λ, tiny budgets)")
-    backslash_study.add_argument("-o", "--out", default="bench/results",
-                                 help="folder for backslash.{md,png,json} (default %(default)s)")
-    dmb_study = study_commands.add_parser("dmb", help="DMB vs SEDD-absorb vs SEDD-uniform: bound in bits/char")
-    dmb_study.add_argument("--quick", action="store_true", help="a seconds-long version (tiny net, a few steps)")
-    dmb_study.add_argument("-o", "--out", default="bench/results", help="folder for dmb.{md,png,json} "
-                           "(default %(default)s)")
-    dmb_study.add_argument("--seed", type=int, default=0, help="seed of every run: weights, batches, times "
-                           "(default %(default)s)")
+    for name, spec in STUDIES.items():
+        one = study_commands.add_parser(name, help=spec.help)
+        one.add_argument("--quick", action="store_true", help="a seconds-long version (tiny budgets, for tests)")
+        one.add_argument("-o", "--out", default="bench/results",
+                         help=f"folder for {spec.stem}.{{md,png,json}} (default %(default)s)")
+        one.add_argument("--seed", type=int, default=0, help="base seed: every run's weights, data and times "
+                         "derive from it (default %(default)s)")
     compress = commands.add_parser("compress", help="entropy-code a safetensors checkpoint into a .slim file")
     compress.add_argument("checkpoint", help="a .safetensors file, or a folder holding model.safetensors")
     compress.add_argument("-o", "--output", required=True, help="the .slim file to write")
@@ -108,8 +102,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def add_dmb_parser(commands) -> None:
+    from slimrate.dmb.driver import METHODS, DMBConfig
     from slimrate.dmb.model import MODEL_PRESETS
-    from slimrate.dmb.train import METHODS, DMBConfig
 
     defaults = DMBConfig(out_dir="")
     dmb = commands.add_parser("dmb", help="Discrete Markov Bridge: train, bound in bits/char, sample")
@@ -220,20 +214,11 @@ def run_schedules_plot_command(args: argparse.Namespace) -> int:
 
 
 def run_study_command(args: argparse.Namespace) -> int:
-    if args.study_command == "schedules":
-        from slimrate.studies.schedules import StudyConfig, quick_config, write_study
+    from slimrate.studies import STUDIES, run_study
 
-        paths = write_study(quick_config() if args.quick else StudyConfig(), args.out)
-    elif args.study_command == "dmb":
-        from slimrate.studies.dmb import DMBStudyConfig, quick_dmb_config, write_dmb_study
-
-        config = quick_dmb_config() if args.quick else DMBStudyConfig()
-        paths = write_dmb_study(dataclasses.replace(config, seed=args.seed), args.out)
-    else:
-        from slimrate.studies.backslash import BackslashStudyConfig, quick_backslash_config, write_backslash_study
-
-        paths = write_backslash_study(quick_backslash_config() if args.quick else BackslashStudyConfig(), args.out)
-    for path in paths:
+    study = STUDIES[args.study_command]
+    config = dataclasses.replace(study.quick() if args.quick else study.config(), seed=args.seed)
+    for path in run_study(args.study_command, config, args.out):
         print(f"wrote {path}")
     return 0
 
@@ -347,7 +332,7 @@ def qlora_input_problem(args: argparse.Namespace) -> str | None:
 def run_dmb_command(args: argparse.Namespace) -> int:
     import torch
 
-    from slimrate.dmb.train import DMBConfig, bound_of, load_model, train_dmb
+    from slimrate.dmb.driver import DMBConfig, bound_of, load_model, train_dmb
 
     if args.dmb_command == "train":
         manifest = train_dmb(DMBConfig(out_dir=args.out, data=args.data, method=args.method, steps=args.budget,

@@ -8,13 +8,13 @@ uniform chains as baselines in the same code.
 
 from slimrate.dmb.baselines import AbsorbingRates, UniformRates
 from slimrate.dmb.data import TokenData, image_grid_png, load_token_data, read_cifar10_batch
+from slimrate.dmb.driver import METHODS, DMBConfig, DMBModel, bound_of, load_model, train_dmb
 from slimrate.dmb.elbo import ElboResult, elbo_bits
 from slimrate.dmb.losses import matrix_loss, prior_kl, score_loss
 from slimrate.dmb.model import MODEL_PRESETS, ScoreNet, ScoreNetConfig
 from slimrate.dmb.noise import GeometricNoise, LogLinearNoise, make_noise
 from slimrate.dmb.rate_matrix import RATE_INITS, RateMatrix, data_permutation, initial_rates
 from slimrate.dmb.sampler import estimate_p0, reverse_sample
-from slimrate.dmb.train import METHODS, DMBConfig, DMBModel, bound_of, load_model, train_dmb
 
 __all__ = ["METHODS", "MODEL_PRESETS", "RATE_INITS", "AbsorbingRates", "DMBConfig", "DMBModel", "ElboResult",
            "GeometricNoise", "LogLinearNoise", "RateMatrix", "ScoreNet", "ScoreNetConfig", "TokenData", "UniformRates",

@@ -1,6 +1,6 @@
 """BackSlash study: real .slim sizes over a λ sweep, against general-purpose coders, and pruning robustness.
 
-For each task (the digits MLP, the char LM; see studies/schedules.py) and each λ (λ = 0 is plain
+For each task (the digits MLP, the char LM; ``slimrate.studies.tasks``) and each λ (λ = 0 is plain
 training) one model is trained with the same seed, data and budget, BackSlash in the decoupled mode
 (docs/backslash.md §4, ε = 1).  Its weight matrices are then quantized with the task's step Δ and
 measured:
@@ -22,8 +22,7 @@ import lzma
 import os
 import subprocess
 import tempfile
-import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -35,8 +34,8 @@ from slimrate.backslash.metrics import slim_weight_bits, symbol_entropy_bits
 from slimrate.files import figure_png
 from slimrate.ops import quantize
 from slimrate.sparse import prune_
-from slimrate.studies.output import write_study_files
-from slimrate.studies.schedules import PRIMARY, TASKS, StudyConfig
+from slimrate.studies.protocol import Study, StudyResults
+from slimrate.studies.tasks import PRIMARY, TASKS, TaskConfig, quick_task_config
 from slimrate.train import TrainConfig, train
 
 REPO = Path(__file__).resolve().parents[3]
@@ -63,18 +62,16 @@ class BackslashStudyConfig:
     steps: dict[str, int] = field(default_factory=lambda: {"digits": 1500, "charlm": 2000})
     quant_step: dict[str, float] = field(default_factory=lambda: {"digits": 0.01, "charlm": 0.005})
     prune_rates: tuple[float, ...] = (0.0, 0.5, 0.7, 0.8, 0.9, 0.95)
-    seed: int = 0
+    seed: int = 0  # every run: weights and data order (one seed: the λ sweep is the comparison)
     eps: float = 1.0
-    tasks_config: StudyConfig = field(default_factory=StudyConfig)  # models, lr, batch of each task
+    task_config: TaskConfig = field(default_factory=TaskConfig)  # models, lr, batch of each task
     peers_python: str | None = field(default_factory=default_peers_python)  # None: nncodec is not run
 
 
-def quick_backslash_config() -> BackslashStudyConfig:
+def quick_config() -> BackslashStudyConfig:
     """Seconds-long version for the tests."""
-    from slimrate.studies.schedules import quick_config
-
     return BackslashStudyConfig(lams={"digits": (0.0, 50.0), "charlm": (0.0, 50.0)}, steps={"digits": 60, "charlm": 30},
-                                prune_rates=(0.0, 0.8), tasks_config=quick_config(), peers_python=None)
+                                prune_rates=(0.0, 0.8), task_config=quick_task_config(), peers_python=None)
 
 
 def weight_matrices(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -101,7 +98,7 @@ def general_coder_bits(symbols: torch.Tensor) -> dict[str, float]:
 
 def fresh_model(cfg: BackslashStudyConfig, task_name: str, state_dict: dict[str, torch.Tensor]) -> nn.Module:
     """The task's model in eval mode holding ``state_dict``."""
-    model = TASKS[task_name](cfg.tasks_config, cfg.seed).model
+    model = TASKS[task_name](cfg.task_config, cfg.seed).model
     model.load_state_dict(state_dict)
     return model.eval()
 
@@ -109,7 +106,7 @@ def fresh_model(cfg: BackslashStudyConfig, task_name: str, state_dict: dict[str,
 def run_one(cfg: BackslashStudyConfig, task_name: str, lam: float) -> tuple[dict, dict[str, torch.Tensor]]:
     """Train one model at λ, measure sizes, quality after decompression and the pruning curve;
     returns the row and the trained state dict."""
-    task = TASKS[task_name](cfg.tasks_config, cfg.seed)
+    task = TASKS[task_name](cfg.task_config, cfg.seed)
     model = task.model
     hooks = [RateConstraint(model, lam=lam, eps=cfg.eps, mode="decoupled")] if lam > 0 else []
     train(model, task.optimizer, task.loss_fn, task.get_batch,
@@ -160,7 +157,7 @@ def add_nncodec_columns(cfg: BackslashStudyConfig, task_name: str, rows: list[di
     """Fill nncodec_bits, nncodec_dq_bits and <metric>_nncodec_dq in the task's rows (one nncodec call for
     all of them: its venv's torch takes seconds to import); returns nncodec's settings and max errors."""
     metric, _ = PRIMARY[task_name]
-    task = TASKS[task_name](cfg.tasks_config, cfg.seed)
+    task = TASKS[task_name](cfg.task_config, cfg.seed)
     models = [fresh_model(cfg, task_name, state) for state in states]
     keyed = {f"{i}/{name}": w for i, m in enumerate(models) for name, w in weight_matrices(m).items()}
     result, dq_decoded = nncodec_sizes(cfg.peers_python, keyed, cfg.quant_step[task_name])
@@ -176,8 +173,9 @@ def add_nncodec_columns(cfg: BackslashStudyConfig, task_name: str, rows: list[di
             "step": result["step"], "max_abs_error": {mode: v["max_abs_error"] for mode, v in result["modes"].items()}}
 
 
-def run_backslash_study(cfg: BackslashStudyConfig, progress: bool = True) -> tuple[list[dict], dict]:
-    """All runs' rows, and per task nncodec's settings ({} when its venv is absent or peers_python is None)."""
+def run_all(cfg: BackslashStudyConfig, progress: bool = True) -> tuple[list[dict], dict]:
+    """All runs' rows, and {"nncodec": per task nncodec's settings} ({} when its venv is absent or
+    peers_python is None)."""
     rows, nncodec = [], {}
     run_nncodec = cfg.peers_python is not None and Path(cfg.peers_python).exists()
     with tqdm(total=sum(len(cfg.lams[t]) for t in cfg.tasks), desc="backslash study", unit="run",
@@ -192,7 +190,7 @@ def run_backslash_study(cfg: BackslashStudyConfig, progress: bool = True) -> tup
             if run_nncodec:
                 nncodec[task_name] = add_nncodec_columns(cfg, task_name, task_rows, states)
             rows += task_rows
-    return rows, nncodec
+    return rows, {"nncodec": nncodec}
 
 
 def quality_loss(task_name: str, reference: float, value: float) -> float:
@@ -241,8 +239,10 @@ def cell(row: dict, key: str, fmt: str) -> str:
     return format(row[key], fmt) if key in row else "—"
 
 
-def results_table(cfg: BackslashStudyConfig, rows: list[dict]) -> str:
-    lines = []
+def results_table(cfg: BackslashStudyConfig, results: StudyResults) -> str:
+    """Markdown: how nncodec ran, then per task the size/quality table, the pruning table and the targets."""
+    rows = results.rows
+    lines = [f"Decoupled mode, ε = {cfg.eps:g}. {nncodec_note(cfg, results.facts['nncodec'])}", ""]
     for task in cfg.tasks:
         metric, lower = PRIMARY[task]
         task_rows = [r for r in rows if r["task"] == task]
@@ -283,10 +283,11 @@ def nncodec_note(cfg: BackslashStudyConfig, nncodec: dict) -> str:
             "a coarser reconstruction (its quality in the next column).")
 
 
-def results_plot(cfg: BackslashStudyConfig, rows: list[dict]) -> bytes:
+def results_plot(cfg: BackslashStudyConfig, results: StudyResults) -> bytes:
     """PNG: per task, rate–quality (bits/weight vs metric after decoding) and the pruning curves."""
     from matplotlib.figure import Figure
 
+    rows = results.rows
     figure = Figure(figsize=(11, 4 * len(cfg.tasks)), layout="constrained")
     axes = figure.subplots(len(cfg.tasks), 2, squeeze=False)
     for (rate_ax, prune_ax), task in zip(axes, cfg.tasks, strict=True):
@@ -310,12 +311,6 @@ def results_plot(cfg: BackslashStudyConfig, rows: list[dict]) -> bytes:
     return figure_png(figure)
 
 
-def write_backslash_study(cfg: BackslashStudyConfig, out_dir: str, progress: bool = True) -> list[Path]:
-    """Run the study; write backslash.md, backslash.png and backslash.json atomically."""
-    started = time.perf_counter()
-    rows, nncodec = run_backslash_study(cfg, progress=progress)
-    note = f"Decoupled mode, ε = {cfg.eps:g}. {nncodec_note(cfg, nncodec)}\n\n"
-    config = {k: v for k, v in asdict(cfg).items() if k != "tasks_config"}
-    return write_study_files(out_dir, "backslash", "BackSlash: .slim sizes, λ sweep and pruning", len(rows),
-                             (time.perf_counter() - started) / 60, note + results_table(cfg, rows),
-                             results_plot(cfg, rows), {"config": config, "nncodec": nncodec, "rows": rows})
+STUDY = Study(name="backslash", help="λ sweep: .slim sizes vs other coders, pruning",
+              title="BackSlash: .slim sizes, λ sweep and pruning", stem="backslash", config=BackslashStudyConfig,
+              quick=quick_config, run_all=run_all, table=results_table, plot=results_plot)

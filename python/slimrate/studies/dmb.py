@@ -1,7 +1,7 @@
 """DMB against SEDD-absorb and SEDD-uniform on the embedded text corpus: same network, data, budget, seed.
 
 Each run trains the same DDiT preset for the same number of score steps with the same optimizer,
-schedule and batches (``slimrate.dmb.train``); the forward process differs (DMB: learned Q with its
+schedule and batches (``slimrate.dmb.driver``); the forward process differs (DMB: learned Q with its
 alternating matrix learning and p̂_0; the baselines: SEDD's fixed Q), and so may the network's output
 scaling: SEDD-absorb divides its scores by e^σ̄ − 1 (``scale_by_sigma``), DMB's official script does not.
 DMB therefore runs as in its code, with SEDD-absorb's scaling (so that one comparison differs only in Q),
@@ -12,19 +12,20 @@ and at the end on more windows and times (the table).
 
 from __future__ import annotations
 
+import dataclasses
 import statistics
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from slimrate.dmb.data import load_token_data
+from slimrate.dmb.driver import EVAL_SEED, DMBConfig, bound_of, load_model, train_dmb
 from slimrate.dmb.sampler import reverse_sample
-from slimrate.dmb.train import EVAL_SEED, DMBConfig, bound_of, load_model, train_dmb
 from slimrate.files import figure_png
-from slimrate.studies.output import write_study_files
+from slimrate.studies.protocol import Study, StudyResults
 from slimrate.train import read_jsonl
 
 # (label, method, scale_by_sigma (None = the official code's choice), learn_q)
@@ -32,38 +33,34 @@ RUNS = (("dmb", "dmb", None, True), ("dmb σ-scaled", "dmb", True, True), ("dmb 
         ("sedd-absorb", "sedd-absorb", None, True), ("sedd-uniform", "sedd-uniform", None, True))
 
 
+def study_training() -> DMBConfig:
+    """The training settings every run of the full study shares; ``run_one`` sets out_dir, method,
+    scale_by_sigma, learn_q and seed per run."""
+    return DMBConfig(out_dir="", steps=10000, eval_every=500, checkpoint_every=0, log_every=500, progress=False)
+
+
 @dataclass
 class DMBStudyConfig:
     """The default trains each run for 10000 steps of the `small` net: ≈ 30 steps/s on 2 idle CPU cores (torch
     2.13), so ≈ 5–6 minutes a run and ≈ 27 minutes in all; 3–5× that on a machine shared with other jobs.
-    Each run ends with ``sample_count`` samples of ``sample_steps`` Euler steps (the text in the report)."""
+    Each run ends with the bound on ``final_sequences`` × ``final_samples`` times (the table) and
+    ``sample_count`` samples of ``sample_steps`` Euler steps (the text in the report)."""
 
     runs: tuple[tuple[str, str, bool | None, bool], ...] = RUNS
-    data: str = "text8"
-    steps: int = 10000
-    eval_every: int = 500
-    batch: int = 32
-    seq_len: int = 64
-    model: str = "small"
-    lr: float = 1e-3
-    eval_sequences: int = 64  # curve points: 64 windows × 4 times
-    eval_samples: int = 4
-    final_sequences: int = 256  # the table: 256 windows × 8 times
+    train: DMBConfig = field(default_factory=study_training)  # its eval_* settings: the curve
+    final_sequences: int = 256
     final_samples: int = 8
-    outer_every: int = 500
-    matrix_steps: int = 50
-    p0_samples: int = 32
-    p0_steps: int = 32
     sample_count: int = 3
     sample_steps: int = 128
-    seed: int = 0
+    seed: int = 0  # every run: weights, batches, times, samples
 
 
-def quick_dmb_config() -> DMBStudyConfig:
+def quick_config() -> DMBStudyConfig:
     """A seconds-long version for the tests: a few steps of the tiny net on short windows."""
-    return DMBStudyConfig(steps=6, eval_every=3, batch=8, seq_len=16, model="tiny", eval_sequences=4, eval_samples=2,
-                          final_sequences=8, final_samples=2, outer_every=3, matrix_steps=2, p0_samples=4, p0_steps=4,
-                          sample_count=1, sample_steps=4)
+    train = dataclasses.replace(study_training(), steps=6, eval_every=3, batch=8, seq_len=16, model="tiny",
+                                eval_sequences=4, eval_samples=2, outer_every=3, matrix_steps=2, p0_samples=4,
+                                p0_steps=4, log_every=1)
+    return DMBStudyConfig(train=train, final_sequences=8, final_samples=2, sample_count=1, sample_steps=4)
 
 
 def rate_summary(rates) -> dict:
@@ -78,18 +75,14 @@ def run_one(cfg: DMBStudyConfig, label: str, method: str, scale_by_sigma: bool |
             out_dir: Path) -> dict:
     """Train one run and evaluate it; returns its row (final bound, curve, speed, time, samples, rates)."""
     start = time.perf_counter()
-    manifest = train_dmb(DMBConfig(
-        out_dir=str(out_dir), data=cfg.data, method=method, steps=cfg.steps, batch=cfg.batch, seq_len=cfg.seq_len,
-        model=cfg.model, lr=cfg.lr, eval_every=cfg.eval_every, eval_sequences=cfg.eval_sequences,
-        eval_samples=cfg.eval_samples, outer_every=cfg.outer_every, matrix_steps=cfg.matrix_steps,
-        p0_samples=cfg.p0_samples, p0_steps=cfg.p0_steps, checkpoint_every=0, log_every=max(1, cfg.steps // 20),
-        seed=cfg.seed, progress=False, scale_by_sigma=scale_by_sigma, learn_q=learn_q))
+    record = train_dmb(dataclasses.replace(cfg.train, out_dir=str(out_dir), method=method,
+                                           scale_by_sigma=scale_by_sigma, learn_q=learn_q, seed=cfg.seed))
     records = read_jsonl(out_dir / "metrics.jsonl")
     curve = [{"step": r["step"], "bpc": r["eval/bits_per_token"], "se": r["eval/bits_per_token_se"]}
              for r in records if "eval/bits_per_token" in r]
-    rates = [r["samples_per_s"] / cfg.batch for r in records if "samples_per_s" in r]
+    rates = [r["samples_per_s"] / cfg.train.batch for r in records if "samples_per_s" in r]
     model, _, _ = load_model(out_dir)
-    data = load_token_data(cfg.data, cfg.seq_len)
+    data = load_token_data(cfg.train.data, cfg.train.seq_len)
     final = bound_of(model, data.eval_subset(cfg.final_sequences), cfg.final_samples, EVAL_SEED + 1)
     with torch.no_grad():
         tokens = reverse_sample(model.net, model.rates, model.noise, model.prior(), cfg.sample_count, cfg.sample_steps,
@@ -99,8 +92,14 @@ def run_one(cfg: DMBStudyConfig, label: str, method: str, scale_by_sigma: bool |
             "bpc": final.bits_per_token, "se": final.standard_error, "score_bpc": final.score_bits,
             "prior_bpc": final.prior_bits, "curve": curve,
             "steps_per_s": statistics.median(rates[1:] if len(rates) >= 3 else rates),
-            "parameters": manifest["parameters"], "samples": data.describe(tokens),
+            "parameters": record["parameters"], "samples": data.describe(tokens),
             "minutes": (time.perf_counter() - start) / 60}
+
+
+def run_all(cfg: DMBStudyConfig) -> tuple[list[dict], dict]:
+    """Train and evaluate every run (run folders in a temporary directory); one row each, no study-wide facts."""
+    with tempfile.TemporaryDirectory(prefix="slimrate-dmb-study-") as runs:
+        return [run_one(cfg, *run, Path(runs) / f"run{i}") for i, run in enumerate(cfg.runs)], {}
 
 
 def compare(a: dict, b: dict) -> str:
@@ -128,12 +127,14 @@ def verdicts(rows: list[dict]) -> list[str]:
     return lines
 
 
-def format_table(cfg: DMBStudyConfig, rows: list[dict]) -> str:
-    lines = [f"Data: {cfg.data} (validation windows of {cfg.seq_len} characters); model preset `{cfg.model}`; "
-             f"{cfg.steps} score steps of batch {cfg.batch}, AdamW lr {cfg.lr:g} with the UBA schedule (φ = 2), "
-             f"seed {cfg.seed}; DMB: matrix learning ({cfg.matrix_steps} steps) and p̂_0 "
-             f"({cfg.p0_samples} samples × {cfg.p0_steps} Euler steps) every {cfg.outer_every} steps, except in "
-             "'dmb fixed Q', whose Q stays at the gather init with p̂_0 = μ̂.", "",
+def results_table(cfg: DMBStudyConfig, results: StudyResults) -> str:
+    """Markdown: the settings, the bound of every run, the verdicts, the plot and each run's samples."""
+    rows, t = results.rows, cfg.train
+    lines = [f"Data: {t.data} (validation windows of {t.seq_len} characters); model preset `{t.model}`; "
+             f"{t.steps} score steps of batch {t.batch}, AdamW lr {t.lr:g} with the UBA schedule (φ = {t.phi:g}), "
+             f"seed {cfg.seed}; DMB: matrix learning ({t.matrix_steps} steps) and p̂_0 "
+             f"({t.p0_samples} samples × {t.p0_steps} Euler steps) every {t.outer_every} steps, except in "
+             f"'dmb fixed Q', whose Q stays at the {t.init} init with p̂_0 = μ̂.", "",
              f"Bound in bits per character on {cfg.final_sequences} windows × {cfg.final_samples} Monte Carlo "
              "times each (± its Monte Carlo standard error; slimrate.dmb.elbo):", "",
              "| run | σ-scaled output | BPC bound | score term | prior term | train steps/s | parameters | minutes |",
@@ -152,9 +153,11 @@ def format_table(cfg: DMBStudyConfig, rows: list[dict]) -> str:
     return "\n".join(lines + [""])
 
 
-def plot_curves(rows: list[dict]) -> bytes:
+def results_plot(cfg: DMBStudyConfig, results: StudyResults) -> bytes:
+    """PNG: the bound against the score-learning steps, one curve per run."""
     from matplotlib.figure import Figure  # Agg rendering, no display
 
+    rows = results.rows
     fig = Figure(figsize=(6.4, 4.2))
     ax = fig.add_subplot(1, 1, 1)
     for r in rows:
@@ -170,12 +173,6 @@ def plot_curves(rows: list[dict]) -> bytes:
     return figure_png(fig)
 
 
-def write_dmb_study(cfg: DMBStudyConfig, out_dir: str) -> list[Path]:
-    """Train every run (folders in a temporary directory), write dmb.{md,png,json} to out_dir."""
-    start = time.perf_counter()
-    with tempfile.TemporaryDirectory(prefix="slimrate-dmb-study-") as runs:
-        rows = [run_one(cfg, *run, Path(runs) / f"run{i}") for i, run in enumerate(cfg.runs)]
-    minutes = (time.perf_counter() - start) / 60
-    return write_study_files(out_dir, "dmb", "DMB vs SEDD (absorb, uniform): bound in bits per character",
-                             len(rows), minutes, format_table(cfg, rows), plot_curves(rows),
-                             {"config": asdict(cfg), "rows": rows})
+STUDY = Study(name="dmb", help="DMB vs SEDD-absorb vs SEDD-uniform: bound in bits/char",
+              title="DMB vs SEDD (absorb, uniform): bound in bits per character", stem="dmb", config=DMBStudyConfig,
+              quick=quick_config, run_all=run_all, table=results_table, plot=results_plot)

@@ -6,7 +6,8 @@ replaced by a reference into the safetensors file) and ``manifest.json`` (format
 and the SHA-256 of the other two files).  A checkpoint is written into a hidden temporary folder,
 the manifest last, and only then renamed to its final name, so a run killed mid-write leaves either
 no new checkpoint or a complete one; folders without a manifest are never picked up.  Loading
-verifies both checksums and raises ``CheckpointError`` on any mismatch.
+verifies both checksums and raises ``CheckpointError`` on any mismatch.  ``write_manifest`` and
+``verify_manifest`` serve any folder of files written together (a DMB model folder, too).
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from slimrate.files import write_text_atomic
+
 CHECKPOINT_FORMAT = "slimrate-checkpoint"
 CHECKPOINT_VERSION = 1
 TENSORS_FILE = "tensors.safetensors"
@@ -36,7 +39,8 @@ _TENSOR, _TUPLE, _ITEMS = "__tensor__", "__tuple__", "__items__"
 
 
 class CheckpointError(ValueError):
-    """A checkpoint is incomplete, corrupt or from an unknown format."""
+    """A checkpoint (or another folder verified by its manifest, such as a DMB model) is incomplete, corrupt
+    or from an unknown format."""
 
 
 def checkpoint_dir(directory: str | os.PathLike, step: int) -> Path:
@@ -80,9 +84,7 @@ def save_checkpoint(directory: str | os.PathLike, step: int, state: dict[str, An
     save_file(store.tensors, str(temp / TENSORS_FILE), metadata={"format": CHECKPOINT_FORMAT})
     _fsync_file(temp / TENSORS_FILE)
     _write_synced(temp / STATE_FILE, json.dumps(encoded).encode())
-    manifest = {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "step": step,
-                "sha256": {name: _sha256(temp / name) for name in (TENSORS_FILE, STATE_FILE)}}
-    _write_synced(temp / MANIFEST_FILE, json.dumps(manifest, indent=1).encode())
+    write_manifest(temp, CHECKPOINT_FORMAT, CHECKPOINT_VERSION, (TENSORS_FILE, STATE_FILE), step=step)
     if final.exists():  # this step saved a second time (the loop never does): the new one wins
         shutil.rmtree(final)
     os.rename(temp, final)
@@ -96,23 +98,53 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     """The state saved in the checkpoint folder ``path``, after checking its manifest and checksums;
     tensors come back on the CPU."""
     path = Path(path)
-    manifest_path = path / MANIFEST_FILE
-    if not manifest_path.is_file():
-        raise CheckpointError(f"{path}: no {MANIFEST_FILE}; the checkpoint is incomplete (its save was "
-                              "interrupted); delete the folder to resume from the one before")
-    manifest = json.loads(manifest_path.read_text())
-    if manifest.get("format") != CHECKPOINT_FORMAT or manifest.get("version") != CHECKPOINT_VERSION:
-        raise CheckpointError(f"{manifest_path}: expected format {CHECKPOINT_FORMAT!r} version "
-                              f"{CHECKPOINT_VERSION}, got {manifest.get('format')!r} version {manifest.get('version')}")
-    for name, expected in manifest["sha256"].items():
-        if not (path / name).is_file():
-            raise CheckpointError(f"{path / name}: missing; delete {path} to resume from the checkpoint before it")
-        got = _sha256(path / name)
-        if got != expected:
-            raise CheckpointError(f"{path / name}: SHA-256 {got} does not match the manifest's {expected}; "
-                                  f"the file is corrupt; delete {path} to resume from the checkpoint before it")
+    verify_manifest(path, CHECKPOINT_FORMAT, CHECKPOINT_VERSION, (TENSORS_FILE, STATE_FILE),
+                    fix=f"delete {path} to resume from the checkpoint before it")
     tensors = load_file(str(path / TENSORS_FILE))
     return _decode(json.loads((path / STATE_FILE).read_text()), tensors)
+
+
+def write_manifest(folder: str | os.PathLike, format_name: str, version: int, files: tuple[str, ...],
+                   **fields: Any) -> dict[str, Any]:
+    """Write ``folder/manifest.json``: ``format_name``, ``version``, ``fields`` (JSON values) and the SHA-256
+    of each of ``files`` (names in ``folder``, already written), atomically; returns the manifest."""
+    folder = Path(folder)
+    manifest = {"format": format_name, "version": version, **fields,
+                "sha256": {name: _sha256(folder / name) for name in files}}
+    write_text_atomic(folder / MANIFEST_FILE, json.dumps(manifest, indent=1) + "\n")
+    return manifest
+
+
+def verify_manifest(folder: str | os.PathLike, format_name: str, version: int, files: tuple[str, ...],
+                    fix: str) -> dict[str, Any]:
+    """Check ``folder/manifest.json`` (``write_manifest``'s): its format and version, and that each of ``files``
+    is present with the SHA-256 it lists.  Returns the manifest; raises ``CheckpointError`` naming the file
+    at fault and ending with ``fix`` (what the user can do about it)."""
+    folder = Path(folder)
+    manifest_path = folder / MANIFEST_FILE
+    if not manifest_path.is_file():
+        raise CheckpointError(f"{folder}: no {MANIFEST_FILE}, so its files cannot be verified (a save that was "
+                              f"interrupted, or not a {format_name!r} folder); {fix}")
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{manifest_path}: not valid JSON ({e}); {fix}") from None
+    if not isinstance(manifest, dict):
+        manifest = {}
+    if manifest.get("format") != format_name or manifest.get("version") != version:
+        raise CheckpointError(f"{manifest_path}: expected format {format_name!r} version {version}, got "
+                              f"{manifest.get('format')!r} version {manifest.get('version')!r}; {fix}")
+    sums = manifest.get("sha256")
+    for name in files:
+        if not isinstance(sums, dict) or not isinstance(sums.get(name), str):
+            raise CheckpointError(f"{manifest_path}: lists no SHA-256 for {name}; {fix}")
+        if not (folder / name).is_file():
+            raise CheckpointError(f"{folder / name}: missing; {fix}")
+        got = _sha256(folder / name)
+        if got != sums[name]:
+            raise CheckpointError(f"{folder / name}: SHA-256 {got} does not match the manifest's {sums[name]}; "
+                                  f"the file is corrupt or was edited; {fix}")
+    return manifest
 
 
 class _TensorStore:

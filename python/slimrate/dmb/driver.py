@@ -6,14 +6,14 @@ docs/dmb.md §9 as a hook: every ``outer_every`` score steps, p̂_0 is re-estima
 the EMA network and the rate matrix is trained for ``matrix_steps`` steps with the network frozen
 (one such phase also runs before the first score step).  The baselines keep Q fixed and
 p̂_0 = μ̂, the training histogram.  At the end, ``model.safetensors`` (EMA weights, rates, p̂_0) and
-``dmb.json`` (settings, data, final bound, SHA-256 of the weights) are written to ``out_dir``.
+``dmb.json`` (settings, data, final bound), then ``manifest.json`` (format, version, SHA-256 of both;
+``slimrate.train.checkpoint.write_manifest``) are written to ``out_dir``; ``load_model`` verifies them.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import hashlib
 import json
 import math
 import os
@@ -37,11 +37,12 @@ from slimrate.dmb.sampler import estimate_p0, reverse_sample
 from slimrate.files import write_bytes_atomic, write_text_atomic
 from slimrate.schedules import UBA
 from slimrate.train import TrainConfig, latest_checkpoint, train
+from slimrate.train.checkpoint import verify_manifest, write_manifest
 from slimrate.train.loop import CHECKPOINTS_DIR
 
 METHODS = ("dmb", "sedd-absorb", "sedd-uniform")
-MODEL_FILE, MANIFEST_FILE = "model.safetensors", "dmb.json"
-FORMAT, VERSION = "slimrate-dmb", 1
+MODEL_FILE, RUN_FILE = "model.safetensors", "dmb.json"
+FORMAT, VERSION = "slimrate-dmb", 2  # 2: checksums moved from dmb.json to manifest.json, which covers both
 # Evaluations draw their times and x_t from a generator with this seed: every evaluation of a run uses
 # the same times t (so do the methods), which keeps BPC-vs-steps curves free of time-sampling jitter.
 EVAL_SEED = 12345
@@ -271,7 +272,7 @@ def bound_of(model: DMBModel, x_eval: torch.Tensor, samples: int, seed: int):
 
 
 def train_dmb(config: DMBConfig) -> dict[str, Any]:
-    """Train one run (module docstring); returns the manifest written to ``out_dir/dmb.json``."""
+    """Train one run (module docstring); returns the run record written to ``out_dir/dmb.json``."""
     if config.method == "dmb" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise ValueError("method: DMB's outer loop (p̂_0 sampling, matrix learning) runs in one process; run it "
                          "without torchrun, or train a baseline (sedd-absorb, sedd-uniform) under torchrun")
@@ -299,49 +300,42 @@ def train_dmb(config: DMBConfig) -> dict[str, Any]:
 
 
 def save_model(out: Path, model: DMBModel, config: DMBConfig, data: TokenData, final: dict) -> dict[str, Any]:
-    """Write model.safetensors (the module's current state) and dmb.json atomically; returns the manifest."""
+    """Write model.safetensors (the module's current state), dmb.json and their manifest atomically; returns
+    dmb.json's content (the run record)."""
     state = {name: t.detach().contiguous() for name, t in model.state_dict().items()}
-    payload = save_safetensors(state, metadata={"format": FORMAT})
-    write_bytes_atomic(out / MODEL_FILE, payload)
-    manifest = {"format": FORMAT, "version": VERSION, "sha256": hashlib.sha256(payload).hexdigest(),
-                "config": asdict(config), "net": asdict(model.net.cfg), "noise": model.noise.to_dict(),
-                "data": {"name": data.name, "vocab_size": data.vocab_size, "seq_len": data.seq_len,
-                         "image_shape": data.image_shape},
-                "parameters": sum(p.numel() for p in model.net.parameters()), "final_eval": final}
-    write_text_atomic(out / MANIFEST_FILE, json.dumps(manifest, indent=1) + "\n")
-    return manifest
+    write_bytes_atomic(out / MODEL_FILE, save_safetensors(state, metadata={"format": FORMAT}))
+    record = {"config": asdict(config), "net": asdict(model.net.cfg), "noise": model.noise.to_dict(),
+              "data": {"name": data.name, "vocab_size": data.vocab_size, "seq_len": data.seq_len,
+                       "image_shape": data.image_shape},
+              "parameters": sum(p.numel() for p in model.net.parameters()), "final_eval": final}
+    write_text_atomic(out / RUN_FILE, json.dumps(record, indent=1) + "\n")
+    write_manifest(out, FORMAT, VERSION, (MODEL_FILE, RUN_FILE))
+    return record
 
 
 def load_model(directory: str | Path) -> tuple[DMBModel, DMBConfig, dict[str, Any]]:
-    """The trained model of a run folder (checked against its manifest), its config and manifest."""
+    """The trained model of a run folder, its config and run record (dmb.json), after checking both files
+    against the folder's manifest (``CheckpointError`` if either is missing, corrupt or edited)."""
     directory = Path(directory)
-    manifest_path, model_path = directory / MANIFEST_FILE, directory / MODEL_FILE
-    if not manifest_path.is_file() or not model_path.is_file():
-        raise FileNotFoundError(f"{directory}: expected {MANIFEST_FILE} and {MODEL_FILE} from a finished "
-                                "`slimrate dmb train --out DIR` run")
-    manifest = json.loads(manifest_path.read_text())
-    if manifest.get("format") != FORMAT or manifest.get("version") != VERSION:
-        raise ValueError(f"{manifest_path}: expected format {FORMAT!r} version {VERSION}, got "
-                         f"{manifest.get('format')!r} version {manifest.get('version')!r}")
-    payload = model_path.read_bytes()
-    if hashlib.sha256(payload).hexdigest() != manifest["sha256"]:
-        raise ValueError(f"{model_path}: SHA-256 does not match {MANIFEST_FILE}; the file is corrupt or was "
-                         "replaced")
-    unknown = set(manifest["config"]) - {f.name for f in dataclasses.fields(DMBConfig)}
+    verify_manifest(directory, FORMAT, VERSION, (MODEL_FILE, RUN_FILE),
+                    fix="pass the --out folder of a finished `slimrate dmb train` run of this slimrate version, "
+                        "or train it again")
+    record = json.loads((directory / RUN_FILE).read_text())
+    unknown = set(record["config"]) - {f.name for f in dataclasses.fields(DMBConfig)}
     if unknown:
-        raise ValueError(f"{manifest_path}: settings {sorted(unknown)} are unknown to this slimrate; the run was "
-                         "written by another version")
-    config = DMBConfig(**{**manifest["config"], "resume": False})
-    noise = noise_from_dict(manifest["noise"])
-    state = load_safetensors(payload)
-    V, L = manifest["net"]["vocab_size"], manifest["net"]["seq_len"]
+        raise ValueError(f"{directory / RUN_FILE}: settings {sorted(unknown)} are unknown to this slimrate; the run "
+                         "was written by another version")
+    config = DMBConfig(**{**record["config"], "resume": False})
+    noise = noise_from_dict(record["noise"])
+    state = load_safetensors((directory / MODEL_FILE).read_bytes())
+    V, L = record["net"]["vocab_size"], record["net"]["seq_len"]
     if config.method == "dmb":
         rates = RateMatrix(state["rates.perm"], torch.relu(state["rates.raw"]))
     elif config.method == "sedd-absorb":
         rates = AbsorbingRates(V - 1, L)
     else:
         rates = UniformRates(V, L)
-    model = DMBModel(ScoreNet(ScoreNetConfig(**manifest["net"])), rates, state["p0_hat"], noise)
+    model = DMBModel(ScoreNet(ScoreNetConfig(**record["net"])), rates, state["p0_hat"], noise)
     model.load_state_dict(state)
     model.eval()
-    return model, config, manifest
+    return model, config, record

@@ -1,0 +1,59 @@
+"""What every study is: a config dataclass (its default is the full study, ``quick()`` a seconds-long
+version), ``run(config)`` returning the results and ``write(config, results, out_dir)`` storing them as
+a markdown table with a provenance line, a PNG plot and a JSON of every run."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Generic, TypeVar
+
+from slimrate.studies.output import write_study_files
+
+C = TypeVar("C")  # a study's config dataclass; every one has ``seed: int``, the base seed of its runs
+
+
+@dataclass
+class StudyResults:
+    """What ``Study.run`` returns: one JSON-ready dict per training run, study-wide facts (JSON-ready,
+    stored beside the rows; e.g. how a peer tool ran) and the wall-clock minutes the runs took."""
+
+    rows: list[dict]
+    facts: dict
+    minutes: float
+
+
+@dataclass(frozen=True)
+class Study(Generic[C]):
+    """One study.  ``run_all(config)`` trains and measures every run, returning (rows, facts);
+    ``table`` and ``plot`` render the results as markdown and PNG bytes."""
+
+    name: str  # `slimrate study NAME`
+    help: str  # one line for `slimrate study --help`
+    title: str  # heading of the table
+    stem: str  # output files <stem>.md, <stem>.png, <stem>.json
+    config: type[C]  # config() is the full study
+    quick: Callable[[], C]  # a seconds-long config, for the tests
+    run_all: Callable[[C], tuple[list[dict], dict]]
+    table: Callable[[C, StudyResults], str]
+    plot: Callable[[C, StudyResults], bytes]
+
+    def run(self, config: C) -> StudyResults:
+        """Train and measure every run of ``config``."""
+        if not isinstance(config, self.config):
+            raise TypeError(f"config: expected a {self.config.__name__} for the {self.name} study, got "
+                            f"{type(config).__name__}; build one with STUDIES[{self.name!r}].config() or .quick()")
+        started = time.perf_counter()
+        rows, facts = self.run_all(config)
+        return StudyResults(rows, facts, (time.perf_counter() - started) / 60)
+
+    def write(self, config: C, results: StudyResults, out_dir: str | os.PathLike) -> list[Path]:
+        """Write <stem>.md (title, machine line, table), <stem>.png and <stem>.json (config, facts, rows)
+        atomically into ``out_dir``; returns the three paths."""
+        return write_study_files(out_dir, self.stem, self.title, len(results.rows), results.minutes,
+                                 self.table(config, results), self.plot(config, results),
+                                 {"config": dataclasses.asdict(config), **results.facts, "rows": results.rows})
