@@ -26,7 +26,8 @@ def build_parser() -> Parser:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the command in argv (default sys.argv[1:]); returns the exit status: 0, or 2 for a bad command line,
-    input file or output path, reported as one line `slimrate <command>: <message>` on stderr."""
+    input file or output path, reported as one line `slimrate <command>: <message>` on stderr. --help prints the
+    help and raises argparse's SystemExit(0)."""
     parser = build_parser()
     prog = parser.prog
     try:
