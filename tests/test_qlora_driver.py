@@ -84,19 +84,16 @@ def test_driver_trains_lora_from_user_files_unfused(tmp_path):
 
 def test_phase2_without_phase1_is_refused(tmp_path, capsys):
     write_chat_jsonl(tmp_path / "b.jsonl", advising_phase2()[:4])
-    with pytest.raises(SystemExit):
-        main(["qlora", "train", "--out", str(tmp_path / "o"), "--phase2", str(tmp_path / "b.jsonl")])
+    assert main(["qlora", "train", "--out", str(tmp_path / "o"), "--phase2", str(tmp_path / "b.jsonl")]) == 2
     assert "--phase2: needs --phase1" in capsys.readouterr().err
     with pytest.raises(ValueError, match="phase2: given without phase1"):
         FinetuneConfig(out_dir=str(tmp_path), phase2=str(tmp_path / "b.jsonl"))
 
 
 def test_missing_files_are_refused(tmp_path, capsys):
-    with pytest.raises(SystemExit):
-        main(["qlora", "train", "--out", str(tmp_path / "o"), "--phase1", str(tmp_path / "nope.jsonl")])
+    assert main(["qlora", "train", "--out", str(tmp_path / "o"), "--phase1", str(tmp_path / "nope.jsonl")]) == 2
     assert "--phase1: " in capsys.readouterr().err
-    with pytest.raises(SystemExit):
-        main(["qlora", "train", "--out", str(tmp_path / "o"), "--model", str(tmp_path / "no-model")])
+    assert main(["qlora", "train", "--out", str(tmp_path / "o"), "--model", str(tmp_path / "no-model")]) == 2
     err = capsys.readouterr().err
     assert "--model: " in err and "nothing is downloaded" in err
     with pytest.raises(FileNotFoundError, match="nope.jsonl: no such file"):
@@ -115,7 +112,7 @@ def test_malformed_jsonl_names_file_and_line(tmp_path, capsys, line, message):
     path.write_text(f"{good}\n\n{line}\n{good}\n")
     with pytest.raises(ValueError, match=rf"bad.jsonl:3: .*{message}"):
         read_chat_jsonl(path)
-    assert main(["qlora", "train", "--out", str(tmp_path / "o"), "--phase1", str(path), *FAST]) == 1
+    assert main(["qlora", "train", "--out", str(tmp_path / "o"), "--phase1", str(path), *FAST]) == 2
     assert "bad.jsonl:3: " in capsys.readouterr().err
 
 

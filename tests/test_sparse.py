@@ -230,6 +230,31 @@ def test_runtime_loads_slim_into_sparse_layers(tmp_path):
         runtime.load(tmp_path / "missing.slim", model_factory="digits")
 
 
+def digits_state(hidden: int) -> dict[str, torch.Tensor]:
+    from slimrate.models.mlp import DigitsMLP
+
+    return dict(DigitsMLP(hidden=hidden).state_dict())
+
+
+@pytest.mark.parametrize("edit,match", [
+    (lambda s: s.pop("0.weight"), r"no tensor '0.weight', which the digits architecture is sized from"),
+    (lambda s: s.update({"0.weight": torch.randn(5)}), r"'0.weight' has shape \(5,\), the digits .* 2 dims"),
+    (lambda s: s.pop("4.bias"), r"no tensor '4.bias' \(1 of the 6 tensors of DigitsMLP are missing\)"),
+    (lambda s: s.update({"extra": torch.randn(2)}), r"tensor 'extra' is not in DigitsMLP"),
+    (lambda s: s.update({"2.weight": torch.randn(5, 4)}), r"'2.weight' has shape \(5, 4\), DigitsMLP expects \(5, 5\)"),
+], ids=["no-sizing-tensor", "sizing-tensor-1d", "missing", "unexpected", "wrong-shape"])
+def test_runtime_load_names_the_tensor_that_does_not_fit(edit, match):
+    state = digits_state(hidden=5)
+    edit(state)
+    with pytest.raises(ValueError, match=match):
+        runtime.load(state, model_factory="digits", sparse=False)
+
+
+def test_runtime_load_names_a_missing_charlm_tensor():
+    with pytest.raises(ValueError, match="no tensor 'tok_emb.weight'.*charlm"):
+        runtime.load(digits_state(hidden=5), model_factory="charlm", sparse=False)
+
+
 def test_cli_run_bench(tmp_path, capsys):
     skip_unless_backend("native", "cpu")
     from slimrate import cli, save_slim
@@ -243,8 +268,7 @@ def test_cli_run_bench(tmp_path, capsys):
     assert cli.main(["run", str(path), "--arch", "digits", "--bench", "--repeats", "3", "--batch", "2"]) == 0
     out = capsys.readouterr().out
     assert "latency" in out and "weight memory" in out and "0.weight" not in out  # layer names are "0", "2", "4"
-    with pytest.raises(SystemExit):
-        cli.main(["run", str(tmp_path / "missing.slim"), "--arch", "digits"])
+    assert cli.main(["run", str(tmp_path / "missing.slim"), "--arch", "digits"]) == 2
 
 
 @pytest.mark.parametrize("pattern,block,fmt", [("unstructured", None, "csr"), ("block", (4, 4), "bsr"),

@@ -27,19 +27,49 @@ class ModelSpec:
     example: Callable[[nn.Module, int], torch.Tensor]
 
 
+def _sizing_shape(state: Mapping[str, torch.Tensor], name: str, dims: int, arch: str) -> tuple[int, ...]:
+    """The shape of state[name], a dims-D tensor from which the built-in architecture arch is sized."""
+    if name not in state:
+        raise ValueError(f"state dict: no tensor {name!r}, which the {arch} architecture is sized from; are these "
+                         f"{arch} weights?")
+    shape = tuple(state[name].shape)
+    if len(shape) != dims:
+        raise ValueError(f"state dict: {name!r} has shape {shape}, the {arch} architecture expects {dims} dims")
+    return shape
+
+
 def _build_digits(state: Mapping[str, torch.Tensor]) -> nn.Module:
     from slimrate.models.mlp import DigitsMLP
 
-    return DigitsMLP(hidden=int(state["0.weight"].shape[0]))
+    hidden, _ = _sizing_shape(state, "0.weight", 2, "digits")
+    return DigitsMLP(hidden=hidden)
 
 
 def _build_charlm(state: Mapping[str, torch.Tensor]) -> nn.Module:
     from slimrate.models.char_lm import CharLM, CharLMConfig
 
-    vocab, d_model = state["tok_emb.weight"].shape
+    vocab, d_model = _sizing_shape(state, "tok_emb.weight", 2, "charlm")
+    context, _ = _sizing_shape(state, "pos_emb.weight", 2, "charlm")
     layers = len({k.split(".")[1] for k in state if k.startswith("blocks.")})
-    return CharLM(CharLMConfig(vocab_size=int(vocab), context=int(state["pos_emb.weight"].shape[0]),
-                               d_model=int(d_model), n_layers=layers))
+    return CharLM(CharLMConfig(vocab_size=vocab, context=context, d_model=d_model, n_layers=layers))
+
+
+def _check_state_fits(model: nn.Module, state: Mapping[str, torch.Tensor]) -> None:
+    """ValueError naming the first tensor that model lacks, that state lacks, or that differs in shape."""
+    expected = model.state_dict()
+    arch = type(model).__name__
+    missing = [name for name in expected if name not in state]
+    if missing:
+        raise ValueError(f"state dict: no tensor {missing[0]!r} ({len(missing)} of the {len(expected)} tensors of "
+                         f"{arch} are missing); pass the architecture the weights were saved from")
+    unexpected = [name for name in state if name not in expected]
+    if unexpected:
+        raise ValueError(f"state dict: tensor {unexpected[0]!r} is not in {arch} ({len(unexpected)} such); pass the "
+                         "architecture the weights were saved from")
+    for name, tensor in expected.items():
+        if state[name].shape != tensor.shape:
+            raise ValueError(f"state dict: {name!r} has shape {tuple(state[name].shape)}, {arch} expects "
+                             f"{tuple(tensor.shape)}; pass the architecture the weights were saved from")
 
 
 MODELS: dict[str, ModelSpec] = {
@@ -77,6 +107,7 @@ def load(path: str | os.PathLike | Mapping[str, torch.Tensor], *, model_factory:
     model_factory: a name in MODELS ("digits", "charlm": sized from the weights) or a callable returning the
     module.  sparse: swap nn.Linear layers that are ≥ min_sparsity zeros for SparseLinear where that is faster
     at ``batch_size`` (slimrate.sparse.sparsify; its decisions are kept as ``model.sparsify_decisions``).
+    Raises ValueError naming the tensor when the weights do not fit the module (missing, extra, other shape).
     """
     state = read_state_dict(path)
     if isinstance(model_factory, str):
@@ -90,6 +121,7 @@ def load(path: str | os.PathLike | Mapping[str, torch.Tensor], *, model_factory:
     else:
         raise TypeError(f"model_factory: expected a name in {sorted(MODELS)} or a callable, "
                         f"got {type(model_factory).__name__}")
+    _check_state_fits(model, state)
     model.load_state_dict(state)
     model.to(device).eval()
     model.sparsify_decisions = (

@@ -1,0 +1,143 @@
+"""`slimrate dmb train|eval|sample`: Discrete Markov Bridge training, its bound in bits/char, and samples."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from slimrate.cli.arguments import add_command, nonnegative_int, positive_finite_float, positive_int
+from slimrate.cli.errors import UsageError
+from slimrate.cli.paths import check_output_file, check_output_folder
+from slimrate.files import write_bytes_atomic
+
+RUN_FOLDER_HELP = "a run folder of `slimrate dmb train`"
+
+
+def add_commands(commands: argparse._SubParsersAction) -> None:
+    dmb = commands.add_parser("dmb", help="Discrete Markov Bridge: train, bound in bits/char, sample")
+    dmb_commands = dmb.add_subparsers(dest="dmb_command", required=True)
+    add_command(dmb_commands, "train", add_train_arguments, check_train, run_train,
+                help="train DMB or a SEDD baseline (checkpoints, metrics, resume)")
+    add_command(dmb_commands, "eval", add_eval_arguments, check_eval, run_eval,
+                help="the bound in bits/char with its Monte Carlo standard error")
+    add_command(dmb_commands, "sample", add_sample_arguments, check_sample, run_sample,
+                help="print text samples, or write a PNG grid for images")
+
+
+def add_train_arguments(parser: argparse.ArgumentParser) -> None:
+    from slimrate.dmb.driver import METHODS, DMBConfig
+    from slimrate.dmb.model import MODEL_PRESETS
+
+    defaults = DMBConfig(out_dir="")
+    parser.add_argument("--data", default="text8", help="text8 (the embedded corpus), digits, a text file, or a "
+                        "folder of CIFAR-10 python batches (default %(default)s)")
+    parser.add_argument("--budget", type=positive_int, required=True, metavar="STEPS", help="score-learning steps")
+    parser.add_argument("--out", required=True, metavar="DIR", help="run folder")
+    parser.add_argument("--method", choices=METHODS, default=defaults.method, help="default %(default)s")
+    parser.add_argument("--model", choices=sorted(MODEL_PRESETS), default=defaults.model,
+                        help="network size (default %(default)s)")
+    parser.add_argument("--batch", type=positive_int, default=defaults.batch, help="default %(default)s")
+    parser.add_argument("--seq-len", type=positive_int, default=defaults.seq_len,
+                        help="characters per window, text only (default %(default)s)")
+    parser.add_argument("--lr", type=positive_finite_float, default=defaults.lr, help="default %(default)s")
+    parser.add_argument("--schedule", choices=["loglinear", "geometric"], default=defaults.schedule,
+                        help="noise schedule (default %(default)s)")
+    parser.add_argument("--eval-every", type=nonnegative_int, default=defaults.eval_every,
+                        help="bound every k steps (default: at the end only)")
+    parser.add_argument("--scale-by-sigma", action=argparse.BooleanOptionalAction, default=None,
+                        help="σ̄-scaled network output (default: on for sedd-absorb only, as the official codes)")
+    parser.add_argument("--learn-q", action=argparse.BooleanOptionalAction, default=True,
+                        help="DMB: matrix learning and p̂_0 re-estimation (--no-learn-q keeps Q at its init)")
+    parser.add_argument("--seed", type=int, default=defaults.seed)
+    parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def check_train(args: argparse.Namespace) -> None:
+    if args.data not in ("text8", "digits") and not Path(args.data).exists():
+        raise UsageError(f"--data: {args.data}: no such file or folder (or pass text8 or digits)")
+    if not args.learn_q and args.method != "dmb":
+        raise UsageError(f"--no-learn-q: only --method dmb learns Q; {args.method} has a fixed Q")
+    check_output_folder("--out", args.out)
+
+
+def run_train(args: argparse.Namespace) -> int:
+    from slimrate.dmb.driver import DMBConfig, train_dmb
+
+    manifest = train_dmb(DMBConfig(out_dir=args.out, data=args.data, method=args.method, steps=args.budget,
+                                   batch=args.batch, seq_len=args.seq_len, model=args.model, lr=args.lr,
+                                   schedule=args.schedule, eval_every=args.eval_every, seed=args.seed,
+                                   resume=args.resume, progress=not args.no_progress,
+                                   scale_by_sigma=args.scale_by_sigma, learn_q=args.learn_q))
+    final = manifest["final_eval"]
+    print(f"{args.method} on {manifest['data']['name']}: bound {final['bits_per_token']:.4f} ± "
+          f"{final['bits_per_token_se']:.4f} bits/token after {args.budget} steps; wrote {args.out}")
+    return 0
+
+
+def check_run_folder(folder: str) -> None:
+    if not (Path(folder) / "dmb.json").is_file():
+        raise UsageError(f"{folder}: no dmb.json here; pass the --out folder of a finished `slimrate dmb train` run")
+
+
+def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("dir", help=RUN_FOLDER_HELP)
+    parser.add_argument("--sequences", type=positive_int, default=256, help="evaluation windows (default 256)")
+    parser.add_argument("--samples", type=int, default=8, help="Monte Carlo times per window, >= 2 (default 8)")
+    parser.add_argument("--seed", type=int, default=0)
+
+
+def check_eval(args: argparse.Namespace) -> None:
+    check_run_folder(args.dir)
+    if args.samples < 2:
+        raise UsageError(f"--samples: expected >= 2 (the standard error needs two), got {args.samples}")
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    from slimrate.dmb.data import load_token_data
+    from slimrate.dmb.driver import bound_of, load_model
+
+    model, config, _ = load_model(args.dir)
+    data = load_token_data(config.data, config.seq_len)
+    result = bound_of(model, data.eval_subset(args.sequences), args.samples, args.seed)
+    unit = " (bits/token = bits per character)" if data.is_text else " (bits/token = bits per pixel value)"
+    print(f"{config.method} on {data.name}: bound {result}{unit}")
+    return 0
+
+
+def add_sample_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("dir", help=RUN_FOLDER_HELP)
+    parser.add_argument("-n", type=positive_int, default=8, help="samples (default 8)")
+    parser.add_argument("--steps", type=positive_int, default=128, help="reverse steps (default 128)")
+    parser.add_argument("--sampler", choices=["euler", "analytic"], default="euler",
+                        help="analytic: SEDD's Tweedie step, baselines only (default %(default)s)")
+    parser.add_argument("-o", "--output", help="PNG path for images (default DIR/samples.png)")
+    parser.add_argument("--seed", type=int, default=0)
+
+
+def check_sample(args: argparse.Namespace) -> None:
+    check_run_folder(args.dir)
+    if args.output:
+        check_output_file("--output", args.output)
+
+
+def run_sample(args: argparse.Namespace) -> int:
+    import torch
+
+    from slimrate.dmb.data import image_grid_png, load_token_data
+    from slimrate.dmb.driver import load_model
+    from slimrate.dmb.sampler import reverse_sample
+
+    model, config, _ = load_model(args.dir)
+    data = load_token_data(config.data, config.seq_len)
+    torch.manual_seed(args.seed)
+    with torch.no_grad():
+        tokens = reverse_sample(model.net, model.rates, model.noise, model.prior(), args.n, args.steps,
+                                method=args.sampler).tokens
+    if data.is_text:
+        for line in data.describe(tokens):
+            print(line)
+    else:
+        png = image_grid_png(tokens, data)
+        print(f"wrote {write_bytes_atomic(args.output or Path(args.dir) / 'samples.png', png)}")
+    return 0
