@@ -160,6 +160,21 @@ def test_unwritable_outputs_are_refused_before_the_work(files, tmp_path, capsys,
     assert err.startswith(f"slimrate {command}: {flag}: {out}") and message.format(tmp=tmp_path) in err
 
 
+def test_a_write_refused_by_the_system_is_one_line(files, capsys):
+    """A folder that passes the up-front check but refuses the write (sysfs refuses new files even to root, where
+    the permission bits of a read-only folder do not): the write's OSError still ends as one line, exit 2."""
+    target = Path("/sys/slimrate-cli-test.safetensors")
+    try:
+        target.write_bytes(b"")
+    except OSError:
+        pass
+    else:
+        target.unlink()
+        pytest.skip("/sys accepts new files here")
+    err = refused(["decompress", files["slim"], "-o", target], capsys, "slimrate decompress")
+    assert str(target) in err and not target.exists()
+
+
 @pytest.mark.parametrize("link", ["same-path", "dotted-path", "symlink", "hardlink"])
 def test_decompress_refuses_to_overwrite_its_input(files, tmp_path, capsys, link):
     before = files["slim"].read_bytes()
