@@ -1,13 +1,13 @@
 """slimrate ops: one Python face per op — check the arguments (ops/checks.py), pick the backend through the one
 registry (ops/backend.py), call it.
 
-Every op takes ``backend=`` ("native", "triton", "reference"; default ``SLIMRATE_BACKEND``, else "native");
-``available_backends(op)`` says which an op has and ``registered_ops()`` lists the registry (which also holds
-``nf4_absmax_dequantize``, called by the NF4 faces for a nested QuantState).  The other names
-here take no backend: ``quantize``/``dequantize`` (a scalar quantizer), ``ctmc_lambda`` (Λ from rates) and
-``rans_header_size`` (a header parser) are plain PyTorch/Python on any device, ``BACKENDS`` and
-``extension_available`` describe the installation.  ``ops`` imports no method package: block-sparse storage
-(``SparseMatrix``, re-exported by ``slimrate.sparse``) lives in ops/sparse_format.py.
+Every registry op takes ``backend=`` ("native", "triton", "reference"; default ``SLIMRATE_BACKEND``, else
+"native"); ``available_backends(op)`` says which backends an op has, ``registered_ops()`` lists the registry (it
+also holds ``nf4_absmax_dequantize``, which the NF4 faces call for a nested QuantState).  The other names here
+take no backend: ``quantize``/``dequantize`` (a scalar quantizer), ``ctmc_lambda`` (Λ from rates) and
+``rans_header_size`` (a header parser) are plain PyTorch/Python on any device; ``BACKENDS``,
+``extension_available`` and the two functions above describe the registry.  ``ops`` imports no method package:
+block-sparse storage (``SparseMatrix``, re-exported by ``slimrate.sparse``) lives in ops/sparse_format.py.
 """
 
 from slimrate.ops.backend import BACKENDS, available_backends, extension_available, registered_ops

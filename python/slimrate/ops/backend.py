@@ -6,12 +6,17 @@ The backend is explicit ``backend=`` > ``SLIMRATE_BACKEND`` > "native", the same
 - "triton": the Triton launcher ``slimrate.triton_kernels.<op>_triton`` (through an ``autograd.Function`` where
   the op is differentiable): CUDA tensors, or CPU tensors when ``TRITON_INTERPRET=1`` was set before triton was
   imported;
-- "reference": ``slimrate.ops.reference.<op>``, plain PyTorch.
+- "reference": ``slimrate.ops.reference.<op>``, plain PyTorch (score_entropy's through an adapter in ops/ctmc.py).
 
 An implementation takes the op's arguments after the face's checks, in the order of its schema (csrc/ops.cpp),
 and returns what the schema returns.  The native kernels check the data they index with in their compiled glue
 (csrc/*_inputs.h); ``DATA_CHECKS`` makes the same checks in Python before every other backend, so a corrupt
 index is refused on every backend, and the native path pays for it once.
+
+``registered_ops()`` and ``available_backends(op)`` read the table; ``resolve_backend(op, backend)`` and
+``pick_backend(op, backend, device)`` choose from it.  A new op is one REGISTRY row (plus a DATA_CHECKS row when
+its glue checks data), its face in ops/<family>.py and its name in ``slimrate.ops.__all__``;
+tests/test_backends.py then walks it on every backend.
 """
 
 from __future__ import annotations
