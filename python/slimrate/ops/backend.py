@@ -123,16 +123,14 @@ def resolve_backend(op: str, backend: str | None) -> str:
     ValueError for a name not in BACKENDS, and one ValueError naming the op, the backend and the backends it
     has when ``op`` lacks the one asked for.
     """
-    available = available_backends(op)
-    env = os.environ.get("SLIMRATE_BACKEND")
-    name = backend if backend is not None else env or "native"
-    source = "" if backend is not None or env is None else f" (from SLIMRATE_BACKEND={env})"
+    name = backend if backend is not None else os.environ.get("SLIMRATE_BACKEND") or "native"
+    if name in REGISTRY.get(op, ()):
+        return name
+    available = available_backends(op)  # ValueError for an unknown op
+    source = "" if backend is not None else f" (from SLIMRATE_BACKEND={name})"
     if name not in BACKENDS:
         raise ValueError(f"backend: expected one of {BACKENDS} (or None for the default), got {name!r}{source}")
-    if name not in available:
-        raise ValueError(f"backend: {op} has no {name!r} backend{source}; it has {available}; pass backend= one "
-                         "of those")
-    return name
+    raise ValueError(f"backend: {op} has no {name!r} backend{source}; it has {available}; pass backend= one of those")
 
 
 def pick_backend(op: str, backend: str | None, device: torch.device) -> Callable:
