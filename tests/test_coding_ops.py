@@ -73,7 +73,7 @@ def test_quantize_rejects_bad_arguments():
         ops.quantize(torch.ones(3, dtype=torch.int32), 1.0)
     with pytest.raises(ValueError, match="step"):
         ops.quantize(torch.ones(3), 0.0)
-    with pytest.raises(TypeError, match="q: expected torch.int32"):
+    with pytest.raises(TypeError, match="q: expected int32"):
         ops.dequantize(torch.ones(3), 1.0)
 
 
@@ -236,7 +236,7 @@ CODERS = {
 @pytest.mark.parametrize("coder", list(CODERS))
 def test_encoders_reject_bad_symbols(coder):
     encode = CODERS[coder]
-    with pytest.raises(TypeError, match="symbols: expected torch.int32"):
+    with pytest.raises(TypeError, match="symbols: expected int32"):
         encode(torch.zeros(4, dtype=torch.int64))
     with pytest.raises(ValueError, match="symbols: expected a 1-D"):
         encode(torch.zeros(2, 3, dtype=torch.int32))
@@ -253,7 +253,7 @@ def test_eg_encode_rejects_symbols_without_a_code(backend):
 
 def test_decoders_reject_bad_arguments():
     buf = torch.zeros(4, dtype=torch.uint8)
-    with pytest.raises(TypeError, match="buf: expected torch.uint8"):
+    with pytest.raises(TypeError, match="buf: expected uint8"):
         ops.eg_decode(buf.int(), 1)
     with pytest.raises(ValueError, match="buf: expected a 1-D"):
         ops.rans_decode(buf.reshape(2, 2), 1)
@@ -263,7 +263,7 @@ def test_decoders_reject_bad_arguments():
         ops.rans_decode(buf, -1)
     with pytest.raises(ValueError, match="k: expected"):
         ops.eg_decode(buf, 1, k=32)
-    with pytest.raises(ValueError, match="no Triton kernel"):
+    with pytest.raises(ValueError, match="eg_encode has no 'triton' backend"):
         ops.eg_encode(torch.zeros(3, dtype=torch.int32), backend="triton")
 
 

@@ -521,6 +521,17 @@ def test_direct_native_calls_check_their_data():
         torch.ops.slimrate.ctmc_transition_rows_backward(logscore[:, :2], x_t, h, lam, perm, perm_inv)
 
 
+@pytest.mark.parametrize("backend", ["native", "reference"])
+@pytest.mark.parametrize("op", ["expm", "expm_multi_t"])
+def test_expm_refuses_non_finite_q_on_every_backend(op, backend):
+    q = torch.randn(3, 3, dtype=torch.float64)
+    q[1, 2] = float("nan")
+    call = {"expm": lambda: ops.expm(q, backend=backend),
+            "expm_multi_t": lambda: ops.expm_multi_t(q, [0.5, 1.0], backend=backend)}[op]
+    with pytest.raises(ValueError, match="^Q: expected finite entries"):
+        call()
+
+
 def test_expm_bad_inputs():
     with pytest.raises(ValueError, match="Q"):
         ops.expm(torch.zeros(3, 4))

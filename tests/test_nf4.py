@@ -219,6 +219,29 @@ def test_nf4_dequantize_rejects_bad_inputs():
         ops.nf4_dequantize(packed, fp4)
 
 
+# A nested QuantState whose parts disagree: the face refuses it on every backend (the native glue would too;
+# the reference would index the code out of range or read absmax2 short).
+BAD_NESTED = {
+    "qabsmax-float": (lambda st: setattr(st, "absmax", st.absmax.float()), TypeError, r"\.absmax:"),
+    "code-short": (lambda st: setattr(st.state2, "code", st.state2.code[:16]), ValueError, r"\.state2\.code:"),
+    "absmax2-extra": (lambda st: setattr(st.state2, "absmax", st.state2.absmax.repeat(2)), ValueError,
+                      r"\.state2\.absmax:"),
+    "offset-two-values": (lambda st: setattr(st, "offset", st.offset.repeat(2)), ValueError, r"\.offset:"),
+    "blocksize-zero": (lambda st: setattr(st.state2, "blocksize", 0), ValueError, r"\.state2\.blocksize:"),
+}
+
+
+@pytest.mark.parametrize("backend", ["native", "triton", "reference"])
+@pytest.mark.parametrize("case", list(BAD_NESTED))
+def test_nf4_dequantize_refuses_inconsistent_nested_state(backend, case):
+    packed, state = ops.nf4_quantize(torch.randn(300, 257), compress_statistics=True, backend="reference")
+    state = copy.deepcopy(state)
+    spoil, error, name = BAD_NESTED[case]
+    spoil(state)
+    with pytest.raises(error, match=rf"^absmax_or_quant_state{name}"):
+        ops.nf4_dequantize(packed, state, backend=backend)
+
+
 def test_nf4_kernels_reject_corrupt_sizes_directly():
     """A direct torch.ops call with inconsistent sizes raises instead of reading out of bounds."""
     skip_unless_backend("native", "cpu")

@@ -147,6 +147,64 @@ def test_corrupt_indices_raise_not_crash():
             op(torch.randn(batch, 0), sm.row_ptr, sm.col_idx, sm.values, 8, None)
 
 
+def corrupt(sm: SparseMatrix, **parts) -> SparseMatrix:
+    """sm with some of its parts (row_ptr, col_idx, values, shape) replaced."""
+    return SparseMatrix(**{"row_ptr": sm.row_ptr, "col_idx": sm.col_idx, "values": sm.values, "shape": sm.shape,
+                           **parts})
+
+
+def with_entry(t: torch.Tensor, index: int, value: int) -> torch.Tensor:
+    out = t.clone()
+    out[index] = value
+    return out
+
+
+# The index data the native glue checks (csrc/sparse_inputs.h); the face makes the same checks off native.
+# A dense 8 × 16 weight in (2, 4) blocks: 4 block rows of 4 blocks, row_ptr = [0, 4, 8, 12, 16].
+CORRUPT_INDICES = {
+    "col-negative": (lambda sm: corrupt(sm, col_idx=with_entry(sm.col_idx.int(), 5, -1)), "col_idx"),
+    "col-past-the-end": (lambda sm: corrupt(sm, col_idx=with_entry(sm.col_idx, 5, 4)), "col_idx"),
+    "row_ptr-not-from-0": (lambda sm: corrupt(sm, row_ptr=with_entry(sm.row_ptr, 0, 1)), "row_ptr"),
+    "row_ptr-not-to-nblocks": (lambda sm: corrupt(sm, row_ptr=with_entry(sm.row_ptr, -1, 15)), "row_ptr"),
+    "row_ptr-decreasing": (lambda sm: corrupt(sm, row_ptr=with_entry(sm.row_ptr, 1, 9)), "row_ptr"),
+}
+
+
+@pytest.mark.parametrize("backend", ["native", "triton", "reference"])
+@pytest.mark.parametrize("case", list(CORRUPT_INDICES))
+def test_sparse_linear_refuses_corrupt_indices_on_every_backend(backend, case):
+    skip_unless_backend(backend, "cpu")
+    make, name = CORRUPT_INDICES[case]
+    bad = make(SparseMatrix.from_dense(torch.randn(8, 16), (2, 4)))
+    error = RuntimeError if backend == "native" else ValueError  # the glue's TORCH_CHECK is a RuntimeError
+    with pytest.raises(error, match=name):
+        ops.sparse_linear(torch.randn(3, 16), bad, backend=backend)
+
+
+# A SparseMatrix whose parts disagree: refused by the face before any backend runs.
+MISMATCHED_PARTS = {
+    "shape-not-a-pair": (dict(shape=(8,)), ValueError, "weight.shape"),
+    "values-float64": (dict(values=torch.randn(16, 2, 4, dtype=torch.float64)), TypeError, "weight.values"),
+    "values-2d": (dict(values=torch.randn(16, 8)), ValueError, "weight.values"),
+    "values-empty-blocks": (dict(values=torch.randn(16, 2, 0)), ValueError, "weight.values"),
+    "col_idx-int64": (dict(col_idx=torch.zeros(16, dtype=torch.int64)), TypeError, "weight.col_idx"),
+    "col_idx-one-short": (dict(col_idx=torch.zeros(15, dtype=torch.int32)), ValueError, "weight.col_idx"),
+    "col_idx-other-device": (dict(col_idx=torch.zeros(16, dtype=torch.int32, device="meta")), ValueError,
+                             "weight.col_idx"),
+    "row_ptr-int32": (dict(row_ptr=torch.zeros(5, dtype=torch.int32)), TypeError, "weight.row_ptr"),
+    "row_ptr-one-short": (dict(row_ptr=torch.zeros(4, dtype=torch.int64)), ValueError, "weight.row_ptr"),
+}
+
+
+@pytest.mark.parametrize("backend", ["native", "triton", "reference"])
+@pytest.mark.parametrize("case", list(MISMATCHED_PARTS))
+def test_sparse_linear_refuses_mismatched_weight_parts(backend, case):
+    parts, error, name = MISMATCHED_PARTS[case]
+    bad = corrupt(SparseMatrix.from_dense(torch.randn(8, 16), (2, 4)), **parts)
+    with pytest.raises(error, match=rf"^{name}:"):
+        ops.sparse_linear(torch.randn(3, 16), bad, backend=backend)
+
+
 def test_bad_arguments_raise_clear_errors():
     _, sm = random_sparse(8, 16, 0.3)
     with pytest.raises(ValueError, match="x: expected shape"):

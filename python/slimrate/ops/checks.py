@@ -4,11 +4,65 @@ what was expected, what was got, and the fix."""
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 import torch
 
 FLOAT_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+
+
+def dtype_names(dtypes: Sequence[torch.dtype]) -> str:
+    """The dtypes as a message lists them: "float32, bfloat16 or float16"."""
+    names = [str(d).removeprefix("torch.") for d in dtypes]
+    return names[0] if len(names) == 1 else f"{', '.join(names[:-1])} or {names[-1]}"
+
+
+def check_tensor(name: str, t: object, *, dtypes: Sequence[torch.dtype] | None = None,
+                 device: torch.device | str | None = None,
+                 shape: Sequence[int | None] | None = None) -> torch.Tensor:
+    """``t`` checked to be a tensor with a dtype in ``dtypes``, on ``device``, of ``shape`` (a None entry
+    accepts any size in that dimension); each left out is not checked.  Returns ``t``."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+    if dtypes is not None and t.dtype not in dtypes:
+        raise TypeError(f"{name}: expected {dtype_names(dtypes)}, got {t.dtype}; convert with .to({dtypes[0]})")
+    if device is not None and t.device != torch.device(device):
+        raise ValueError(f"{name}: expected a tensor on {device}, got one on {t.device}; move it with "
+                         f".to('{device}')")
+    if shape is not None and (t.dim() != len(shape) or any(
+            want is not None and want != got for want, got in zip(shape, t.shape, strict=True))):
+        want = "(" + ", ".join("*" if s is None else str(s) for s in shape) + (",)" if len(shape) == 1 else ")")
+        raise ValueError(f"{name}: expected a {len(shape)}-D tensor of shape {want}, got shape {tuple(t.shape)}")
+    return t
+
+
+def check_bias(bias: object, out_features: int, device: torch.device) -> torch.Tensor | None:
+    """``bias``: None or a float tensor [out_features] on ``device``."""
+    if bias is None:
+        return None
+    if not isinstance(bias, torch.Tensor) or not bias.is_floating_point():
+        raise TypeError(f"bias: expected a float tensor or None, got {getattr(bias, 'dtype', type(bias).__name__)}")
+    if bias.shape != (out_features,) or bias.device != device:
+        raise ValueError(f"bias: expected shape ({out_features},) on {device}, got {tuple(bias.shape)} on "
+                         f"{bias.device}")
+    return bias
+
+
+def int_arg(name: str, value: object, lo: int, hi: int | None = None) -> int:
+    """``value`` as a Python int in [lo, hi] (hi None: no upper bound); bools are refused."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name}: expected a Python int, got {type(value).__name__}")
+    if value < lo or (hi is not None and value > hi):
+        bounds = f">= {lo}" if hi is None else f"in [{lo}, {hi}]"
+        raise ValueError(f"{name}: expected an int {bounds}, got {value}")
+    return value
+
+
+def bool_arg(name: str, value: object) -> bool:
+    """``value`` checked to be a Python bool."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{name}: expected a bool, got {type(value).__name__}")
+    return value
 
 
 def float_tensor_list(name: str, tensors: Iterable[torch.Tensor]) -> list[torch.Tensor]:

@@ -5,61 +5,24 @@
 - ``rans_encode`` / ``rans_decode``: a static rANS coder whose buffer carries its own frequency table.
 
 The coders run on the CPU only (C++ in csrc/cpu/entropy_cpu.cpp): bit-serial coding has no CUDA or
-Triton kernel, so ``backend`` is "native" (default) or "reference" (exp-Golomb only, plain Python);
-an ``SLIMRATE_BACKEND=triton`` default selects "native" here.
+Triton kernel, so ``backend`` is "native" (default) or "reference" (exp-Golomb only, plain Python).
 """
 
 from __future__ import annotations
 
 import torch
 
-from slimrate.ops.backend import backend_name, extension_available, pick_backend
-from slimrate.ops.checks import finite_number
+from slimrate.ops.backend import extension_available, pick_backend
+from slimrate.ops.checks import bool_arg, check_tensor, finite_number, int_arg
 
 INT32_MAX = 2**31 - 1
 MAX_EG_ORDER = 31  # keeps every code ≤ 64 bits (csrc/kernels/entropy_eg.h)
 _CPU = torch.device("cpu")
 
 
-def _coder(op: str, backend: str | None, has_reference: bool = True):
-    name = backend_name(backend)
-    if name == "triton":
-        if backend is not None:
-            raise ValueError(f"backend: {op} has no Triton kernel (entropy coding runs on the CPU); "
-                             "use 'native' or 'reference'")
-        name = "native"
-    if name == "reference" and not has_reference:
-        raise ValueError(f"backend: {op} has no reference implementation; use 'native' (its tests judge the "
-                         "rate against slimrate.backslash.metrics.symbol_entropy_bits)")
-    return pick_backend(op, name, _CPU)
-
-
-def _int_arg(name: str, value: int, lo: int, hi: int | None = None) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name}: expected a Python int, got {type(value).__name__}")
-    if value < lo or (hi is not None and value > hi):
-        bounds = f">= {lo}" if hi is None else f"in [{lo}, {hi}]"
-        raise ValueError(f"{name}: expected an int {bounds}, got {value}")
-    return value
-
-
-def _bool_arg(name: str, value: bool) -> bool:
-    if not isinstance(value, bool):
-        raise TypeError(f"{name}: expected a bool, got {type(value).__name__}")
-    return value
-
-
-def _stream(name: str, t: torch.Tensor, dtype: torch.dtype, what: str) -> torch.Tensor:
-    """``t`` checked to be a 1-D CPU tensor of ``dtype``."""
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
-    if t.dtype != dtype:
-        raise TypeError(f"{name}: expected {dtype} {what}, got {t.dtype}; convert with .to({dtype})")
-    if t.dim() != 1:
-        raise ValueError(f"{name}: expected a 1-D tensor, got shape {tuple(t.shape)}; flatten it with .reshape(-1)")
-    if t.device != _CPU:
-        raise ValueError(f"{name}: the entropy coders run on the CPU, got a tensor on {t.device}; move it with .cpu()")
-    return t
+def _stream(name: str, t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``t`` checked to be a 1-D CPU tensor of ``dtype`` (symbols int32, buffers uint8)."""
+    return check_tensor(name, t, dtypes=(dtype,), device=_CPU, shape=(None,))
 
 
 def quantize(x: torch.Tensor, step: float) -> torch.Tensor:
@@ -84,10 +47,7 @@ def quantize(x: torch.Tensor, step: float) -> torch.Tensor:
 
 def dequantize(q: torch.Tensor, step: float, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """x̂ = q · step, computed in float64 and rounded once to ``dtype``; q int32 of any shape/device."""
-    if not isinstance(q, torch.Tensor):
-        raise TypeError(f"q: expected a torch.Tensor, got {type(q).__name__}")
-    if q.dtype != torch.int32:
-        raise TypeError(f"q: expected torch.int32 symbols, got {q.dtype}")
+    check_tensor("q", q, dtypes=(torch.int32,))
     if not dtype.is_floating_point:
         raise TypeError(f"dtype: expected a float dtype, got {dtype}")
     step = finite_number("step", step, positive=True)
@@ -99,10 +59,10 @@ def eg_code_length(symbols: torch.Tensor, k: int = 0, signed: bool = True, *, ba
 
     symbols: (n,) int32 on the CPU.  Raises ValueError for a symbol with no code (see eg_encode).
     """
-    _stream("symbols", symbols, torch.int32, "symbols")
-    k = _int_arg("k", k, 0, MAX_EG_ORDER)
-    signed = _bool_arg("signed", signed)
-    return int(_coder("eg_code_length", backend)(symbols, k, signed))
+    _stream("symbols", symbols, torch.int32)
+    k = int_arg("k", k, 0, MAX_EG_ORDER)
+    signed = bool_arg("signed", signed)
+    return int(pick_backend("eg_code_length", backend, _CPU)(symbols, k, signed))
 
 
 def eg_encode(symbols: torch.Tensor, k: int = 0, signed: bool = True, *, backend: str | None = None) -> torch.Tensor:
@@ -113,10 +73,10 @@ def eg_encode(symbols: torch.Tensor, k: int = 0, signed: bool = True, *, backend
     after ⌊log2 w⌋ − k zeros, k ∈ [0, 31].  Returns (⌈eg_code_length/8⌉,) uint8; the native backend
     encodes 64 Ki-symbol chunks in parallel, the output independent of the thread count.
     """
-    _stream("symbols", symbols, torch.int32, "symbols")
-    k = _int_arg("k", k, 0, MAX_EG_ORDER)
-    signed = _bool_arg("signed", signed)
-    return _coder("eg_encode", backend)(symbols, k, signed)
+    _stream("symbols", symbols, torch.int32)
+    k = int_arg("k", k, 0, MAX_EG_ORDER)
+    signed = bool_arg("signed", signed)
+    return pick_backend("eg_encode", backend, _CPU)(symbols, k, signed)
 
 
 def eg_decode(buf: torch.Tensor, count: int, k: int = 0, signed: bool = True, *,
@@ -127,11 +87,11 @@ def eg_decode(buf: torch.Tensor, count: int, k: int = 0, signed: bool = True, *,
     offsets).  Raises ValueError when the bits run out, a prefix has more than 32 zeros, or a value
     is not a symbol eg_encode writes — never reads outside buf.
     """
-    _stream("buf", buf, torch.uint8, "bytes")
-    count = _int_arg("count", count, 0)
-    k = _int_arg("k", k, 0, MAX_EG_ORDER)
-    signed = _bool_arg("signed", signed)
-    return _coder("eg_decode", backend)(buf, count, k, signed)
+    _stream("buf", buf, torch.uint8)
+    count = int_arg("count", count, 0)
+    k = int_arg("k", k, 0, MAX_EG_ORDER)
+    signed = bool_arg("signed", signed)
+    return pick_backend("eg_decode", backend, _CPU)(buf, count, k, signed)
 
 
 def rans_encode(symbols: torch.Tensor, *, backend: str | None = None) -> torch.Tensor:
@@ -143,8 +103,8 @@ def rans_encode(symbols: torch.Tensor, *, backend: str | None = None) -> torch.T
     the symbols are stored raw instead.  Layout: csrc/kernels/entropy_rans.h.  Sequential.
     Returns (nbytes,) uint8.
     """
-    _stream("symbols", symbols, torch.int32, "symbols")
-    return _coder("rans_encode", backend, has_reference=False)(symbols)
+    _stream("symbols", symbols, torch.int32)
+    return pick_backend("rans_encode", backend, _CPU)(symbols)
 
 
 def rans_decode(buf: torch.Tensor, count: int, *, backend: str | None = None) -> torch.Tensor:
@@ -153,15 +113,15 @@ def rans_decode(buf: torch.Tensor, count: int, *, backend: str | None = None) ->
     Raises ValueError for a count other than the buffer's, a truncated buffer (always detected) or a
     corrupt header or stream; a corrupted payload may also decode to other symbols, never out of bounds.
     """
-    _stream("buf", buf, torch.uint8, "bytes")
-    count = _int_arg("count", count, 0)
-    return _coder("rans_decode", backend, has_reference=False)(buf, count)
+    _stream("buf", buf, torch.uint8)
+    count = int_arg("count", count, 0)
+    return pick_backend("rans_decode", backend, _CPU)(buf, count)
 
 
 def rans_header_size(buf: torch.Tensor) -> int:
     """Bytes of a ``rans_encode`` buffer before its rANS stream (mode, count, alphabet, frequencies),
     i.e. the table cost; the rest is the payload.  Raw-mode buffers: the bytes before the raw symbols."""
-    data = memoryview(_stream("buf", buf, torch.uint8, "bytes").contiguous().numpy())  # no copy
+    data = memoryview(_stream("buf", buf, torch.uint8).contiguous().numpy())  # no copy
     pos = 0
 
     def varint() -> int:

@@ -13,8 +13,8 @@ Q[y, x] with k = rank(x): a_{k−1} (j < k), Λ_k (j = k), 0 (j > k).
 
 Input checks: shapes, dtypes and devices here; token ranges, perm/perm_inv consistency, lam validity, h ≥ 0
 and sigma ≥ 0 in the compiled glue for the native backend (csrc/ctmc_inputs.h: one pass, no graph break under
-torch.compile) and in ``_check_data`` below for the Triton and reference backends.  All raise ValueError or
-TypeError naming the argument.
+torch.compile) and in ``check_*_data`` below before the Triton and reference backends (the registry's
+DATA_CHECKS, ops/backend.py).  All raise ValueError or TypeError naming the argument.
 """
 
 from __future__ import annotations
@@ -22,7 +22,8 @@ from __future__ import annotations
 import torch
 
 from slimrate.ops import reference
-from slimrate.ops.backend import backend_name, extension_available, pick_backend
+from slimrate.ops.backend import extension_available, pick_backend
+from slimrate.ops.checks import check_tensor
 
 CTMC_DTYPES = (torch.float32, torch.float64)
 
@@ -30,10 +31,7 @@ CTMC_DTYPES = (torch.float32, torch.float64)
 # ---- argument checks ----
 
 def _check_structure(lam, perm, perm_inv) -> tuple[int, int]:
-    if not isinstance(lam, torch.Tensor):
-        raise TypeError(f"lam: expected a torch.Tensor, got {type(lam).__name__}")
-    if lam.dtype not in CTMC_DTYPES:
-        raise TypeError(f"lam: expected float32 or float64, got {lam.dtype}")
+    check_tensor("lam", lam, dtypes=CTMC_DTYPES)
     if lam.dim() != 2 or lam.shape[1] == 0:
         raise ValueError(f"lam: expected a [L, V] tensor with V > 0, got shape {tuple(lam.shape)}")
     for name, t in (("perm", perm), ("perm_inv", perm_inv)):
@@ -44,12 +42,7 @@ def _check_structure(lam, perm, perm_inv) -> tuple[int, int]:
 
 
 def _check_index(name: str, t, lam: torch.Tensor) -> None:
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
-    if t.dtype != torch.int64:
-        raise TypeError(f"{name}: expected int64, got {t.dtype}; convert with .long()")
-    if t.device != lam.device:
-        raise ValueError(f"{name}: on {t.device} but lam is on {lam.device}; move one with .to(device)")
+    check_tensor(name, t, dtypes=(torch.int64,), device=lam.device)
 
 
 def _check_tokens(name: str, x, lam: torch.Tensor, batch: int | None = None) -> int:
@@ -104,7 +97,7 @@ def _check_data(lam, perm, perm_inv, tokens: dict, times: dict) -> None:
 
 
 def _check_reachable(x_t, x0, h, sigma, lam, perm) -> None:
-    """score_entropy's extra data check off the native backend: p(x_t | x0) > 0 wherever the weight is nonzero."""
+    """score_entropy's extra data check: p(x_t | x0) > 0 wherever the weight is nonzero."""
     B, L = x_t.shape
     if B * L == 0:
         return
@@ -119,6 +112,22 @@ def _check_reachable(x_t, x0, h, sigma, lam, perm) -> None:
                          f"time "
                          f"h = {float(h[b])}: p(x_t | x0) = 0, so the score ratio is undefined; sample x_t from "
                          "ctmc_transition_rows(x0, h, ...)")
+
+
+def check_rows_data(x0, h, lam, perm, perm_inv) -> None:
+    """ctmc_transition_rows' data checks off the native backend."""
+    _check_data(lam, perm, perm_inv, {"x0": x0}, {"h": h})
+
+
+def check_cols_data(x, lam, perm, perm_inv) -> None:
+    """ctmc_rate_cols' data checks off the native backend."""
+    _check_data(lam, perm, perm_inv, {"x": x}, {})
+
+
+def check_score_data(logscore, x_t, x0, h, sigma, lam, perm, perm_inv, with_grad) -> None:
+    """score_entropy's data checks off the native backend."""
+    _check_data(lam, perm, perm_inv, {"x_t": x_t, "x0": x0}, {"h": h, "sigma": sigma})
+    _check_reachable(x_t, x0, h, sigma, lam, perm)
 
 
 # ---- the ops ----
@@ -149,14 +158,7 @@ def ctmc_transition_rows(x0: torch.Tensor, h: torch.Tensor | float, lam: torch.T
     _check_structure(lam, perm, perm_inv)
     B = _check_tokens("x0", x0, lam)
     h = _as_times("h", h, B, lam)
-    name = backend_name(backend)
-    if name == "native":
-        return pick_backend("ctmc_transition_rows", name, lam.device)(x0, h, lam, perm, perm_inv)
-    _check_data(lam, perm, perm_inv, {"x0": x0}, {"h": h})
-    if name == "triton":
-        pick_backend("ctmc_transition_rows", name, lam.device)  # CUDA tensors or the interpreter, else ValueError
-        return _TritonTransitionRows.apply(x0, h, lam, perm, perm_inv)
-    return reference.ctmc_transition_rows(x0, h, lam, perm, perm_inv)
+    return pick_backend("ctmc_transition_rows", backend, lam.device)(x0, h, lam, perm, perm_inv)
 
 
 def ctmc_rate_cols(x: torch.Tensor, lam: torch.Tensor, perm: torch.Tensor, perm_inv: torch.Tensor, *,
@@ -168,14 +170,7 @@ def ctmc_rate_cols(x: torch.Tensor, lam: torch.Tensor, perm: torch.Tensor, perm_
     """
     _check_structure(lam, perm, perm_inv)
     _check_tokens("x", x, lam)
-    name = backend_name(backend)
-    if name == "native":
-        return pick_backend("ctmc_rate_cols", name, lam.device)(x, lam, perm, perm_inv)
-    _check_data(lam, perm, perm_inv, {"x": x}, {})
-    if name == "triton":
-        pick_backend("ctmc_rate_cols", name, lam.device)
-        return _TritonRateCols.apply(x, lam, perm, perm_inv)
-    return reference.ctmc_rate_cols(x, lam, perm, perm_inv)
+    return pick_backend("ctmc_rate_cols", backend, lam.device)(x, lam, perm, perm_inv)
 
 
 def score_entropy(logscore: torch.Tensor, x_t: torch.Tensor, x0: torch.Tensor, h: torch.Tensor | float,
@@ -195,27 +190,20 @@ def score_entropy(logscore: torch.Tensor, x_t: torch.Tensor, x0: torch.Tensor, h
     _check_structure(lam, perm, perm_inv)
     B = _check_tokens("x_t", x_t, lam)
     _check_tokens("x0", x0, lam, batch=B)
-    if not isinstance(logscore, torch.Tensor):
-        raise TypeError(f"logscore: expected a torch.Tensor, got {type(logscore).__name__}")
-    if logscore.dtype != lam.dtype:
-        raise TypeError(f"logscore: expected {lam.dtype} like lam, got {logscore.dtype}")
-    if logscore.shape != (B, *lam.shape) or logscore.device != lam.device:
-        raise ValueError(f"logscore: expected shape ({B}, {lam.shape[0]}, {lam.shape[1]}) on {lam.device}, got "
-                         f"{tuple(logscore.shape)} on {logscore.device}")
+    check_tensor("logscore", logscore, dtypes=(lam.dtype,), device=lam.device, shape=(B, *lam.shape))
     h = _as_times("h", h, B, lam)
     sigma = _as_times("sigma", sigma, B, lam)
     with_grad = torch.is_grad_enabled() and logscore.requires_grad
-    name = backend_name(backend)
-    if name == "native":
-        op = pick_backend("score_entropy", name, lam.device)
-        return op(logscore, x_t, x0, h, sigma, lam, perm, perm_inv, with_grad)[0]
-    _check_data(lam, perm, perm_inv, {"x_t": x_t, "x0": x0}, {"h": h, "sigma": sigma})
-    _check_reachable(x_t, x0, h, sigma, lam, perm)
-    if name == "triton":
-        pick_backend("score_entropy", name, lam.device)
-        return _TritonScoreEntropy.apply(logscore, x_t, x0, h, sigma, lam, perm, perm_inv, with_grad)[0]
-    # Q frozen on every backend: no gradient to lam, h or sigma (the native and Triton ops give none).
-    return reference.score_entropy(logscore, x_t, x0, h.detach(), sigma.detach(), lam.detach(), perm, perm_inv)
+    op = pick_backend("score_entropy", backend, lam.device)
+    return op(logscore, x_t, x0, h, sigma, lam, perm, perm_inv, with_grad)[0]
+
+
+def reference_score_entropy(logscore, x_t, x0, h, sigma, lam, perm, perm_inv, with_grad) -> tuple:
+    """score_entropy's reference backend in the op's schema: (loss [B], an empty tensor), as autograd
+    differentiates the reference itself.  Q is frozen on every backend: no gradient reaches lam, h or sigma
+    (the native and Triton ops give none)."""
+    loss = reference.score_entropy(logscore, x_t, x0, h.detach(), sigma.detach(), lam.detach(), perm, perm_inv)
+    return loss, logscore.new_empty((0,))
 
 
 # ---- autograd of the Triton kernels (and of the native ctmc_rate_cols) ----
@@ -269,7 +257,9 @@ def _score_backward(ctx, grad_loss: torch.Tensor, _grad_of_grad) -> tuple:
     return (grad_loss[:, None, None] * g,) + (None,) * 8
 
 
-class _TritonTransitionRows(torch.autograd.Function):
+class TritonTransitionRows(torch.autograd.Function):
+    """ctmc_transition_rows' Triton backend, differentiable in h and lam."""
+
     @staticmethod
     def forward(x0, h, lam, perm, perm_inv):
         from slimrate.triton_kernels import ctmc_transition_rows_triton
@@ -285,7 +275,9 @@ class _TritonTransitionRows(torch.autograd.Function):
         return _rows_backward(ctx, grad, ctmc_transition_rows_backward_triton)
 
 
-class _TritonRateCols(torch.autograd.Function):
+class TritonRateCols(torch.autograd.Function):
+    """ctmc_rate_cols' Triton backend, differentiable in lam."""
+
     @staticmethod
     def forward(x, lam, perm, perm_inv):
         from slimrate.triton_kernels import ctmc_rate_cols_triton
@@ -296,7 +288,9 @@ class _TritonRateCols(torch.autograd.Function):
     backward = staticmethod(_cols_backward)
 
 
-class _TritonScoreEntropy(torch.autograd.Function):
+class TritonScoreEntropy(torch.autograd.Function):
+    """score_entropy's Triton backend: (loss, gradient) from one pass."""
+
     @staticmethod
     def forward(logscore, x_t, x0, h, sigma, lam, perm, perm_inv, with_grad):
         from slimrate.triton_kernels import score_entropy_triton

@@ -2,7 +2,8 @@
 approximants, Higham 2005) and ``expm_multi_t`` (exp(t·Q) at many times from one set of Taylor powers of Q).
 
 Plain PyTorch (csrc/ops.cpp names them): the work is matrix products, and torch's GEMMs are the kernels, on
-every device.  Both are differentiable in Q through those products.
+every device.  Both are differentiable in Q through those products.  Backends: "native" is the algorithm here
+(``expm_pade``, ``expm_multi_t_taylor``), "reference" torch.linalg.matrix_exp; there is no Triton backend.
 """
 
 from __future__ import annotations
@@ -12,7 +13,8 @@ from collections.abc import Sequence
 
 import torch
 
-from slimrate.ops.backend import backend_name
+from slimrate.ops.backend import pick_backend
+from slimrate.ops.checks import check_tensor
 
 EXPM_DTYPES = (torch.float32, torch.float64)
 
@@ -44,20 +46,16 @@ def _pade_coefficients(m: int) -> list[float]:
 
 
 def _check_square(name: str, q) -> None:
-    if not isinstance(q, torch.Tensor):
-        raise TypeError(f"{name}: expected a torch.Tensor, got {type(q).__name__}")
-    if q.dtype not in EXPM_DTYPES:
-        raise TypeError(f"{name}: expected float32 or float64, got {q.dtype}")
+    check_tensor(name, q, dtypes=EXPM_DTYPES)
     if q.dim() < 2 or q.shape[-1] != q.shape[-2]:
         raise ValueError(f"{name}: expected square matrices [..., n, n], got shape {tuple(q.shape)}")
 
 
-def _dispatch(op: str, backend: str | None) -> str:
-    name = backend_name(backend)
-    if name == "triton":
-        raise ValueError(f"backend: {op} has no Triton kernel (it is matrix products: torch's GEMMs are the "
-                         "kernels); use 'native' or 'reference'")
-    return name
+def check_finite(Q: torch.Tensor, *_other_args) -> None:
+    """Q's entries are finite: the native algorithms' data check, made before the reference (the other
+    arguments, expm_multi_t's ts, are checked by its face).  One synchronisation."""
+    if not bool(torch.isfinite(Q.detach()).all()):
+        raise ValueError("Q: expected finite entries, got inf or nan")
 
 
 def _pade(a: torch.Tensor, m: int) -> torch.Tensor:
@@ -88,11 +86,11 @@ def expm(Q: torch.Tensor, *, backend: str | None = None) -> torch.Tensor:
     backend="reference" runs torch.linalg.matrix_exp.
     """
     _check_square("Q", Q)
-    name = _dispatch("expm", backend)
-    if name == "reference":
-        from slimrate.ops import reference
+    return pick_backend("expm", backend, Q.device)(Q)
 
-        return reference.expm(Q)
+
+def expm_pade(Q: torch.Tensor) -> torch.Tensor:
+    """expm's native backend: Higham 2005's scaling and squaring (see expm), Q [..., n, n] checked."""
     n = Q.shape[-1]
     a = Q.reshape(-1, n, n)
     if a.shape[0] == 0 or n == 0:
@@ -156,16 +154,15 @@ def expm_multi_t(Q: torch.Tensor, ts: torch.Tensor | Sequence[float], *, backend
         raise ValueError(f"ts: expected a 1-D sequence of times, got shape {tuple(ts.shape)}")
     if not torch.isfinite(ts).all():
         raise ValueError("ts: expected finite times")
-    name = _dispatch("expm_multi_t", backend)
-    if name == "reference":
-        from slimrate.ops import reference
+    return pick_backend("expm_multi_t", backend, Q.device)(Q, ts)
 
-        return reference.expm_multi_t(Q, ts.to(Q.dtype).to(Q.device))
+
+def expm_multi_t_taylor(Q: torch.Tensor, ts: torch.Tensor) -> torch.Tensor:
+    """expm_multi_t's native backend (see expm_multi_t): Q [n, n] checked, ts [T] float64 on the CPU."""
     n, T = Q.shape[0], ts.shape[0]
     if T == 0 or n == 0:
         return Q.new_empty((T, n, n))
-    if not torch.isfinite(Q.detach()).all():
-        raise ValueError("Q: expected finite entries")
+    check_finite(Q)
     eye = torch.eye(n, dtype=Q.dtype, device=Q.device)
     mu = float(torch.trace(Q.detach())) / n
     a = Q - mu * eye

@@ -20,7 +20,8 @@ import numpy as np
 import torch
 
 from slimrate.ops import reference
-from slimrate.ops.backend import backend_name, extension_available, pick_backend
+from slimrate.ops.backend import extension_available, pick_backend, resolve_backend
+from slimrate.ops.checks import check_bias, check_tensor, finite_number, int_arg
 
 NF4_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # bitsandbytes accepts these block sizes (functional.quantize_4bit); slimrate's kernels need an even size.
@@ -75,9 +76,7 @@ def _quantize_blockwise8(a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 # ---- argument checks ----
 
 def _blocksize_arg(blocksize: int) -> int:
-    if isinstance(blocksize, bool) or not isinstance(blocksize, int):
-        raise TypeError(f"blocksize: expected a Python int, got {type(blocksize).__name__}")
-    if blocksize not in BNB_BLOCKSIZES:
+    if int_arg("blocksize", blocksize, 1) not in BNB_BLOCKSIZES:
         raise ValueError(f"blocksize: expected one of bitsandbytes' {BNB_BLOCKSIZES}, got {blocksize}")
     return blocksize
 
@@ -101,9 +100,7 @@ def _unpack_state(state, name: str, shape, blocksize: int | None, backend: str |
             raise ValueError(f"shape: {tuple(shape)} does not match the QuantState's shape {tuple(state.shape)}")
         absmax = state.absmax
         if getattr(state, "state2", None) is not None:  # nested: absmax = code[qabsmax]·absmax2 + offset
-            s2 = state.state2
-            absmax = pick_backend("nf4_absmax_dequantize", backend, absmax.device)(
-                absmax, s2.code.float(), s2.absmax.float(), state.offset.float(), s2.blocksize)
+            absmax = pick_backend("nf4_absmax_dequantize", backend, absmax.device)(*_nested_absmax(state, name))
         return absmax.float(), (shape if shape is not None else state.shape), \
             _blocksize_arg(state.blocksize), state.dtype
     if not isinstance(state, torch.Tensor):
@@ -112,6 +109,22 @@ def _unpack_state(state, name: str, shape, blocksize: int | None, backend: str |
     if not state.is_floating_point():
         raise TypeError(f"{name}: expected a float absmax tensor, got {state.dtype}")
     return state.reshape(-1).float(), shape, _blocksize_arg(64 if blocksize is None else blocksize), None
+
+
+def _nested_absmax(state, name: str) -> tuple:
+    """nf4_absmax_dequantize's arguments (qabsmax, code, absmax2, offset, blocksize) from a nested QuantState,
+    checked against each other: the code indexed by qabsmax, absmax2 read per block of qabsmax."""
+    s2 = state.state2
+    qabsmax = check_tensor(f"{name}.absmax", state.absmax, dtypes=(torch.uint8,))
+    device = qabsmax.device
+    code = check_tensor(f"{name}.state2.code", s2.code, dtypes=(torch.float32,), device=device, shape=(256,))
+    offset = check_tensor(f"{name}.offset", state.offset, dtypes=(torch.float32,), device=device)
+    if offset.numel() != 1:
+        raise ValueError(f"{name}.offset: expected one value, got shape {tuple(offset.shape)}")
+    blocksize = int_arg(f"{name}.state2.blocksize", s2.blocksize, 1)
+    absmax2 = check_tensor(f"{name}.state2.absmax", s2.absmax, dtypes=(torch.float32,), device=device,
+                           shape=(-(-qabsmax.numel() // blocksize),))
+    return qabsmax, code, absmax2, offset, blocksize
 
 
 def _check_packed(packed: torch.Tensor, absmax: torch.Tensor, n: int, blocksize: int) -> torch.Tensor:
@@ -152,10 +165,7 @@ def nf4_quantize(w: torch.Tensor, blocksize: int = 64, *, compress_statistics: b
     ``functional.QuantState`` with the double-quantized absmax (absmax − mean in 8-bit blocks of 256, QLoRA
     §2), identical to bitsandbytes' (needs bitsandbytes installed).
     """
-    if not isinstance(w, torch.Tensor):
-        raise TypeError(f"w: expected a torch.Tensor, got {type(w).__name__}")
-    if w.dtype not in NF4_DTYPES:
-        raise TypeError(f"w: expected float32, bfloat16 or float16, got {w.dtype}")
+    check_tensor("w", w, dtypes=NF4_DTYPES)
     blocksize = _blocksize_arg(blocksize)
     packed, absmax = pick_backend("nf4_quantize", backend, w.device)(w.contiguous(), blocksize)
     if not compress_statistics:
@@ -196,13 +206,7 @@ def _lora_args(x, lora_x, lora_A, lora_B, bias, out_features: int, in_features: 
     # float64 is the reference's truth (tests); the kernels take the training dtypes
     dtypes = NF4_DTYPES + ((torch.float64,) if backend == "reference" else ())
     for name, t in (("x", x), ("lora_A", lora_A), ("lora_B", lora_B)):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
-        if t.dtype not in dtypes:
-            raise TypeError(f"{name}: expected float32, bfloat16 or float16 (float64 with backend='reference'), "
-                            f"got {t.dtype}")
-        if t.device != x.device:
-            raise ValueError(f"{name}: on {t.device} but x is on {x.device}; move it with .to(device)")
+        check_tensor(name, t, dtypes=dtypes, device=x.device)
     if lora_A.dim() != 2 or lora_A.shape[1] != in_features:
         raise ValueError(f"lora_A: expected shape [r, {in_features}] (in_features of x), got {tuple(lora_A.shape)}")
     if lora_B.dim() != 2 or lora_B.shape != (out_features, lora_A.shape[0]):
@@ -214,12 +218,7 @@ def _lora_args(x, lora_x, lora_A, lora_B, bias, out_features: int, in_features: 
         if lora_x.shape != x.shape or lora_x.dtype != x.dtype or lora_x.device != x.device:
             raise ValueError(f"lora_x: expected shape {tuple(x.shape)}, {x.dtype} on {x.device} like x, got "
                              f"{tuple(lora_x.shape)}, {lora_x.dtype} on {lora_x.device}")
-    if bias is not None:
-        if not isinstance(bias, torch.Tensor) or not bias.is_floating_point():
-            raise TypeError(f"bias: expected a float tensor or None, got {getattr(bias, 'dtype', type(bias))}")
-        if bias.shape != (out_features,) or bias.device != x.device:
-            raise ValueError(f"bias: expected shape ({out_features},) on {x.device}, got {tuple(bias.shape)} on "
-                             f"{bias.device}")
+    check_bias(bias, out_features, x.device)
 
 
 def nf4_lora_linear(x: torch.Tensor, packed: torch.Tensor, quant_state_or_absmax, lora_A: torch.Tensor,
@@ -256,20 +255,16 @@ def nf4_lora_linear(x: torch.Tensor, packed: torch.Tensor, quant_state_or_absmax
         raise ValueError(f"x: expected shape [..., {wshape[-1]}] to match the weight's shape {tuple(wshape)}, "
                          f"got {tuple(x.shape)}")
     out_features = wshape[0]
-    _lora_args(x, lora_x, lora_A, lora_B, bias, out_features, in_features, backend_name(backend))
-    if isinstance(scaling, bool) or not isinstance(scaling, (int, float)) or not math.isfinite(scaling):
-        raise TypeError(f"scaling: expected a finite Python number, got {scaling!r}")
+    _lora_args(x, lora_x, lora_A, lora_B, bias, out_features, in_features,
+               resolve_backend("nf4_lora_linear", backend))
+    scaling = finite_number("scaling", scaling)
     flat = _check_packed(packed, absmax, out_features * in_features, blocksize)
     if flat.device != x.device:
         raise ValueError(f"packed: on {flat.device} but x is on {x.device}")
-    fn = pick_backend("nf4_lora_linear", backend, x.device)
     x2 = x.reshape(-1, in_features)
     lx2 = None if lora_x is None else lora_x.reshape(-1, in_features)
-    args = (x2, flat, absmax.contiguous(), out_features, blocksize, lx2, lora_A, lora_B, float(scaling), bias)
-    if backend_name(backend) == "triton":
-        y = _TritonLoRALinear.apply(*args)
-    else:
-        y = fn(*args)
+    y = pick_backend("nf4_lora_linear", backend, x.device)(x2, flat, absmax.contiguous(), out_features, blocksize,
+                                                          lx2, lora_A, lora_B, scaling, bias)
     return y.reshape(*x.shape[:-1], out_features)
 
 
@@ -307,8 +302,8 @@ def _lora_linear_backward(ctx, grad_y: torch.Tensor, grad_input) -> tuple:
     return dx, None, None, None, None, dlx, da, db, None, dbias
 
 
-class _TritonLoRALinear(torch.autograd.Function):
-    """The Triton kernels of nf4_lora_linear with the shared backward."""
+class TritonLoRALinear(torch.autograd.Function):
+    """nf4_lora_linear's Triton backend: the Triton kernels with the shared backward."""
 
     @staticmethod
     def forward(*args):

@@ -9,7 +9,7 @@ from collections.abc import Iterable
 
 import torch
 
-from slimrate.ops.backend import extension_available, pick_backend
+from slimrate.ops.backend import extension_available, pick_backend, resolve_backend
 from slimrate.ops.checks import finite_number, float_tensor_list
 
 
@@ -21,6 +21,7 @@ def rate_stats(tensors: Iterable[torch.Tensor], *, backend: str | None = None) -
     """
     xs = float_tensor_list("tensors", tensors)
     if not xs:
+        resolve_backend("rate_stats", backend)  # a bad backend is refused even with nothing to do
         return torch.zeros(3, dtype=torch.float64)
     return pick_backend("rate_stats", backend, xs[0].device)(xs)
 
@@ -48,6 +49,7 @@ def rate_grad_(params: Iterable[torch.Tensor], grads: Iterable[torch.Tensor], la
             raise ValueError(f"grads[{i}]: expected shape {tuple(p.shape)}, {p.dtype} on {p.device} like "
                              f"params[{i}], got {tuple(g.shape)}, {g.dtype} on {g.device}")
     if not ps:
+        resolve_backend("rate_grad_", backend)
         return torch.zeros((), dtype=torch.float64)
     return pick_backend("rate_grad_", backend, ps[0].device)(ps, gs, lam, nu, eps)
 

@@ -97,7 +97,7 @@ def eg_decode(buf: torch.Tensor, count: int, k: int = 0, signed: bool = True) ->
 
 def sparse_linear(x: torch.Tensor, row_ptr: torch.Tensor, col_idx: torch.Tensor, values: torch.Tensor,
                   out_features: int, bias: torch.Tensor | None) -> torch.Tensor:
-    """y = x·Wᵀ + b for a block-CSR W (python/slimrate/sparse/format.py): x [B, in] -> y [B, out].
+    """y = x·Wᵀ + b for a block-CSR W (ops/sparse_format.py): x [B, in] -> y [B, out].
 
     W is expanded to dense in ``values``' dtype; the product runs in x's dtype promoted with it
     (float64 in → float64 out: the truth), bias added last; y is returned in x's dtype.
@@ -244,5 +244,6 @@ def expm(Q: torch.Tensor) -> torch.Tensor:
 
 
 def expm_multi_t(Q: torch.Tensor, ts: torch.Tensor) -> torch.Tensor:
-    """exp(t·Q) for each t in ts [T] -> [T, n, n]: one batched torch.linalg.matrix_exp of ts·Q."""
-    return torch.linalg.matrix_exp(ts[:, None, None] * Q)
+    """exp(t·Q) for each t in ts [T] -> [T, n, n]: one batched torch.linalg.matrix_exp of ts·Q (ts cast to Q's
+    dtype and device)."""
+    return torch.linalg.matrix_exp(ts.to(Q)[:, None, None] * Q)

@@ -1,6 +1,8 @@
-"""The sparse linear op: y = x·Wᵀ + b with W stored block-sparse (slimrate.sparse.SparseMatrix).
+"""The sparse linear op: y = x·Wᵀ + b with W stored block-sparse (a SparseMatrix, ops/sparse_format.py).
 
 Inference only: no autograd (the backward of a pruned layer is a dense-layer concern).
+Input checks: the SparseMatrix's shapes, dtypes and devices and x and bias here; the index data in the compiled
+glue for the native backend (csrc/sparse_inputs.h) and in ``check_block_indices`` for the others.
 """
 
 from __future__ import annotations
@@ -8,7 +10,8 @@ from __future__ import annotations
 import torch
 
 from slimrate.ops.backend import extension_available, pick_backend
-from slimrate.sparse.format import SPARSE_DTYPES, SparseMatrix
+from slimrate.ops.checks import check_bias, check_tensor
+from slimrate.ops.sparse_format import SPARSE_DTYPES, SparseMatrix, check_sparse_matrix
 
 
 def sparse_linear(x: torch.Tensor, weight: SparseMatrix, bias: torch.Tensor | None = None, *,
@@ -18,32 +21,21 @@ def sparse_linear(x: torch.Tensor, weight: SparseMatrix, bias: torch.Tensor | No
     weight: a SparseMatrix of shape (out, in) on x's device; bias: [out] float or None.
     Products are accumulated in float32 on every backend.
     """
-    if not isinstance(weight, SparseMatrix):
-        raise TypeError(f"weight: expected a slimrate.sparse.SparseMatrix, got {type(weight).__name__}; build one "
-                        "with SparseMatrix.from_dense(linear.weight)")
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"x: expected a torch.Tensor, got {type(x).__name__}")
-    if x.dtype not in SPARSE_DTYPES:
-        raise TypeError(f"x: expected float32, bfloat16 or float16, got {x.dtype}")
-    out_features, in_features = weight.shape
+    out_features, in_features = check_sparse_matrix(weight).shape
+    check_tensor("x", x, dtypes=SPARSE_DTYPES)
     if x.dim() == 0 or x.shape[-1] != in_features:
         raise ValueError(f"x: expected shape [..., {in_features}] to match weight {weight.shape}, "
                          f"got {tuple(x.shape)}")
     if x.device != weight.device:
         raise ValueError(f"x: on {x.device} but weight is on {weight.device}; move one with .to(device)")
-    if bias is not None:
-        if not isinstance(bias, torch.Tensor) or not bias.is_floating_point():
-            raise TypeError(f"bias: expected a float tensor or None, got {type(bias).__name__}")
-        if bias.shape != (out_features,) or bias.device != x.device:
-            raise ValueError(f"bias: expected shape ({out_features},) on {x.device}, got {tuple(bias.shape)} "
-                             f"on {bias.device}")
+    check_bias(bias, out_features, x.device)
     return sparse_linear_unchecked(x, weight.row_ptr, weight.col_idx, weight.values, out_features, bias, backend)
 
 
 def sparse_linear_unchecked(x: torch.Tensor, row_ptr: torch.Tensor, col_idx: torch.Tensor, values: torch.Tensor,
                             out_features: int, bias: torch.Tensor | None, backend: str | None = None) -> torch.Tensor:
-    """sparse_linear after the argument checks (SparseLinear.forward's fast path; the native kernels still
-    check the indices): x [..., in] -> [..., out_features]."""
+    """sparse_linear after the argument checks (SparseLinear.forward's fast path; the index data is still
+    checked on every backend): x [..., in] -> [..., out_features]."""
     y = pick_backend("sparse_linear", backend, x.device)(x.reshape(-1, x.shape[-1]), row_ptr, col_idx, values,
                                                           out_features, bias)
     return y.reshape(*x.shape[:-1], out_features)

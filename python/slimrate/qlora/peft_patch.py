@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from slimrate import ops
-from slimrate.ops.backend import backend_name
+from slimrate.ops.backend import resolve_backend
 
 # The flag bitsandbytes sets on a QuantState whose weight it repacked for the CPU gemv kernel
 # (bitsandbytes/functional.py, _convert_weight_packed_for_cpu).
@@ -142,7 +142,7 @@ def patch_peft(model: nn.Module, *, backend: str | None = None) -> int:
     Returns the number of layers patched (already patched ones included).
     """
     if backend is not None:
-        backend_name(backend)  # ValueError listing the valid names
+        resolve_backend("nf4_lora_linear", backend)  # ValueError listing the valid names
     layers = [(name, m) for name, m in model.named_modules() if isinstance(m, _lora_4bit_classes())]
     for name, layer in layers:
         if is_repacked(layer.get_base_layer()):

@@ -1,6 +1,6 @@
 """Sparse pruned inference: magnitude pruning, block-sparse storage, SparseLinear, model conversion."""
 
-from slimrate.sparse.format import SparseMatrix
+from slimrate.ops.sparse_format import SparseMatrix
 from slimrate.sparse.linear import SparseLinear, SparsifyDecision, format_decisions, sparsify
 from slimrate.sparse.prune import LayerSparsity, format_sparsity_report, prune_, sparsity_report
 

@@ -9,8 +9,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-import slimrate.ops.sparse as sparse_ops  # a module reference: slimrate.ops.sparse imports this package
-from slimrate.sparse.format import SparseMatrix, _block_arg
+from slimrate.ops.sparse import sparse_linear, sparse_linear_unchecked
+from slimrate.ops.sparse_format import SparseMatrix, block_arg
 
 FORMATS = {"csr": (1, 1), "bsr": (4, 4)}  # format -> default block
 
@@ -43,7 +43,7 @@ class SparseLinear(nn.Module):
             raise ValueError(f"format: expected one of {tuple(FORMATS)}, got {format!r}")
         if format == "csr" and block not in (None, (1, 1)):
             raise ValueError(f"block: format='csr' stores 1×1 blocks, got {block!r}; use format='bsr'")
-        block = _block_arg(block if block is not None else FORMATS[format])
+        block = block_arg(block if block is not None else FORMATS[format])
         weight = linear.weight.detach() if dtype is None else linear.weight.detach().to(dtype)
         return cls(SparseMatrix.from_dense(weight, block), linear.bias)
 
@@ -55,9 +55,8 @@ class SparseLinear(nn.Module):
         # The buffers are consistent by construction: check only x, then skip the op face's checks
         # (they cost about as much as a small layer's kernel).
         if x.dim() == 0 or x.shape[-1] != self.in_features or x.device != self.values.device:
-            return sparse_ops.sparse_linear(x, self.weight, self.bias)  # raises the face's clear error
-        return sparse_ops.sparse_linear_unchecked(x, self.row_ptr, self.col_idx, self.values, self.out_features,
-                                                  self.bias)
+            return sparse_linear(x, self.weight, self.bias)  # raises the face's clear error
+        return sparse_linear_unchecked(x, self.row_ptr, self.col_idx, self.values, self.out_features, self.bias)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # The stored sizes depend on the weights' zeros: take the incoming shapes, then copy as usual.

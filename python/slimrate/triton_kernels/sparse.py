@@ -1,5 +1,5 @@
 """Triton kernel of sparse_linear: y = x·Wᵀ + b for W [out, in] stored block-CSR with blocks (r, c)
-(python/slimrate/sparse/format.py), float32 accumulation.
+(python/slimrate/ops/sparse_format.py), float32 accumulation.
 
 One program per (block row i, tile of BT batch entries) computes y[tile, i·r : i·r + r]: it walks the
 row's blocks NJ at a time, NJ = max(1, 16 // c) so each step covers at least 16 weight columns even
@@ -78,7 +78,7 @@ def sparse_linear_triton(x: torch.Tensor, row_ptr: torch.Tensor, col_idx: torch.
     from x's dtype); col_idx [nblocks] int32 or int16 holding uint16 bits; row_ptr [ceil(out_features / r) + 1]
     int64; bias [out_features] any float dtype or None; all on one device (CUDA, or CPU under TRITON_INTERPRET=1).
     Products and sums in float32, rounded once into x's dtype. Shapes are checked here; the index
-    values are trusted (SparseMatrix.from_dense builds them; the native backend checks them).
+    values are trusted (SparseMatrix.from_dense builds them; slimrate.ops.sparse_linear checks them first).
     """
     if x.dim() != 2 or values.dim() != 3:
         raise ValueError(f"x, values: expected 2-D x and 3-D values, got {tuple(x.shape)} and {tuple(values.shape)}")

@@ -7,6 +7,9 @@ zero-padded. Only blocks with a nonzero entry are kept, row by row:
   bits when there are at most 65536 block columns (2 bytes per block), else int32;
 - ``row_ptr`` [ceil(rows / r) + 1] int64, block row i owns blocks row_ptr[i] .. row_ptr[i+1]-1.
 Memory: values + indices, ``nbytes`` (6 bytes per kept fp32 weight in CSR); a dense fp32 W costs 4·rows·cols.
+
+``check_sparse_matrix`` checks this layout's shapes, dtypes and devices (cheap: no data is read);
+``check_block_indices`` checks the index data, as the native kernels' glue does (csrc/sparse_inputs.h).
 """
 
 from __future__ import annotations
@@ -16,10 +19,13 @@ from dataclasses import dataclass
 
 import torch
 
+from slimrate.ops.checks import check_tensor
+
 SPARSE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
-def _block_arg(block: object) -> tuple[int, int]:
+def block_arg(block: object) -> tuple[int, int]:
+    """``block`` as a pair of positive ints (r, c)."""
     if (not isinstance(block, (tuple, list)) or len(block) != 2
             or not all(isinstance(b, int) and not isinstance(b, bool) and b > 0 for b in block)):
         raise ValueError(f"block: expected a pair of positive ints (rows, cols), e.g. (1, 1) for CSR, got {block!r}")
@@ -76,13 +82,8 @@ class SparseMatrix:
     @classmethod
     def from_dense(cls, weight: torch.Tensor, block: tuple[int, int] = (1, 1)) -> SparseMatrix:
         """Keep the (r, c) blocks of a 2-D float32/bfloat16/float16 ``weight`` that hold a nonzero."""
-        if not isinstance(weight, torch.Tensor):
-            raise TypeError(f"weight: expected a torch.Tensor, got {type(weight).__name__}")
-        if weight.dim() != 2:
-            raise ValueError(f"weight: expected a 2-D [out, in] tensor, got shape {tuple(weight.shape)}")
-        if weight.dtype not in SPARSE_DTYPES:
-            raise TypeError(f"weight: expected float32, bfloat16 or float16, got {weight.dtype}; convert with .float()")
-        r, c = _block_arg(block)
+        check_tensor("weight", weight, dtypes=SPARSE_DTYPES, shape=(None, None))
+        r, c = block_arg(block)
         rows, cols = weight.shape
         brows, bcols = math.ceil(rows / r), math.ceil(cols / c)
         w = weight.detach()
@@ -117,3 +118,42 @@ class SparseMatrix:
             raise TypeError(f"dtype: expected float32, bfloat16 or float16, got {dtype}")
         return SparseMatrix(self.row_ptr.to(device), self.col_idx.to(device),
                             self.values.to(device=device, dtype=dtype), self.shape)
+
+
+def check_sparse_matrix(weight: object) -> SparseMatrix:
+    """``weight`` checked to be a SparseMatrix whose parts agree with each other and sit on one device."""
+    if not isinstance(weight, SparseMatrix):
+        raise TypeError(f"weight: expected a slimrate.sparse.SparseMatrix, got {type(weight).__name__}; build one "
+                        "with SparseMatrix.from_dense(linear.weight)")
+    shape = weight.shape
+    if (not isinstance(shape, tuple) or len(shape) != 2
+            or not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in shape)):
+        raise ValueError(f"weight.shape: expected a pair of ints >= 0 (rows, cols), got {shape!r}")
+    values = check_tensor("weight.values", weight.values, dtypes=SPARSE_DTYPES, shape=(None, None, None))
+    nblocks, r, c = values.shape
+    if r == 0 or c == 0:
+        raise ValueError(f"weight.values: expected blocks [nblocks, r, c] with r, c > 0, got {tuple(values.shape)}")
+    check_tensor("weight.col_idx", weight.col_idx, dtypes=(torch.int32, torch.int16), device=values.device,
+                 shape=(nblocks,))
+    check_tensor("weight.row_ptr", weight.row_ptr, dtypes=(torch.int64,), device=values.device,
+                 shape=(math.ceil(shape[0] / r) + 1,))
+    return weight
+
+
+def check_block_indices(x: torch.Tensor, row_ptr: torch.Tensor, col_idx: torch.Tensor, values: torch.Tensor,
+                        out_features: int, bias: torch.Tensor | None) -> None:
+    """The index data of a block-CSR W for x [batch, in]: row_ptr runs from 0 to nblocks without decreasing and
+    every block column is in [0, ceil(in / c)) — what the native glue checks (csrc/sparse_inputs.h).
+    Takes sparse_linear's arguments; one device-to-host synchronisation."""
+    nblocks, _, c = values.shape
+    bcols = math.ceil(x.shape[1] / c)
+    cols = block_columns(col_idx)
+    bad = torch.stack([row_ptr[0] != 0, row_ptr[-1] != nblocks, (row_ptr[1:] < row_ptr[:-1]).any(),
+                       ((cols < 0) | (cols >= bcols)).any()]).tolist()
+    rebuild = "the sparse weight is corrupt; rebuild it with SparseMatrix.from_dense"
+    if bad[0] or bad[1]:
+        raise ValueError(f"row_ptr: expected row_ptr[0] = 0 and row_ptr[-1] = nblocks = {nblocks}; {rebuild}")
+    if bad[2]:
+        raise ValueError(f"row_ptr: expected nondecreasing offsets; {rebuild}")
+    if bad[3]:
+        raise ValueError(f"col_idx: a block column is >= ceil(in_features / c) = {bcols} or negative; {rebuild}")
