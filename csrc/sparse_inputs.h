@@ -8,7 +8,7 @@
 
 namespace slimrate {
 
-// W [out_features, in_features] in block-CSR form with blocks (r, c) (python/slimrate/sparse/format.py).
+// W [out_features, in_features] in block-CSR form with blocks (r, c) (docs/sparse.md §1; python/slimrate/ops/sparse_format.py).
 struct SparseInputs {
   at::Tensor x;        // [batch, in_features] as given (any strides): each backend lays out its own copy
   at::Tensor row_ptr;  // [brows + 1] int64, contiguous, checked: 0 = row_ptr[0] <= ... <= row_ptr[brows] = nblocks

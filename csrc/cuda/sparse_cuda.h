@@ -1,5 +1,5 @@
 // Torch-free CUDA launcher of sparse_linear (schema in csrc/ops.cpp, ATen glue in sparse_cuda_glue.cpp):
-// y = x·Wᵀ + bias for W [out, in] in block-CSR form with blocks (r, c) (python/slimrate/sparse/format.py).
+// y = x·Wᵀ + bias for W [out, in] in block-CSR form with blocks (r, c) (docs/sparse.md §1; python/slimrate/ops/sparse_format.py).
 #pragma once
 #include <cuda_runtime_api.h>
 
