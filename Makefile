@@ -7,7 +7,7 @@ BUILD_STAMP := $(VENV)/.slimrate-build
 EXT_SOURCES := setup.py $(shell find csrc -name '*.cpp' -o -name '*.h' -o -name '*.cu' -o -name '*.cuh')
 JOBS ?= $(shell nproc)
 
-.PHONY: demo test bench build lint clean peers
+.PHONY: demo test bench bench-7b build lint clean peers
 
 demo: $(BUILD_STAMP)
 	$(VENV)/bin/slimrate demo
@@ -30,6 +30,12 @@ bench: $(BUILD_STAMP)
 	$(call bench_suite,nf4,nf4_report.py)
 	$(call bench_suite,ctmc,summarize.py)
 	$(call bench_suite,dmb_train,summarize.py)
+	$(VPY) bench/slim_llm.py --layers 1 -o bench/results/slim_llm_1layer
+
+# The .slim path on a Llama-2-7B-shaped checkpoint (6.74B parameters, 13.5 GB of bf16 generated on demand; needs
+# ~35 GB of free disk and about half an hour on 2 cores).
+bench-7b: $(BUILD_STAMP)
+	$(VPY) bench/slim_llm.py --layers 32 -o bench/results/slim_llm_7b
 
 build: $(BUILD_STAMP)
 
