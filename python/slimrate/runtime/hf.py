@@ -19,14 +19,15 @@ def is_hf_factory(model_factory: object) -> bool:
     return isinstance(model_factory, str) and model_factory.startswith(HF_PREFIX)
 
 
-def hf_config_dir(model_factory: str) -> Path:
-    """The folder of ``model_factory`` "hf:DIR"; ValueError unless DIR is a folder holding config.json."""
+def hf_config_dir(model_factory: str, argument: str = "model_factory") -> Path:
+    """The folder of ``model_factory`` "hf:DIR"; ValueError naming ``argument`` unless DIR is a folder holding
+    config.json."""
     folder = Path(model_factory[len(HF_PREFIX):])
     if not folder.is_dir():
-        raise ValueError(f"model_factory: {model_factory!r}: {folder} is not a folder; pass hf:DIR with DIR a local "
+        raise ValueError(f"{argument}: {model_factory!r}: {folder} is not a folder; pass hf:DIR with DIR a local "
                          "transformers model folder holding config.json (as save_pretrained writes)")
     if not (folder / "config.json").is_file():
-        raise ValueError(f"model_factory: {model_factory!r}: no config.json in {folder}; pass the folder "
+        raise ValueError(f"{argument}: {model_factory!r}: no config.json in {folder}; pass the folder "
                          "save_pretrained wrote, or write the config there with config.save_pretrained(folder)")
     return folder
 
