@@ -116,7 +116,7 @@ def digits_safetensors(path: Path, **replace: torch.Tensor) -> Path:
 @pytest.mark.parametrize("arch,replace,message", [
     ("digits", {"2.weight": torch.randn(6, 4)}, "'2.weight' has shape (6, 4), DigitsMLP expects (6, 6)"),
     ("digits", {"0.weight": torch.randn(6)}, "'0.weight' has shape (6,), the digits architecture expects 2 dims"),
-    ("digits", {"extra.bias": torch.randn(2)}, "tensor 'extra.bias' is not in DigitsMLP"),
+    ("digits", {"extra.bias": torch.randn(2)}, "does not fit DigitsMLP: tensors it does not have: ['extra.bias']"),
     ("charlm", {}, "no tensor 'tok_emb.weight', which the charlm architecture is sized from"),
 ], ids=["wrong-shape", "wrong-dims", "extra-tensor", "other-arch"])
 def test_run_names_the_file_and_the_tensor_that_does_not_fit(tmp_path, capsys, arch, replace, message):

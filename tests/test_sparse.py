@@ -297,8 +297,8 @@ def digits_state(hidden: int) -> dict[str, torch.Tensor]:
 @pytest.mark.parametrize("edit,match", [
     (lambda s: s.pop("0.weight"), r"no tensor '0.weight', which the digits architecture is sized from"),
     (lambda s: s.update({"0.weight": torch.randn(5)}), r"'0.weight' has shape \(5,\), the digits .* 2 dims"),
-    (lambda s: s.pop("4.bias"), r"no tensor '4.bias' \(1 of the 6 tensors of DigitsMLP are missing\)"),
-    (lambda s: s.update({"extra": torch.randn(2)}), r"tensor 'extra' is not in DigitsMLP"),
+    (lambda s: s.pop("4.bias"), r"does not fit DigitsMLP: missing 1 of its 6 tensors: \['4.bias'\]"),
+    (lambda s: s.update({"extra": torch.randn(2)}), r"DigitsMLP: tensors it does not have: \['extra'\]"),
     (lambda s: s.update({"2.weight": torch.randn(5, 4)}), r"'2.weight' has shape \(5, 4\), DigitsMLP expects \(5, 5\)"),
 ], ids=["no-sizing-tensor", "sizing-tensor-1d", "missing", "unexpected", "wrong-shape"])
 def test_runtime_load_names_the_tensor_that_does_not_fit(edit, match):

@@ -5,7 +5,19 @@ from __future__ import annotations
 import argparse
 
 from slimrate.cli.arguments import add_command, nonnegative_float, positive_int
+from slimrate.cli.errors import UsageError
 from slimrate.cli.paths import check_input_file, naming_file
+
+
+def architecture(text: str) -> str:
+    """--arch: a name in runtime.MODELS, or hf:CONFIG_DIR (the folder is checked by ``check``)."""
+    from slimrate import runtime
+    from slimrate.runtime.hf import HF_PREFIX
+
+    if text in runtime.MODELS or (text.startswith(HF_PREFIX) and len(text) > len(HF_PREFIX)):
+        return text
+    raise argparse.ArgumentTypeError(f"invalid choice: {text!r} (choose from {', '.join(runtime.MODELS)}, "
+                                     f"{HF_PREFIX}CONFIG_DIR)")
 
 
 def add_commands(commands: argparse._SubParsersAction) -> None:
@@ -15,8 +27,9 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model", help="a .slim or .safetensors file")
-    parser.add_argument("--arch", required=True, choices=["digits", "charlm"],
-                        help="the built-in architecture the weights belong to (sized from the weights)")
+    parser.add_argument("--arch", required=True, type=architecture, metavar="{digits,charlm,hf:CONFIG_DIR}",
+                        help="the architecture the weights belong to: a built-in one (sized from the weights), or "
+                             "hf:CONFIG_DIR, the transformers causal LM of the config.json in the folder CONFIG_DIR")
     parser.add_argument("--bench", action="store_true", help="measure latency and weight memory, dense vs sparse")
     parser.add_argument("--batch", type=positive_int, default=1, help="batch size of the random inputs (default 1)")
     parser.add_argument("--min-sparsity", type=nonnegative_float, default=0.5,
@@ -27,6 +40,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def check(args: argparse.Namespace) -> None:
     check_input_file(args.model)
+    from slimrate.runtime.hf import hf_config_dir, is_hf_factory
+
+    if is_hf_factory(args.arch):
+        try:
+            hf_config_dir(args.arch, "--arch")
+        except ValueError as e:
+            raise UsageError(str(e)) from e
 
 
 def run(args: argparse.Namespace) -> int:
@@ -36,15 +56,14 @@ def run(args: argparse.Namespace) -> int:
     from slimrate.sparse.linear import format_decisions
 
     with naming_file(args.model):  # a corrupt file, or weights that do not fit --arch
-        state = runtime.read_state_dict(args.model)
-        dense = runtime.load(state, model_factory=args.arch, sparse=False)
-    sparse = runtime.load(state, model_factory=args.arch, sparse=True, min_sparsity=args.min_sparsity,
+        dense = runtime.load(args.model, model_factory=args.arch, sparse=False)
+    sparse = runtime.load(args.model, model_factory=args.arch, sparse=True, min_sparsity=args.min_sparsity,
                           batch_size=args.batch)
     print(format_decisions(sparse.sparsify_decisions))
     if args.bench:
-        x = runtime.MODELS[args.arch].example(dense, args.batch)
+        x = runtime.example_input(args.arch, dense, args.batch)
         with torch.no_grad():
-            err = (sparse(x) - dense(x)).abs().max().item()
+            err = (runtime.output_tensor(sparse(x)) - runtime.output_tensor(dense(x))).abs().max().item()
         dense_us = runtime.latency_us(dense, x, args.repeats)
         sparse_us = runtime.latency_us(sparse, x, args.repeats)
         dense_bytes, sparse_bytes = runtime.weight_bytes(dense), runtime.weight_bytes(sparse)

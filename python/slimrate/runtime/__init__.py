@@ -2,19 +2,25 @@
 sparse, and measure its latency and weight memory.
 
     model = slimrate.runtime.load("model.slim", model_factory="digits")         # built-in architecture
+    model = slimrate.runtime.load("model.slim", model_factory="hf:llama-folder") # transformers, from config.json
     model = slimrate.runtime.load("model.slim", model_factory=lambda: MyNet())   # any nn.Module
+
+The weights stream in one tensor at a time (load_state_into), so a model built on the meta device ("hf:DIR"
+models are) never holds a second copy of itself.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from slimrate.runtime.hf import build_hf_model, hf_config_dir, hf_example, is_hf_factory
+from slimrate.runtime.loading import load_state_into
 from slimrate.sparse.linear import median_us, sparsify
 
 
@@ -54,49 +60,71 @@ def _build_charlm(state: Mapping[str, torch.Tensor]) -> nn.Module:
     return CharLM(CharLMConfig(vocab_size=vocab, context=context, d_model=d_model, n_layers=layers))
 
 
-def _check_state_fits(model: nn.Module, state: Mapping[str, torch.Tensor]) -> None:
-    """ValueError naming the first tensor that model lacks, that state lacks, or that differs in shape."""
-    expected = model.state_dict()
-    arch = type(model).__name__
-    missing = [name for name in expected if name not in state]
-    if missing:
-        raise ValueError(f"state dict: no tensor {missing[0]!r} ({len(missing)} of the {len(expected)} tensors of "
-                         f"{arch} are missing); pass the architecture the weights were saved from")
-    unexpected = [name for name in state if name not in expected]
-    if unexpected:
-        raise ValueError(f"state dict: tensor {unexpected[0]!r} is not in {arch} ({len(unexpected)} such); pass the "
-                         "architecture the weights were saved from")
-    for name, tensor in expected.items():
-        if state[name].shape != tensor.shape:
-            raise ValueError(f"state dict: {name!r} has shape {tuple(state[name].shape)}, {arch} expects "
-                             f"{tuple(tensor.shape)}; pass the architecture the weights were saved from")
-
-
 MODELS: dict[str, ModelSpec] = {
     "digits": ModelSpec(_build_digits, lambda m, b: torch.randn(b, m[0].in_features)),
     "charlm": ModelSpec(_build_charlm, lambda m, b: torch.randint(0, m.cfg.vocab_size, (b, m.cfg.context))),
 }
 
 
-def read_state_dict(source: str | os.PathLike | Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """A state dict from a .slim file, a .safetensors file or a mapping (no pickle files)."""
-    if isinstance(source, Mapping):
-        return dict(source)
+def _checked_path(source: object) -> Path:
     if not isinstance(source, (str, os.PathLike)):
         raise TypeError(f"path: expected a file path or a state dict, got {type(source).__name__}")
     path = Path(source)
     if not path.is_file():
         raise ValueError(f"path: {path} is not a file (expected a .slim or .safetensors file)")
+    if path.suffix not in (".slim", ".safetensors"):
+        raise ValueError(f"path: expected a .slim or .safetensors file, got {path.name!r}; pickle checkpoints are "
+                         "not read, convert them with safetensors.torch.save_file")
+    return path
+
+
+def _safetensors_tensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
+    """The tensors of one .safetensors file, read one at a time through its memory map."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as file:
+        for name in file.keys():
+            yield name, file.get_tensor(name)
+
+
+def read_tensors(source: str | os.PathLike | Mapping[str, torch.Tensor]) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, tensor) pairs of a .safetensors file (read one at a time), a .slim file or a mapping (no pickle
+    files); the path is checked now, the file read as the pairs are consumed."""
+    if isinstance(source, Mapping):
+        return iter(source.items())
+    path = _checked_path(source)
     if path.suffix == ".slim":
         from slimrate.backslash import load_slim
 
-        return load_slim(path)
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
+        return iter(load_slim(path).items())
+    return _safetensors_tensors(path)
 
-        return load_file(str(path))
-    raise ValueError(f"path: expected a .slim or .safetensors file, got {path.name!r}; pickle checkpoints are not "
-                     "read, convert them with safetensors.torch.save_file")
+
+def read_state_dict(source: str | os.PathLike | Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A state dict from a .slim file, a .safetensors file or a mapping (no pickle files)."""
+    return dict(read_tensors(source))
+
+
+def _build(source, model_factory) -> tuple[nn.Module, Iterator[tuple[str, torch.Tensor]]]:
+    """The module model_factory builds, and the (name, tensor) pairs of source to load into it."""
+    if is_hf_factory(model_factory):
+        folder = hf_config_dir(model_factory)
+        tensors = read_tensors(source)
+        return build_hf_model(folder), tensors
+    if isinstance(model_factory, str):
+        if model_factory not in MODELS:
+            raise ValueError(f"model_factory: expected one of {sorted(MODELS)}, hf:CONFIG_DIR or a callable, got "
+                             f"{model_factory!r}")
+        state = read_state_dict(source)  # the built-ins are sized from the weights
+        return MODELS[model_factory].build(state), iter(state.items())
+    if not callable(model_factory):
+        raise TypeError(f"model_factory: expected a name in {sorted(MODELS)}, hf:CONFIG_DIR or a callable, "
+                        f"got {type(model_factory).__name__}")
+    tensors = read_tensors(source)
+    model = model_factory()
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model_factory: must return an nn.Module, returned {type(model).__name__}")
+    return model, tensors
 
 
 def load(path: str | os.PathLike | Mapping[str, torch.Tensor], *, model_factory: str | Callable[[], nn.Module],
@@ -104,29 +132,37 @@ def load(path: str | os.PathLike | Mapping[str, torch.Tensor], *, model_factory:
          measure: bool = True) -> nn.Module:
     """Decode ``path`` into the module ``model_factory`` builds, in eval mode on ``device``.
 
-    model_factory: a name in MODELS ("digits", "charlm": sized from the weights) or a callable returning the
-    module.  sparse: swap nn.Linear layers that are ≥ min_sparsity zeros for SparseLinear where that is faster
-    at ``batch_size`` (slimrate.sparse.sparsify; its decisions are kept as ``model.sparsify_decisions``).
+    path: a .slim or .safetensors file, or a state dict.
+    model_factory: a name in MODELS ("digits", "charlm": sized from the weights), "hf:CONFIG_DIR" (any
+    transformers causal LM, built on the meta device from CONFIG_DIR/config.json; its weights keep the
+    checkpoint's dtype) or a callable returning the module (on the meta device or not).  The weights are loaded
+    with load_state_into (strict).  sparse: swap nn.Linear layers that are ≥ min_sparsity zeros for
+    SparseLinear where that is faster at ``batch_size`` (slimrate.sparse.sparsify; its decisions are kept as
+    ``model.sparsify_decisions``).
     Raises ValueError naming the tensor when the weights do not fit the module (missing, extra, other shape).
     """
-    state = read_state_dict(path)
-    if isinstance(model_factory, str):
-        if model_factory not in MODELS:
-            raise ValueError(f"model_factory: expected one of {sorted(MODELS)} or a callable, got {model_factory!r}")
-        model = MODELS[model_factory].build(state)
-    elif callable(model_factory):
-        model = model_factory()
-        if not isinstance(model, nn.Module):
-            raise TypeError(f"model_factory: must return an nn.Module, returned {type(model).__name__}")
-    else:
-        raise TypeError(f"model_factory: expected a name in {sorted(MODELS)} or a callable, "
-                        f"got {type(model_factory).__name__}")
-    _check_state_fits(model, state)
-    model.load_state_dict(state)
+    model, tensors = _build(path, model_factory)
+    load_state_into(model, tensors)
     model.to(device).eval()
     model.sparsify_decisions = (
         sparsify(model, min_sparsity, batch_size=batch_size, measure=measure) if sparse else [])
     return model
+
+
+def example_input(model_factory: str, model: nn.Module, batch: int) -> torch.Tensor:
+    """A random input of ``batch`` rows for ``model``, built by the factory name ``model_factory``:
+    MODELS[name].example, or for "hf:DIR" token ids of the model's vocabulary, int64 (batch, 16)."""
+    if is_hf_factory(model_factory):
+        return hf_example(model, batch)
+    if model_factory not in MODELS:
+        raise ValueError(f"model_factory: expected one of {sorted(MODELS)} or hf:CONFIG_DIR, got {model_factory!r}")
+    return MODELS[model_factory].example(model, batch)
+
+
+def output_tensor(output: object) -> torch.Tensor:
+    """The tensor of a forward's result: a transformers model output's ``.logits``, else the result itself."""
+    logits = getattr(output, "logits", None)
+    return logits if isinstance(logits, torch.Tensor) else output
 
 
 def weight_bytes(model: nn.Module) -> int:
@@ -144,4 +180,5 @@ def latency_us(model: nn.Module, example: torch.Tensor, repeats: int = 50) -> fl
     return median_us(model, example, repeats)
 
 
-__all__ = ["MODELS", "ModelSpec", "latency_us", "load", "read_state_dict", "weight_bytes"]
+__all__ = ["MODELS", "ModelSpec", "example_input", "latency_us", "load", "load_state_into", "output_tensor",
+           "read_state_dict", "read_tensors", "weight_bytes"]

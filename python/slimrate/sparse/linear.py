@@ -146,10 +146,11 @@ def sparsify(model: nn.Module, min_sparsity: float = 0.5, *, batch_size: int = 1
 
 def format_decisions(decisions: list[SparsifyDecision]) -> str:
     """A small text table of sparsify's decisions."""
-    lines = [f"{'layer':<28} {'shape':>12} {'sparsity':>8} {'dense µs':>9} {'sparse µs':>9}  sparse?"]
+    width = max([28, *(len(d.name) for d in decisions)])  # transformers' layer names run to ~40 characters
+    lines = [f"{'layer':<{width}} {'shape':>12} {'sparsity':>8} {'dense µs':>9} {'sparse µs':>9}  sparse?"]
     for d in decisions:
         dense = f"{d.dense_us:9.1f}" if d.dense_us is not None else f"{'-':>9}"
         sp = f"{d.sparse_us:9.1f}" if d.sparse_us is not None else f"{'-':>9}"
-        lines.append(f"{d.name:<28} {str(d.shape[0]) + 'x' + str(d.shape[1]):>12} {d.sparsity:8.1%} {dense} {sp}  "
+        lines.append(f"{d.name:<{width}} {str(d.shape[0]) + 'x' + str(d.shape[1]):>12} {d.sparsity:8.1%} {dense} {sp}  "
                      f"{'yes' if d.replaced else 'no'}")
     return "\n".join(lines)
