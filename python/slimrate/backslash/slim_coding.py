@@ -127,17 +127,17 @@ def decode_payload(view: memoryview, entry: dict, numel: int, dtype: torch.dtype
     Target of the fused op: ``ops.slim_decode(payload, layout, numel, entry["step"], entry["coder"],
     entry["chunk_numel"], dtype)`` with layout = [table_count, table_nbytes, *chunk_nbytes].
     """
-    coder, chunk_numel, where = entry["coder"], entry["chunk_numel"], f"tensor {entry['name']!r}"
-    buf, table, pos = _as_buffer(view), None, 0
+    coder, chunk_numel = entry["coder"], entry["chunk_numel"]
+    buf, table, pos, where = _as_buffer(view), None, 0, f"tensor {entry['name']!r} table"
     out = torch.empty(numel, dtype=dtype)
     try:
         if coder == "eg":
             pos = entry["table_nbytes"]
             table = ops.eg_decode(buf[:pos], entry["table_count"], signed=True)
         for c, nbytes in enumerate(entry["chunk_nbytes"]):
-            start = c * chunk_numel
+            start, where = c * chunk_numel, f"tensor {entry['name']!r} chunk {c}"
             count = min(chunk_numel, numel - start)
-            q = _decode_chunk(buf[pos:pos + nbytes], coder, count, table, f"{where} chunk {c}")
+            q = _decode_chunk(buf[pos:pos + nbytes], coder, count, table, where)
             out[start:start + count] = ops.dequantize(q, entry["step"], dtype=dtype)
             pos += nbytes
     except SlimFormatError:
