@@ -375,7 +375,15 @@ def test_undecodable_payloads_with_valid_checksums_raise_slim_format_error(tmp_p
 def test_a_rans_chunk_holding_another_count_raises_slim_format_error(tmp_path):
     chunks = [ops.rans_encode(torch.zeros(n, dtype=torch.int32)).numpy().tobytes() for n in (8, 7)]  # 16 = 8 + 8
     forged_payload_file(tmp_path, "rans", b"".join(chunks), chunk_numel=8, chunk_nbytes=[len(c) for c in chunks])
-    with pytest.raises(SlimFormatError, match="chunk 1"):
+    with pytest.raises(SlimFormatError, match="chunk 1: the rANS buffer holds 7 symbols, the index says 8"):
+        load_slim(tmp_path / "bad.slim")
+
+
+def test_a_forged_huge_rans_shape_is_refused_before_allocation(tmp_path):
+    # The index (its checksum recomputed) claims 2^46 elements; the buffer says 16. Nothing that large is allocated.
+    payload = ops.rans_encode(torch.zeros(16, dtype=torch.int32)).numpy().tobytes()
+    forged_payload_file(tmp_path, "rans", payload, shape=[2**23, 2**23], chunk_numel=2**46)
+    with pytest.raises(SlimFormatError, match="holds 16 symbols, the index says 70368744177664"):
         load_slim(tmp_path / "bad.slim")
 
 

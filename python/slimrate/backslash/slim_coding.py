@@ -117,6 +117,28 @@ def _decode_chunk(buf: torch.Tensor, coder: str, count: int, table: torch.Tensor
     return table[ranks.long()]
 
 
+def _rans_count(chunk: memoryview) -> int | None:
+    """The symbol count a rans_encode buffer declares (a mode byte, then a varint); None if it is cut short."""
+    count = 0
+    for i, byte in enumerate(chunk[1:11]):
+        count |= (byte & 0x7F) << (7 * i)
+        if byte < 0x80:
+            return count
+    return None
+
+
+def _check_rans_counts(view: memoryview, entry: dict, numel: int) -> None:
+    """Each chunk's own count is its share of numel: rANS can code any count in a few bytes, so this (with the
+    index checksum) is what vouches for numel before the output is allocated."""
+    pos, chunk_numel = 0, entry["chunk_numel"]
+    for c, nbytes in enumerate(entry["chunk_nbytes"]):
+        declared, expected = _rans_count(view[pos:pos + nbytes]), min(chunk_numel, numel - c * chunk_numel)
+        if declared != expected:
+            raise SlimFormatError(f"tensor {entry['name']!r} chunk {c}: the rANS buffer holds {declared} symbols, "
+                                  f"the index says {expected}")
+        pos += nbytes
+
+
 def decode_payload(view: memoryview, entry: dict, numel: int, dtype: torch.dtype) -> torch.Tensor:
     """An entropy-coded payload → θ̂ (numel,) of dtype: q·Δ in float64, rounded once to dtype (ops.dequantize).
 
@@ -128,8 +150,10 @@ def decode_payload(view: memoryview, entry: dict, numel: int, dtype: torch.dtype
     entry["chunk_numel"], dtype)`` with layout = [table_count, table_nbytes, *chunk_nbytes].
     """
     coder, chunk_numel = entry["coder"], entry["chunk_numel"]
+    if coder == "rans":
+        _check_rans_counts(view, entry, numel)
     buf, table, pos, where = _as_buffer(view), None, 0, f"tensor {entry['name']!r} table"
-    out = torch.empty(numel, dtype=dtype)
+    out = torch.empty(numel, dtype=dtype)  # numel is bounded by the payload's size (eg) or its chunks' counts
     try:
         if coder == "eg":
             pos = entry["table_nbytes"]
