@@ -43,7 +43,7 @@ def _check_little_endian() -> None:
 
 
 def raw_payload(t: torch.Tensor) -> memoryview:
-    """The tensor's bytes, C order, little-endian (a view of a contiguous CPU copy only when one is needed)."""
+    """The tensor's bytes, C order, little-endian: a view of its memory (copied only to reach the CPU or C order)."""
     _check_little_endian()
     flat = t.detach().to("cpu").contiguous().reshape(-1)
     return memoryview(flat.view(torch.uint8).numpy()) if flat.numel() else memoryview(b"")
