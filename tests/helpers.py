@@ -1,6 +1,8 @@
-"""Test helpers: readable ids, the flash-attention error rule, backend availability."""
+"""Test helpers: readable ids, the flash-attention error rule, backend availability, .slim file reading."""
 
 import importlib.util
+import json
+import struct
 
 import pytest
 import torch
@@ -45,3 +47,27 @@ def random_sparse(out: int, inp: int, sparsity: float, dtype=torch.float32, bloc
     w *= keep.repeat_interleave(r, 0).repeat_interleave(c, 1)[:out, :inp]
     w = w.to(dtype=dtype, device=device)
     return w, SparseMatrix.from_dense(w, block)
+
+
+SLIM_TRAILER = struct.Struct("<QQI4s")  # a version-2 .slim file's last 24 bytes (docs/slim-format.md §2)
+
+
+def slim_index(data: bytes) -> tuple[int, dict]:
+    """(index offset, index JSON) of a version-2 .slim file, read by hand from its trailer."""
+    index_offset, index_nbytes, _, _ = SLIM_TRAILER.unpack_from(data, len(data) - SLIM_TRAILER.size)
+    return index_offset, json.loads(data[index_offset:index_offset + index_nbytes])
+
+
+def quantized(t: torch.Tensor, step: float | None) -> torch.Tensor:
+    """Independent quantize/dequantize: round(θ/Δ)·Δ in float64, rounded once to θ's dtype (None: θ itself)."""
+    return t if step is None else (torch.round(t.double() / step) * step).to(t.dtype)
+
+
+def assert_same_tensors(got: dict, want: dict) -> None:
+    """Same names in the same order, bit-equal tensors of the same dtype and shape."""
+    assert list(got) == list(want)
+    for name, t in want.items():
+        assert got[name].dtype == t.dtype and got[name].shape == t.shape, (name, got[name].dtype, got[name].shape)
+        if not torch.equal(got[name], t):
+            diff = (got[name].double() - t.double()).abs().flatten()
+            raise AssertionError(f"{name}: max abs diff {diff.max():.3g} at {int(diff.argmax())}, {t.dtype}")

@@ -82,7 +82,8 @@ def test_compress_refuses_bad_checkpoints(files, tmp_path, capsys, args, message
 
 
 SLIM_DAMAGES = {"missing": "nope.slim: no such file", "garbage": "g.dat: not a .slim file",
-                "truncated": "m.slim: payloads end at byte", "header-cut": "m.slim: truncated: header of",
+                "truncated": "m.slim: truncated or corrupt: the file ends with",
+                "header-cut": "m.slim: truncated: 30 bytes",
                 "header-checksum": "m.slim: header checksum mismatch",
                 "flipped": "m.slim: tensor 'w': payload checksum mismatch"}
 
@@ -100,7 +101,7 @@ def test_inspect_and_decompress_refuse_bad_slim_files(files, tmp_path, capsys, c
     elif damage == "header-checksum":
         source.write_bytes(b"SLIM\x01" + bytes(30))
     elif damage == "flipped":
-        source.write_bytes(data[:-1] + bytes([data[-1] ^ 1]))
+        source.write_bytes(data[:8] + bytes([data[8] ^ 1]) + data[9:])  # the first payload's first byte
     out = tmp_path / "o.safetensors"
     output = ["-o", out] if command == "decompress" else []
     assert SLIM_DAMAGES[damage] in refused([command, source, *output], capsys, f"slimrate {command}")
@@ -128,7 +129,8 @@ def test_run_names_the_file_and_the_tensor_that_does_not_fit(tmp_path, capsys, a
 def test_run_refuses_missing_and_corrupt_files(files, capsys):
     assert "nope.slim: no such file" in refused(["run", files["missing"], "--arch", "digits"], capsys, "slimrate run")
     files["slim"].write_bytes(files["slim"].read_bytes()[:-2])
-    assert "m.slim: payloads end" in refused(["run", files["slim"], "--arch", "digits"], capsys, "slimrate run")
+    assert "m.slim: truncated or corrupt" in refused(["run", files["slim"], "--arch", "digits"], capsys,
+                                                     "slimrate run")
 
 
 OUTPUT_COMMANDS = {  # command: (argv with the output path left as {out}, the output's flag)

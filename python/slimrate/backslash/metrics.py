@@ -8,7 +8,8 @@ from pathlib import Path
 
 import torch
 
-from slimrate.backslash.slim_format import load_slim, save_slim, slim_report
+from slimrate.backslash.slim_file import load_slim, slim_report
+from slimrate.backslash.slim_writer import save_slim
 
 
 def symbol_entropy_bits(symbols: torch.Tensor) -> float:
