@@ -213,7 +213,10 @@ def test_load_slim_into_fills_every_tensor_and_keeps_ties(tmp_path, device):
         net = Net()
     net.norm.bias.requires_grad_(False)
     before = net.inp.weight
-    assert load_slim_into(net, path) is net
+    if device == "meta":  # a non-persistent buffer no model hook recomputes stays on meta, which strict refuses
+        with pytest.raises(ValueError, match=r"does not recompute: \['cache'\]"):
+            load_slim_into(net, path)
+    assert load_slim_into(net, path, strict=device == "cpu") is net
     assert_same_tensors(dict(net.state_dict()), want)
     assert net.out.weight is net.inp.weight and isinstance(net.inp.weight, nn.Parameter)
     assert (net.inp.weight is before) == (device == "cpu")  # copied in place, or assigned on the meta device
@@ -225,7 +228,7 @@ def test_load_slim_into_counts_a_tied_twin_as_loaded(tmp_path):
     net = Net()
     path = save_slim({n: t for n, t in net.state_dict().items() if n != "out.weight"}, tmp_path / "n.slim", step={})
     with torch.device("meta"):
-        loaded = load_slim_into(Net(), path)
+        loaded = load_slim_into(Net(), path, strict=False)  # strict=False: the meta 'cache' buffer
     assert loaded.out.weight is loaded.inp.weight and torch.equal(loaded.out.weight, net.inp.weight)
 
 
@@ -237,7 +240,8 @@ def test_load_slim_into_strict_lists_missing_and_unexpected_names(tmp_path):
     with torch.no_grad():
         net.norm.bias.normal_()
     bias = net.norm.bias.detach().clone()
-    with pytest.raises(ValueError, match=r"missing from the file \['norm.bias'\], not in the model \['extra.weight'\]"):
+    with pytest.raises(ValueError, match=r"missing 1 of its 6 tensors: \['norm.bias'\]; tensors it does not have: "
+                                         r"\['extra.weight'\]"):
         load_slim_into(net, path)
     assert not torch.equal(net.inp.weight, want["inp.weight"])  # the names are checked before anything is loaded
     load_slim_into(net, path, strict=False)
@@ -251,13 +255,13 @@ def test_load_slim_into_converts_float_dtypes_except_on_meta(tmp_path):
     assert net.inp.weight.dtype == torch.float64 and torch.equal(net.inp.weight, want["inp.weight"].double())
     with torch.device("meta"):
         meta = Net().to(torch.bfloat16)
-    load_slim_into(meta, path)
+    load_slim_into(meta, path, strict=False)
     assert meta.inp.weight.dtype == torch.float32 and torch.equal(meta.inp.weight, want["inp.weight"])
 
 
 @pytest.mark.parametrize(("edit", "match"), [
-    (lambda net: setattr(net, "norm", nn.LayerNorm(5)), r"'norm.weight': shape \[6\] in the file, \[5\]"),
-    (lambda net: setattr(net, "steps", torch.zeros(2)), "'steps': dtype int64 in the file, torch.float32"),
+    (lambda net: setattr(net, "norm", nn.LayerNorm(5)), r"'norm.weight' has shape \(6,\), Net expects \(5,\)"),
+    (lambda net: setattr(net, "steps", torch.zeros(2)), "'steps' is torch.int64, Net expects torch.float32"),
 ])
 def test_load_slim_into_names_the_tensor_that_does_not_fit(tmp_path, edit, match):
     path, _ = saved_net(tmp_path, step=STEP)
@@ -282,9 +286,7 @@ def test_load_slim_into_builds_a_meta_device_transformers_model(tmp_path):
     assert model.lm_head.weight is model.model.embed_tokens.weight
     assert all(not t.is_meta for t in model.state_dict().values())
     assert_same_tensors(dict(model.state_dict()), dict(reference.state_dict()))
-    # The rotary frequencies are a non-persistent buffer, computed from the config, never in a checkpoint.
-    for name in ("inv_freq", "original_inv_freq"):
-        setattr(model.model.rotary_emb, name, getattr(reference.model.rotary_emb, name))
+    # The rotary frequencies, a non-persistent buffer never in a checkpoint, were recomputed from the config.
     tokens = torch.randint(0, 64, (2, 9))
     with torch.no_grad():
         assert torch.equal(model(tokens).logits, reference(tokens).logits)

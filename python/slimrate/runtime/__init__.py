@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from slimrate.runtime.hf import build_hf_model, hf_config_dir, hf_example, is_hf_factory
-from slimrate.runtime.loading import load_state_into
+from slimrate.models.loading import load_state_into
 from slimrate.sparse.linear import median_us, sparsify
 
 

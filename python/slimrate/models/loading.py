@@ -4,7 +4,7 @@ so that a model built on the meta device loads with peak memory ≈ its own size
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from dataclasses import dataclass
 
 import torch
@@ -102,8 +102,8 @@ def _pair(item: object) -> tuple[str, torch.Tensor]:
     return item
 
 
-def load_state_into(model: nn.Module, items: Iterable[tuple[str, torch.Tensor]], *,
-                    strict: bool = True) -> nn.Module:
+def load_state_into(model: nn.Module, items: Iterable[tuple[str, torch.Tensor]], *, strict: bool = True,
+                    names: Collection[str] | None = None) -> nn.Module:
     """Load (name, tensor) pairs into ``model``'s parameters and persistent buffers, consuming one pair at a time.
 
     A parameter or buffer on the meta device is replaced by the tensor (assign semantics, as
@@ -114,8 +114,9 @@ def load_state_into(model: nn.Module, items: Iterable[tuple[str, torch.Tensor]],
     by the model on the device of the first tensor (``recompute_derived_buffers``).
     strict: names the model does not have, and parameters, buffers or derived buffers left unloaded, raise a
     ValueError listing them once every pair is consumed; strict=False leaves those as they were (on meta if
-    they were there). A tensor of another shape, or float where the model's is not (or the reverse), raises a
-    ValueError naming it at once. Parameters and buffers only: module load hooks and extra state are not run.
+    they were there). names: the names ``items`` will yield, where known in advance (a file's index): strict then
+    checks them before anything is loaded. A tensor of another shape, or float where the model's is not (or the
+    reverse), raises a ValueError naming it at once. Parameters and buffers only: module load hooks and extra state are not run.
     Returns ``model``."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: expected an nn.Module, got {type(model).__name__}")
@@ -127,6 +128,9 @@ def load_state_into(model: nn.Module, items: Iterable[tuple[str, torch.Tensor]],
     for slot in slots.values():
         tied.setdefault(id(slot.tensor), []).append(slot)
     group = {name: id(slot.tensor) for name, slot in slots.items()}
+    if strict and names is not None:  # the names alone, before anything is loaded (buffers are checked after)
+        _check_keys(arch, slots, group, {group[n] for n in names if n in slots}, [n for n in names if n not in slots],
+                    [])
     pairs = iter(items)
     first = next(pairs, None)
     if first is not None:
@@ -154,16 +158,24 @@ def load_state_into(model: nn.Module, items: Iterable[tuple[str, torch.Tensor]],
             with torch.no_grad():
                 current.copy_(value)
         loaded.add(group[name])
+    if strict:
+        _check_keys(arch, slots, group, loaded, unexpected, not_recomputed)
+    return model
+
+
+def _check_keys(arch: str, slots: dict[str, Slot], group: dict[str, int], loaded: set[int], unexpected: list[str],
+                not_recomputed: list[str]) -> None:
+    """ValueError listing the model's tensors not in ``loaded`` (ids of tensor groups), the names it does not
+    have, and derived buffers left on the meta device; nothing when there are none."""
     missing = [name for name in slots if group[name] not in loaded]
-    if strict and (missing or unexpected or not_recomputed):
-        problems = []
-        if missing:
-            problems.append(f"missing {len(missing)} of its {len(slots)} tensors: {_listed(missing)}")
-        if unexpected:
-            problems.append(f"tensors it does not have: {_listed(unexpected)}")
-        if not_recomputed:
-            problems.append(f"buffers no checkpoint holds, on the meta device, that it does not recompute: "
-                            f"{_listed(not_recomputed)} (create them on a real device)")
+    problems = []
+    if missing:
+        problems.append(f"missing {len(missing)} of its {len(slots)} tensors: {_listed(missing)}")
+    if unexpected:
+        problems.append(f"tensors it does not have: {_listed(unexpected)}")
+    if not_recomputed:
+        problems.append(f"buffers no checkpoint holds, on the meta device, that it does not recompute: "
+                        f"{_listed(not_recomputed)} (create them on a real device)")
+    if problems:
         raise ValueError(f"state dict: does not fit {arch}: {'; '.join(problems)}; pass the weights this model was "
                          "saved with")
-    return model
