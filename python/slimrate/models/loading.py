@@ -116,8 +116,8 @@ def load_state_into(model: nn.Module, items: Iterable[tuple[str, torch.Tensor]],
     ValueError listing them once every pair is consumed; strict=False leaves those as they were (on meta if
     they were there). names: the names ``items`` will yield, where known in advance (a file's index): strict then
     checks them before anything is loaded. A tensor of another shape, or float where the model's is not (or the
-    reverse), raises a ValueError naming it at once. Parameters and buffers only: module load hooks and extra state are not run.
-    Returns ``model``."""
+    reverse), raises a ValueError naming it at once. Parameters and buffers only: module load hooks and extra
+    state are not run. Returns ``model``."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: expected an nn.Module, got {type(model).__name__}")
     if not isinstance(strict, bool):

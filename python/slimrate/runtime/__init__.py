@@ -19,8 +19,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from slimrate.runtime.hf import build_hf_model, hf_config_dir, hf_example, is_hf_factory
 from slimrate.models.loading import load_state_into
+from slimrate.runtime.hf import build_hf_model, hf_config_dir, hf_example, is_hf_factory
 from slimrate.sparse.linear import median_us, sparsify
 
 
