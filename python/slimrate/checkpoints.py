@@ -293,11 +293,15 @@ def _write_safetensors(f: BinaryIO, shard: list[_Planned], metadata: dict[str, s
     data += b" " * (-len(data) % 8)  # the data starts 8-byte aligned, as safetensors writes it
     f.write(struct.pack("<Q", len(data)) + data)
     for t in shard:
-        tensor = t.produce()
-        if not isinstance(tensor, torch.Tensor) or tuple(tensor.shape) != t.shape or tensor.dtype != t.dtype:
-            got = f"{tuple(tensor.shape)} {tensor.dtype}" if isinstance(tensor, torch.Tensor) else repr(tensor)
-            raise ValueError(f"tensor {t.name!r}: produce() returned {got}, the header promised {t.shape} {t.dtype}")
-        f.write(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+        f.write(_produce_bytes(t))  # nothing holds the tensor once written, so the next one replaces it in memory
+
+
+def _produce_bytes(t: _Planned) -> memoryview:
+    tensor = t.produce()
+    if not isinstance(tensor, torch.Tensor) or tuple(tensor.shape) != t.shape or tensor.dtype != t.dtype:
+        got = f"{tuple(tensor.shape)} {tensor.dtype}" if isinstance(tensor, torch.Tensor) else repr(tensor)
+        raise ValueError(f"tensor {t.name!r}: produce() returned {got}, the header promised {t.shape} {t.dtype}")
+    return memoryview(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
 
 
 def write_checkpoint(items: Iterable[tuple[str, Sequence[int], torch.dtype | str, Callable[[], torch.Tensor]]],
