@@ -5,8 +5,16 @@ import importlib.util
 import pytest
 import torch
 
+import slimrate.backslash
 from slimrate.ops import extension_available
 from slimrate.sparse import SparseMatrix
+
+# The streaming .slim writer and the lazy reader, which `slimrate compress` and `decompress` run on.
+needs_slim_writer = pytest.mark.skipif(not hasattr(slimrate.backslash, "SlimWriter"),
+                                       reason="needs slimrate.backslash.SlimWriter (save_slim of (name, tensor) "
+                                              "pairs with metadata=)")
+needs_slim_file = pytest.mark.skipif(not hasattr(slimrate.backslash, "SlimFile"),
+                                     reason="needs the lazy .slim reader slimrate.backslash.SlimFile")
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 DTYPE_IDS = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.float64: "fp64"}

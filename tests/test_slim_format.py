@@ -17,6 +17,8 @@ from slimrate.backslash.slim_coding import frequency_table
 from slimrate.cli import main
 from slimrate.ops import extension_available
 
+from helpers import needs_slim_file, needs_slim_writer
+
 if not extension_available():
     pytest.skip("slimrate._C is not built: the .slim coders (eg_encode, rans_encode) run in C++",
                 allow_module_level=True)
@@ -239,6 +241,8 @@ def test_save_slim_rejects_unquantizable_tensors(tmp_path):
         save_slim({"c": torch.zeros(2, dtype=torch.complex64)}, tmp_path / "m.slim", step=STEP)
 
 
+@needs_slim_writer
+@needs_slim_file
 @pytest.mark.parametrize("coder", ["eg", "rans"])
 def test_cli_compress_inspect_decompress_round_trip(tmp_path, capsys, coder):
     state = {n: t.contiguous() for n, t in small_model().state_dict().items()}
@@ -252,3 +256,13 @@ def test_cli_compress_inspect_decompress_round_trip(tmp_path, capsys, coder):
     assert main(["decompress", str(slim), "-o", str(out)]) == 0
     assert_same(load_file(out), load_slim(slim))
     assert main(["compress", str(out), "-o", str(slim), "--max-error", "0.005"]) == 0
+
+
+def test_cli_inspect_ratio_is_against_the_stored_dtype(tmp_path, capsys):
+    """A bf16 matrix: ratio = its 2 bytes/param over the payload's bytes (fp32 would double it)."""
+    w = (torch.randn(40, 30) * 0.05).bfloat16()
+    path = save_slim({"w": w}, tmp_path / "m.slim", step=STEP)
+    (row,) = slim_report(path)
+    assert main(["inspect", str(path)]) == 0
+    line = capsys.readouterr().out.splitlines()[1].split()
+    assert line[0] == "w" and float(line[-1]) == pytest.approx(2 * w.numel() / row["bytes"], abs=0.005)

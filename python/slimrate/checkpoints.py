@@ -261,10 +261,10 @@ def _plan(items: Iterable[tuple], metadata: Mapping[str, str] | None) -> tuple[l
         if not (isinstance(shape, Sequence) and all(_is_count(d) for d in shape)):
             raise TypeError(f"items[{i}] ({name!r}): shape: expected a sequence of ints >= 0, got {shape!r}")
         if name == METADATA_KEY:
-            raise ValueError(f"items[{i}]: tensor name {name!r} is reserved by safetensors (it holds the file's "
-                             "metadata); rename the tensor")
+            raise ValueError(f"tensor name {name!r} is reserved by safetensors (it holds the file's metadata); "
+                             "rename the tensor")
         if name in names:
-            raise ValueError(f"items[{i}]: tensor name {name!r} appears twice; names must be unique")
+            raise ValueError(f"tensor name {name!r} appears twice; names must be unique")
         names.add(name)
         planned.append(_Planned(name, tuple(shape), dtype, math.prod(shape) * dtype.itemsize, produce))
     return planned, dict(metadata)
