@@ -363,6 +363,12 @@ def test_sources_that_are_not_safetensors_are_refused(tmp_path):
         checkpoint_files(7)
 
 
+def test_a_folder_is_read_in_from_pretrained_order_of_preference(sharded):
+    """model.safetensors wins over an index beside it, as in transformers' from_pretrained."""
+    save_file({"w": torch.randn(2)}, sharded / "model.safetensors")
+    assert checkpoint_files(sharded) == [sharded / "model.safetensors"]
+
+
 def test_a_folder_without_model_safetensors_reads_all_its_files(tmp_path):
     save_file({"b": torch.randn(2)}, tmp_path / "part-b.safetensors")
     save_file({"a": torch.randn(3)}, tmp_path / "part-a.safetensors")

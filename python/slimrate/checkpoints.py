@@ -147,10 +147,12 @@ def _index_headers(index: Path) -> dict[Path, Header]:
 
 
 def _source_headers(path: Path) -> dict[Path, Header]:
-    if path.is_dir():
+    if path.is_dir():  # in from_pretrained's order of preference
+        if (path / SINGLE_FILE).is_file():
+            return {path / SINGLE_FILE: _read_header(path / SINGLE_FILE)}
         if (path / INDEX_FILE).is_file():
             return _index_headers(path / INDEX_FILE)
-        files = [path / SINGLE_FILE] if (path / SINGLE_FILE).is_file() else sorted(path.glob("*.safetensors"))
+        files = sorted(path.glob("*.safetensors"))
         if not files:
             pickles = sorted(p.name for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES)
             raise ValueError(f"{path}: no .safetensors files in the folder" +
@@ -190,8 +192,9 @@ def _checkpoint_headers(src: Source) -> dict[Path, Header]:
 def checkpoint_files(src: Source) -> list[Path]:
     """The safetensors files of a checkpoint, in reading order, every one checked (header, length, index).
 
-    src: a .safetensors file; a model folder (model.safetensors.index.json with the shards it names, else
-    model.safetensors, else the *.safetensors files it holds, sorted); an index file; or a list of these.
+    src: a .safetensors file; a model folder (as from_pretrained: model.safetensors, else
+    model.safetensors.index.json with the shards it names, else the *.safetensors files it holds, sorted); an
+    index file; or a list of these.
     ValueError naming the file: a missing or truncated shard, an index naming a missing file or tensor (or a shard
     holding a tensor the index does not list), a tensor in two files, a pickle checkpoint, no tensors."""
     return list(_checkpoint_headers(src))
