@@ -430,3 +430,13 @@ def test_cli_compress_inspect_decompress_round_trip(tmp_path, capsys, coder):
     assert main(["decompress", str(slim), "-o", str(out)]) == 0
     assert_same_tensors(load_file(out), load_slim(slim))
     assert main(["compress", str(out), "-o", str(slim), "--max-error", "0.005"]) == 0
+
+
+def test_cli_inspect_ratio_is_against_the_stored_dtype(tmp_path, capsys):
+    """A bf16 matrix: ratio = its 2 bytes/param over the payload's bytes (fp32 would double it)."""
+    w = (torch.randn(40, 30) * 0.05).bfloat16()
+    path = save_slim({"w": w}, tmp_path / "m.slim", step=STEP)
+    (row,) = slim_report(path)
+    assert main(["inspect", str(path)]) == 0
+    line = capsys.readouterr().out.splitlines()[1].split()
+    assert line[0] == "w" and float(line[-1]) == pytest.approx(2 * w.numel() / row["bytes"], abs=0.005)

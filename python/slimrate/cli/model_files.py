@@ -1,32 +1,47 @@
-"""`slimrate compress`, `inspect`, `decompress`: safetensors checkpoints to and from .slim files."""
+"""`slimrate compress`, `inspect`, `decompress`: safetensors checkpoints (files, model folders, sharded folders) to
+and from .slim files, streamed one tensor at a time."""
 
 from __future__ import annotations
 
 import argparse
 import math
+from functools import partial
 from pathlib import Path
 
+from slimrate.checkpoints import (
+    DEFAULT_MAX_SHARD_SIZE,
+    MODEL_FILES_KEY,
+    SAFETENSORS_DTYPES,
+    checkpoint_files,
+    checkpoint_metadata,
+    decode_model_files,
+    encode_model_files,
+    iter_checkpoint,
+    model_folder_files,
+    parse_size,
+    write_checkpoint,
+    write_model_files,
+)
 from slimrate.cli.arguments import add_command, positive_finite_float
 from slimrate.cli.errors import UsageError
-from slimrate.cli.paths import check_input_file, check_output_file, naming_file
-from slimrate.files import write_bytes_atomic
+from slimrate.cli.paths import check_input_file, check_output_file, check_output_folder, naming_file
 
-PICKLE_SUFFIXES = {".pt", ".pth", ".bin", ".ckpt", ".pkl"}
-# safetensors keeps the file's metadata under this key, so a tensor of that name makes a file it cannot read back
-SAFETENSORS_RESERVED_NAMES = ("__metadata__",)
+STORED_BITS = {str(dtype).removeprefix("torch."): 8 * dtype.itemsize for dtype in SAFETENSORS_DTYPES.values()}
 
 
 def add_commands(commands: argparse._SubParsersAction) -> None:
     add_command(commands, "compress", add_compress_arguments, check_compress, run_compress,
-                help="entropy-code a safetensors checkpoint into a .slim file")
+                help="entropy-code a safetensors checkpoint (file, model folder or sharded folder) into a .slim file")
     add_command(commands, "inspect", add_inspect_arguments, check_inspect, run_inspect,
-                help="per-tensor table of a .slim file: shape, bits/param, ratio")
+                help="per-tensor table of a .slim file: shape, bits/param, ratio against the stored dtype")
     add_command(commands, "decompress", add_decompress_arguments, check_decompress, run_decompress,
-                help="decode a .slim file into a .safetensors file")
+                help="decode a .slim file into a model folder (transformers' layout) or a .safetensors file")
 
 
 def add_compress_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("checkpoint", help="a .safetensors file, or a folder holding model.safetensors")
+    parser.add_argument("sources", nargs="+", metavar="SRC",
+                        help="a .safetensors file, a model folder (model.safetensors, or the shards named by "
+                             "model.safetensors.index.json) or an index file; several are read in order")
     parser.add_argument("-o", "--output", required=True, help="the .slim file to write")
     step = parser.add_mutually_exclusive_group(required=True)
     step.add_argument("--step", type=positive_finite_float, help="quantization step Δ for float tensors with ≥ 2 dims")
@@ -36,35 +51,30 @@ def add_compress_arguments(parser: argparse.ArgumentParser) -> None:
                              "rans: rANS (default %(default)s)")
 
 
-def checkpoint_file(path: str) -> Path:
-    """The safetensors file of the CHECKPOINT argument; UsageError for a pickle file or a missing file."""
-    file = Path(path)
-    if file.is_dir():
-        file = file / "model.safetensors"
-    if file.suffix in PICKLE_SUFFIXES:
-        raise UsageError(f"{path}: pickle checkpoints are not read (loading one can run arbitrary code); convert it "
-                         "to safetensors first: safetensors.torch.save_file(torch.load(path, weights_only=True), "
-                         "'model.safetensors')")
-    if not file.is_file():
-        raise UsageError(f"{file}: no such file (expected a .safetensors file or a folder holding model.safetensors)")
-    return file
-
-
 def check_compress(args: argparse.Namespace) -> None:
-    check_output_file("--output", args.output, inputs=(checkpoint_file(args.checkpoint),))
+    check_output_file("--output", args.output, inputs=checkpoint_files(args.sources))
+
+
+def source_metadata(sources: list[str]) -> dict[str, str]:
+    """The checkpoint's safetensors metadata, plus the small files (config, tokenizer) of the folders among
+    ``sources`` under "slimrate.files", so that decompress gives back a folder from_pretrained loads."""
+    metadata, files = checkpoint_metadata(sources), {}
+    for folder in filter(Path.is_dir, map(Path, sources)):
+        for name, data in model_folder_files(folder).items():
+            if files.setdefault(name, data) != data:
+                raise UsageError(f"{folder / name} differs from the {name} of an earlier folder; compress the "
+                                 "folders one at a time")
+    if files:
+        metadata[MODEL_FILES_KEY] = encode_model_files(files)
+    return metadata
 
 
 def run_compress(args: argparse.Namespace) -> int:
-    from safetensors.torch import load_file
-
     from slimrate.backslash import save_slim, slim_report
 
-    checkpoint = checkpoint_file(args.checkpoint)
-    with naming_file(checkpoint):
-        state = load_file(checkpoint)
-        if not state:
-            raise UsageError(f"{checkpoint}: no tensors in the file, nothing to compress")
-        save_slim(state, args.output, step=args.step, max_error=args.max_error, coder=args.coder)
+    with naming_file(", ".join(args.sources)):
+        save_slim(iter_checkpoint(args.sources), args.output, step=args.step, max_error=args.max_error,
+                  coder=args.coder, metadata=source_metadata(args.sources))
     total = sum(row["bytes"] for row in slim_report(args.output))
     print(f"wrote {args.output}: {Path(args.output).stat().st_size} bytes ({total} in tensor payloads)")
     return 0
@@ -79,15 +89,21 @@ def check_inspect(args: argparse.Namespace) -> None:
 
 
 def format_slim_report(rows: list[dict], file_bytes: int) -> str:
+    """One line per tensor: its payload's bits/param and the ratio of its stored dtype's bytes (bf16: 2 per
+    param) to the payload's; then the totals, the ratio taken over the whole file."""
     lines = [f"{'name':<40} {'shape':<18} {'dtype':<9} {'coder':<9} {'step':>9} {'bytes':>10} {'bits/param':>10} "
              f"{'ratio':>7}"]
     for row in rows:
         step = "-" if row["step"] is None else f"{row['step']:.3g}"
+        stored = math.prod(row["shape"]) * STORED_BITS[row["dtype"]] / 8
+        ratio = stored / row["bytes"] if row["bytes"] else math.inf
         lines.append(f"{row['name']:<40} {str(list(row['shape'])):<18} {row['dtype']:<9} {row['coder']:<9} {step:>9} "
-                     f"{row['bytes']:>10} {row['bits_per_param']:>10.3f} {row['ratio']:>7.2f}")
+                     f"{row['bytes']:>10} {row['bits_per_param']:>10.3f} {ratio:>7.2f}")
     params = sum(math.prod(row["shape"]) for row in rows)
+    stored = sum(math.prod(row["shape"]) * STORED_BITS[row["dtype"]] for row in rows) // 8
     lines.append(f"total: {len(rows)} tensors, {params} params, {file_bytes} bytes in the file "
-                 f"({8 * file_bytes / max(params, 1):.3f} bits/param, ratio vs fp32 {4 * params / file_bytes:.2f})")
+                 f"({8 * file_bytes / max(params, 1):.3f} bits/param), {stored} bytes in the stored dtypes "
+                 f"(ratio {stored / file_bytes:.2f})")
     return "\n".join(lines)
 
 
@@ -100,26 +116,52 @@ def run_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def shard_size(text: str) -> int:
+    try:
+        return parse_size(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e).removeprefix("max_shard_size: ")) from None
+
+
 def add_decompress_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("slim", help="a .slim file")
-    parser.add_argument("-o", "--output", required=True, help="the .safetensors file to write")
+    parser.add_argument("-o", "--output", required=True,
+                        help="a folder, written as transformers saves a model (model.safetensors, or shards and "
+                             "model.safetensors.index.json; the config and tokenizer files compress stored), or a "
+                             "file ending in .safetensors (tensors only)")
+    parser.add_argument("--max-shard-size", type=shard_size,
+                        help=f"largest shard of a folder output: bytes, or 500MB, 5GB, 2GiB (default "
+                             f"{DEFAULT_MAX_SHARD_SIZE}, as transformers)")
+
+
+def writes_one_file(args: argparse.Namespace) -> bool:
+    return Path(args.output).suffix == ".safetensors"
 
 
 def check_decompress(args: argparse.Namespace) -> None:
     check_input_file(args.slim)
+    if not writes_one_file(args):
+        check_output_folder("--output", args.output)
+        return
     check_output_file("--output", args.output, inputs=(args.slim,))
+    if args.max_shard_size is not None:
+        raise UsageError(f"--max-shard-size: splits a folder output, and --output {args.output} is one .safetensors "
+                         "file; pass a folder to --output, or leave --max-shard-size out")
 
 
 def run_decompress(args: argparse.Namespace) -> int:
-    from safetensors.torch import save
+    from slimrate.backslash import SlimFile
 
-    from slimrate.backslash import load_slim
-
-    with naming_file(args.slim):
-        state = load_slim(args.slim)
-        reserved = [name for name in SAFETENSORS_RESERVED_NAMES if name in state]
-        if reserved:
-            raise UsageError(f"{args.slim}: tensor name {reserved[0]!r} is reserved by safetensors (it holds the "
-                             "file's metadata); rename the tensor: load_slim, rename the key, save_slim")
-    print(f"wrote {write_bytes_atomic(args.output, save(state))}")
+    with naming_file(args.slim), SlimFile(args.slim) as slim:
+        metadata = slim.metadata()
+        files = decode_model_files(metadata.pop(MODEL_FILES_KEY, "{}"))
+        items = []
+        for name in slim.keys():
+            info = slim.info(name)  # shape and dtype from the index: nothing is decoded before its bytes are written
+            items.append((name, info["shape"], info["dtype"], partial(slim.get_tensor, name)))
+        written = write_checkpoint(items, args.output, metadata=metadata,
+                                   max_shard_size=args.max_shard_size or DEFAULT_MAX_SHARD_SIZE)
+    if not writes_one_file(args):
+        written += write_model_files(args.output, files)
+    print("\n".join(f"wrote {path}" for path in written))
     return 0
