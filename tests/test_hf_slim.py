@@ -8,7 +8,6 @@ process and thread count, so any difference is a weight that differs (measured: 
 """
 
 import copy
-import importlib.util
 import subprocess
 import sys
 
@@ -38,9 +37,6 @@ FAMILIES = {  # name: (config, dtype saved)
 # sparse-vs-dense checks (measured here: 3e-8 on logits ≤ 0.42); bfloat16: 2 ulps at 1 (measured: 0, both round
 # the float32 sum once to bfloat16).
 SPARSE_TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 2 * torch.finfo(torch.bfloat16).eps}
-# decompress -o DIR writing a transformers folder (shards, index, config.json) comes with slimrate.checkpoints
-needs_folder_output = pytest.mark.skipif(importlib.util.find_spec("slimrate.checkpoints") is None,
-                                         reason="decompress -o DIR (a transformers folder) needs slimrate.checkpoints")
 
 
 def fine_tune(config, out_dir, steps: int = 4):
@@ -107,6 +103,15 @@ def test_runtime_loads_the_safetensors_of_a_saved_model_losslessly(saved):
     torch.testing.assert_close(logits(loaded, ids), logits(model, ids), rtol=0, atol=0)
 
 
+def test_runtime_loads_a_sharded_folder(saved, tmp_path):
+    model, folder = saved
+    model.save_pretrained(tmp_path / "sharded", max_shard_size="4KB")
+    assert len(list((tmp_path / "sharded").glob("model-*-of-*.safetensors"))) > 1
+    loaded = runtime.load(tmp_path / "sharded", model_factory=f"hf:{folder}", sparse=False)
+    ids = runtime.example_input(f"hf:{folder}", loaded, 2)
+    torch.testing.assert_close(logits(loaded, ids), logits(model, ids), rtol=0, atol=0)
+
+
 def test_runtime_loads_the_compressed_model_as_its_quantized_weights(saved, tmp_path):
     model, folder = saved
     slim = compress(folder, tmp_path / "m.slim")
@@ -117,7 +122,6 @@ def test_runtime_loads_the_compressed_model_as_its_quantized_weights(saved, tmp_
     torch.testing.assert_close(logits(loaded, ids), expected, rtol=0, atol=0)
 
 
-@needs_folder_output
 def test_decompressed_folder_loads_with_from_pretrained(saved, tmp_path):
     model, folder = saved
     slim = compress(folder, tmp_path / "m.slim")

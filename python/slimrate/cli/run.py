@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from slimrate.cli.arguments import add_command, nonnegative_float, positive_int
 from slimrate.cli.errors import UsageError
@@ -26,7 +27,7 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("model", help="a .slim or .safetensors file")
+    parser.add_argument("model", help="a .slim or .safetensors file, or a model folder of safetensors shards")
     parser.add_argument("--arch", required=True, type=architecture, metavar="{digits,charlm,hf:CONFIG_DIR}",
                         help="the architecture the weights belong to: a built-in one (sized from the weights), or "
                              "hf:CONFIG_DIR, the transformers causal LM of the config.json in the folder CONFIG_DIR")
@@ -39,7 +40,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def check(args: argparse.Namespace) -> None:
-    check_input_file(args.model)
+    if not Path(args.model).is_dir():
+        check_input_file(args.model)
     from slimrate.runtime.hf import hf_config_dir, is_hf_factory
 
     if is_hf_factory(args.arch):

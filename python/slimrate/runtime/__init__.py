@@ -70,38 +70,42 @@ def _checked_path(source: object) -> Path:
     if not isinstance(source, (str, os.PathLike)):
         raise TypeError(f"path: expected a file path or a state dict, got {type(source).__name__}")
     path = Path(source)
+    if path.is_dir() or path.suffix == ".safetensors":
+        return path  # checked by slimrate.checkpoints, which reads it
     if not path.is_file():
-        raise ValueError(f"path: {path} is not a file (expected a .slim or .safetensors file)")
-    if path.suffix not in (".slim", ".safetensors"):
-        raise ValueError(f"path: expected a .slim or .safetensors file, got {path.name!r}; pickle checkpoints are "
-                         "not read, convert them with safetensors.torch.save_file")
+        raise ValueError(f"path: {path} is not a file (expected a .slim or .safetensors file, or a model folder)")
+    if path.suffix != ".slim":
+        raise ValueError(f"path: expected a .slim or .safetensors file or a model folder, got {path.name!r}; pickle "
+                         "checkpoints are not read, convert them with safetensors.torch.save_file")
     return path
 
 
-def _safetensors_tensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
-    """The tensors of one .safetensors file, read one at a time through its memory map."""
-    from safetensors import safe_open
+def _slim_tensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
+    """The tensors of a .slim file, each decoded when it is asked for."""
+    from slimrate.backslash import SlimFile
 
-    with safe_open(str(path), framework="pt") as file:
+    with SlimFile(path) as file:
         for name in file.keys():
             yield name, file.get_tensor(name)
 
 
 def read_tensors(source: str | os.PathLike | Mapping[str, torch.Tensor]) -> Iterator[tuple[str, torch.Tensor]]:
-    """(name, tensor) pairs of a .safetensors file (read one at a time), a .slim file or a mapping (no pickle
-    files); the path is checked now, the file read as the pairs are consumed."""
+    """(name, tensor) pairs of a .slim file, a .safetensors file or model folder (sharded or not:
+    slimrate.checkpoints) or a mapping (no pickle files), one tensor at a time; the path is checked now, the file
+    read as the pairs are consumed."""
     if isinstance(source, Mapping):
         return iter(source.items())
     path = _checked_path(source)
     if path.suffix == ".slim":
-        from slimrate.backslash import load_slim
+        return _slim_tensors(path)
+    from slimrate.checkpoints import checkpoint_files, iter_checkpoint
 
-        return iter(load_slim(path).items())
-    return _safetensors_tensors(path)
+    checkpoint_files(path)  # a missing or damaged checkpoint fails here, not at the first tensor
+    return iter_checkpoint(path)
 
 
 def read_state_dict(source: str | os.PathLike | Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """A state dict from a .slim file, a .safetensors file or a mapping (no pickle files)."""
+    """A state dict from a .slim file, a .safetensors file or folder, or a mapping (no pickle files)."""
     return dict(read_tensors(source))
 
 
