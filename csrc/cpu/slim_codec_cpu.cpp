@@ -236,6 +236,19 @@ std::string decode_chunk(const uint8_t* buf, int64_t nbytes, int64_t n, SlimCode
   return bad < 0 ? "" : c10::str("rank ", q[bad], " of symbol ", bad, " is outside the table of ", table.size());
 }
 
+// "rans": every chunk's buffer must say it holds that chunk's symbol count, checked before the output is allocated.
+void check_rans_counts(const uint8_t* bytes, const std::vector<int64_t>& offset, const SlimChunks& chunks) {
+  for (int64_t c = 0; c < chunks.count; ++c) {
+    ByteReader head{bytes + offset[c], bytes + offset[c + 1]};
+    head.byte();  // mode
+    const uint64_t stored = head.varint();
+    TORCH_CHECK_VALUE(head.ok && stored == static_cast<uint64_t>(chunks.length(c)), "payload: chunk ", c, " of ",
+                      chunks.count, " (bytes [", offset[c], ", ", offset[c + 1], ")): ",
+                      head.ok ? c10::str("the rANS buffer holds ", stored, " symbols, not ", chunks.length(c))
+                              : std::string("truncated rANS header"));
+  }
+}
+
 at::Tensor slim_decode_cpu(const at::Tensor& payload_in, const at::Tensor& layout_in, int64_t numel, double step,
                            c10::string_view coder_name, int64_t chunk_numel, at::ScalarType dtype) {
   const at::Tensor payload = checked_1d(payload_in, "payload", at::kByte);
@@ -249,7 +262,10 @@ at::Tensor slim_decode_cpu(const at::Tensor& payload_in, const at::Tensor& layou
   const uint8_t* bytes = payload.const_data_ptr<uint8_t>();
   const int64_t* l = layout.const_data_ptr<int64_t>();
   const std::vector<int32_t> table = coder == SlimCoder::kEg ? decode_table(bytes, l[0], l[1]) : std::vector<int32_t>{};
-  at::Tensor out = at::empty({numel}, at::dtype(dtype));  // numel: the caller's, checked against the layout
+  if (coder == SlimCoder::kRans) check_rans_counts(bytes, offset, chunks);
+  // numel: the caller's, checked against the layout and (eg, eg-signed: ≥ 1 bit per symbol; rans: the chunks'
+  // counts) against the payload
+  at::Tensor out = at::empty({numel}, at::dtype(dtype));
   std::vector<std::string> errors(chunks.count);
   with_format(dtype, [&](auto fmt) {
     using Fmt = decltype(fmt);
