@@ -76,30 +76,31 @@ class SymbolCounter {
   bool too_wide_ = false;
 };
 
-// q[i] = round(x[i]/step) for i < n, ties to even: std::nearbyint in the default rounding mode, as torch.round
-// on float64; x[i]/step is a float64 division of x[i] read through Fmt (portable.h; exact: every float16,
-// bfloat16 and float32 value is a float64).  *lo, *hi = min and max of q.  Returns false when some |x[i]/step| is not below kQuantizeLimit (NaN and ±inf fail the
-// comparison too), and q[i] = 0 there.  No early exit, so the loop vectorises.
+// x[i] as a float64, read through Fmt (portable.h): exact, every float16, bfloat16 and float32 is a float64.
 template <class Fmt>
 inline double load_f64(typename Fmt::storage v) { return static_cast<double>(Fmt::load(v)); }
 
+// q[i] = round(x[i]/step) for i < n, ties to even: std::nearbyint in the default rounding mode, as torch.round
+// on float64, of the float64 quotient.  *lo, *hi = min and max of q.  Returns false when some |x[i]/step| is
+// not below kQuantizeLimit (NaN and ±inf fail the comparison too); q[i] = 0 there.  No early exit, and an int
+// (not a bool) collects the failures: GCC 12 vectorises the loop only so.
 template <class Fmt>
 inline bool quantize_block(const typename Fmt::storage* x, int64_t n, double step, int32_t* q, int32_t* lo,
                            int32_t* hi) {
-  bool ok = true;
+  int32_t bad = 0;
   int32_t mn = INT32_MAX, mx = INT32_MIN;
   for (int64_t i = 0; i < n; ++i) {
     double y = load_f64<Fmt>(x[i]) / step;
     bool fits = std::fabs(y) < kQuantizeLimit;
-    ok &= fits;
-    int32_t v = static_cast<int32_t>(fits ? std::nearbyint(y) : 0.0);
+    bad |= !fits;
+    int32_t v = static_cast<int32_t>(std::nearbyint(fits ? y : 0.0));
     q[i] = v;
     mn = std::min(mn, v);
     mx = std::max(mx, v);
   }
   *lo = mn;
   *hi = mx;
-  return ok;
+  return bad == 0;
 }
 
 // The fused pass over one chunk x[0, n): quantize into q[0, n) and, when counter is given, count the symbols.
