@@ -97,9 +97,8 @@ template <class Fmt>
 }
 
 struct Encoded {
-  SymbolCounts table_counts;              // "eg": the whole tensor's counts
   std::vector<std::vector<uint8_t>> bytes;  // "eg-signed", "rans": each chunk's code
-  std::vector<SymbolCounts> counts;       // "eg": each chunk's counts
+  std::vector<SymbolCounts> counts;         // "eg": each chunk's counts
 };
 
 // The fused pass over every chunk; "eg-signed" and "rans" chunks are coded in it.
