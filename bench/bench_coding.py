@@ -11,6 +11,15 @@ Input: 4 Mi weights θ ~ N(0, 0.02²) (builders.PARAM_STD) quantized with step 0
 extra_info: bytes (= 4·n, so GB/s is symbol throughput), compressed size in bits/symbol, the
 empirical entropy H (the bound of any symbol-by-symbol code) and the rANS table cost separately.
 Every coder's round trip is checked before it is timed.
+
+Whole tensors (groups "slim-encode-<shape>-bf16-<coder>", "slim-decode-..."): a bfloat16 weight θ ~ N(0, 0.02²) of
+a Llama-7B projection's shape (4096×4096, 11008×4096) → its .slim payload at Δ = 0.002 and back, coder eg or rans:
+- native:    ops.slim_encode / slim_decode, C++: quantize + check + count fused, 2^20-symbol chunks in parallel;
+- reference: the same ops on backend="reference" (ops.quantize, the table in PyTorch, the coders per chunk);
+- v1:        what .slim version 1 runs, slimrate.backslash.slim_coding: quantize_tensor + encode_symbols, and
+             decode_symbols + dequantize_tensor (one stream per tensor, float64 copies, torch.unique for eg).
+extra_info: bytes = 2·numel (so GB/s is bfloat16 throughput), bits/param, and for native the payload's growth
+over one chunk (chunk_overhead_pct).  Every row's decode is checked to equal native's before it is timed.
 """
 
 from __future__ import annotations
@@ -26,6 +35,8 @@ from builders import PARAM_STD
 
 from slimrate import ops
 from slimrate.backslash.metrics import symbol_entropy_bits
+from slimrate.backslash.slim_coding import decode_symbols, dequantize_tensor, encode_symbols, quantize_tensor
+from slimrate.ops.coding import DEFAULT_CHUNK_NUMEL
 
 N_SYMBOLS = 4 << 20
 SIZE = "4M"
@@ -120,3 +131,76 @@ def test_decode(benchmark, backend: str, stream: Stream):
     _, decode, encoded = checked(stream, backend)
     set_info(benchmark, stream, "decode", backend, encoded)
     benchmark.pedantic(decode, args=(encoded,), rounds=ROUNDS.get(backend, DEFAULT_ROUNDS) * 3, warmup_rounds=0)
+
+
+# ---- whole tensors: the .slim payload of a bfloat16 weight ----------------------------------------------------
+
+SLIM_SHAPES = {"4096x4096": (4096, 4096), "11008x4096": (11008, 4096)}  # Llama-7B attention and MLP projections
+SLIM_CODERS = ["eg", "rans"]
+SLIM_BACKENDS = ["native", "reference", "v1"]
+SLIM_ROUNDS = {"native": 5, "reference": 2, "v1": 2}  # v1 eg spends ~10 s per 11008×4096 encode here
+_WEIGHTS: dict[str, torch.Tensor] = {}
+
+
+def slim_weight(shape: str) -> torch.Tensor:
+    if shape not in _WEIGHTS:
+        gen = torch.Generator().manual_seed(1)
+        _WEIGHTS[shape] = (torch.randn(SLIM_SHAPES[shape], generator=gen) * PARAM_STD).to(torch.bfloat16)
+    return _WEIGHTS[shape]
+
+
+def slim_paths(x: torch.Tensor, coder: str) -> dict[str, tuple[Callable[[], object], Callable[[object], object]]]:
+    """backend → (encode(), decode(encoded) → flat bfloat16 tensor)."""
+    n = x.numel()
+
+    def v1_decode(encoded):
+        payload, extra = encoded
+        entry = {"name": "w", "coder": coder, "nbytes": len(payload), **extra}
+        return dequantize_tensor(decode_symbols(payload, entry, n), STEP, [n], "bfloat16")
+
+    def ops_path(backend):
+        return (lambda: ops.slim_encode(x, STEP, coder, backend=backend),
+                lambda e: ops.slim_decode(*e, n, STEP, coder, DEFAULT_CHUNK_NUMEL, x.dtype, backend=backend))
+
+    return {"native": ops_path("native"), "reference": ops_path("reference"),
+            "v1": (lambda: encode_symbols(quantize_tensor(x, STEP, "w"), coder), v1_decode)}
+
+
+def slim_checked(shape: str, coder: str, backend: str):
+    x = slim_weight(shape)
+    encode, decode = slim_paths(x, coder)[backend]
+    encoded = encode()
+    want = ops.slim_decode(*ops.slim_encode(x, STEP, coder), x.numel(), STEP, coder, DEFAULT_CHUNK_NUMEL, x.dtype)
+    if not torch.equal(decode(encoded).view(torch.int16), want.view(torch.int16)):
+        raise AssertionError(f"{backend} {coder}: the decoded {shape} weight differs from native's")
+    return x, encode, decode, encoded
+
+
+def slim_info(benchmark, op: str, shape: str, coder: str, backend: str, x: torch.Tensor, encoded) -> None:
+    benchmark.group = f"slim-{op}-{shape}-bf16-{coder}"
+    nbytes = len(encoded[0]) if backend == "v1" else encoded[0].numel()
+    benchmark.extra_info.update(op=op, backend=backend, dtype="bfloat16", device="cpu", shape=shape, coder=coder,
+                                bytes=2 * x.numel(), step=STEP, param_std=PARAM_STD, compressed_bytes=nbytes,
+                                bits_per_param=8 * nbytes / x.numel())
+    if backend == "native":
+        single = ops.slim_encode(x, STEP, coder, x.numel())[0].numel()
+        benchmark.extra_info.update(chunk_numel=DEFAULT_CHUNK_NUMEL,
+                                    chunk_overhead_pct=100 * (nbytes - single) / single)
+
+
+@pytest.mark.parametrize("backend", SLIM_BACKENDS)
+@pytest.mark.parametrize("coder", SLIM_CODERS)
+@pytest.mark.parametrize("shape", list(SLIM_SHAPES))
+def test_slim_encode(benchmark, shape: str, coder: str, backend: str):
+    x, encode, _, encoded = slim_checked(shape, coder, backend)
+    slim_info(benchmark, "encode", shape, coder, backend, x, encoded)
+    benchmark.pedantic(encode, rounds=SLIM_ROUNDS[backend], warmup_rounds=0)
+
+
+@pytest.mark.parametrize("backend", SLIM_BACKENDS)
+@pytest.mark.parametrize("coder", SLIM_CODERS)
+@pytest.mark.parametrize("shape", list(SLIM_SHAPES))
+def test_slim_decode(benchmark, shape: str, coder: str, backend: str):
+    x, _, decode, encoded = slim_checked(shape, coder, backend)
+    slim_info(benchmark, "decode", shape, coder, backend, x, encoded)
+    benchmark.pedantic(decode, args=(encoded,), rounds=SLIM_ROUNDS[backend], warmup_rounds=0)

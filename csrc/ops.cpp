@@ -18,6 +18,14 @@ TORCH_LIBRARY(slimrate, m) {
   // Static rANS: header (alphabet, 2^16-scale frequencies) + 32-bit-state byte-wise stream.
   m.def("rans_encode(Tensor symbols) -> Tensor");
   m.def("rans_decode(Tensor buf, int count) -> Tensor");
+  // A float tensor's symbols q = round(x/step) (float64 division, ties to even), flattened in C order and coded in
+  // chunks of chunk_numel (csrc/cpu/slim_codec_cpu.cpp; docs/slim-format.md): x float16/bfloat16/float32/float64,
+  // any shape; coder "eg" | "eg-signed" | "rans" -> (payload uint8 [nbytes] = [eg table][chunk 0][chunk 1]...,
+  // layout int64 [2 + ceil(numel / chunk_numel)] = [table_count, table_nbytes, chunk_nbytes...]).
+  m.def("slim_encode(Tensor x, float step, str coder, int chunk_numel) -> (Tensor, Tensor)");
+  // Its inverse: x̂ [numel] of dtype = q·step in float64 rounded once to dtype (as ops.dequantize).
+  m.def("slim_decode(Tensor payload, Tensor layout, int numel, float step, str coder, int chunk_numel, "
+        "ScalarType dtype) -> Tensor");
   // Block-sparse linear layer (csrc/cpu/sparse_cpu.cpp, csrc/cuda/sparse_cuda.cu): y = x·Wᵀ + bias,
   // x [B, in] float32/bfloat16/float16 -> y [B, out] in x's dtype, float32 accumulation. W [out, in] is
   // block-CSR with blocks (r, c) = values.shape[1:]: values [nblocks, r, c] float32/bfloat16/float16,

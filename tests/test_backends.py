@@ -84,6 +84,20 @@ def case_rans_decode(device):
     return lambda backend: ops.rans_decode(buf, s.numel(), backend=backend), lambda: s
 
 
+def case_slim_encode(device):
+    skip_unless_backend("native", "cpu")  # the reference composes the native coders
+    x = torch.randn(7, 13) * 0.02
+    return against_reference(lambda backend: ops.slim_encode(x, 0.002, "eg", 40, backend=backend))
+
+
+def case_slim_decode(device):
+    skip_unless_backend("native", "cpu")
+    x = torch.randn(7, 13) * 0.02
+    payload, layout = reference.slim_encode(x, 0.002, "rans", 40)
+    return against_reference(
+        lambda backend: ops.slim_decode(payload, layout, x.numel(), 0.002, "rans", 40, torch.float32, backend=backend))
+
+
 def case_sparse_linear(device):
     _, sm = random_sparse(6, 9, 0.4, torch.float32, (2, 3), device)
     x, bias = torch.randn(3, 9, device=device), torch.randn(6, device=device)

@@ -10,6 +10,7 @@
 #include <cstring>
 #include <vector>
 
+#include "coding_inputs.h"
 #include "kernels/entropy_eg.h"
 #include "kernels/entropy_rans.h"
 
@@ -18,13 +19,6 @@ namespace {
 
 // 64 Ki symbols per task, as in rate_cpu.cpp: ≥ 8 KiB of output each, few enough tasks to schedule.
 constexpr int64_t kChunk = int64_t{1} << 16;
-
-at::Tensor checked_1d(const at::Tensor& t, const char* name, at::ScalarType dtype) {
-  TORCH_CHECK_VALUE(t.device().is_cpu(), name, ": expected a CPU tensor, got ", t.device());
-  TORCH_CHECK_TYPE(t.scalar_type() == dtype, name, ": expected ", dtype, ", got ", t.scalar_type());
-  TORCH_CHECK_VALUE(t.dim() == 1, name, ": expected a 1-D tensor, got shape ", t.sizes());
-  return t.contiguous();
-}
 
 void check_order(int64_t k) {
   TORCH_CHECK_VALUE(k >= 0 && k <= kEgMaxOrder, "k: expected an order in [0, ", kEgMaxOrder, "], got ", k);
@@ -109,13 +103,8 @@ at::Tensor eg_decode_cpu(const at::Tensor& buf_in, int64_t count, int64_t k, boo
   int64_t where = 0;
   EgStatus st = eg_decode_stream(buf.const_data_ptr<uint8_t>(), buf.numel(), count, static_cast<int>(k),
                                  is_signed, out.mutable_data_ptr<int32_t>(), &where);
-  TORCH_CHECK_VALUE(st != EgStatus::kTruncated, "buf: ran out of bits at symbol ", where, " of ", count,
-                    " (truncated input or wrong count)");
-  TORCH_CHECK_VALUE(st != EgStatus::kLongPrefix, "buf: corrupt exp-Golomb stream at symbol ", where,
-                    " (a prefix of more than 32 zeros)");
-  TORCH_CHECK_VALUE(st != EgStatus::kOutOfRange, "buf: corrupt exp-Golomb stream at symbol ", where,
-                    " (the decoded value is not an int32 symbol eg_encode writes with signed=",
-                    is_signed ? "True" : "False", ")");
+  TORCH_CHECK_VALUE(st == EgStatus::kOk, "buf: ", eg_status_reason(st, is_signed), " at symbol ", where, " of ",
+                    count);
   return out;
 }
 
@@ -140,10 +129,7 @@ at::Tensor rans_decode_cpu(const at::Tensor& buf_in, int64_t count) {
                     " symbols, got count=", count);
   at::Tensor out = at::empty({count}, at::dtype(at::kInt));
   RansStatus st = rans_decode_stream(buf.const_data_ptr<uint8_t>(), buf.numel(), count, out.mutable_data_ptr<int32_t>());
-  TORCH_CHECK_VALUE(st != RansStatus::kTruncated, "buf: truncated rANS buffer (", buf.numel(), " bytes)");
-  TORCH_CHECK_VALUE(st != RansStatus::kBadHeader, "buf: corrupt rANS header (bad alphabet or frequencies)");
-  TORCH_CHECK_VALUE(st != RansStatus::kCountMismatch, "count: does not match the buffer's symbol count");
-  TORCH_CHECK_VALUE(st != RansStatus::kBadStream, "buf: corrupt rANS stream (wrong final state or trailing bytes)");
+  TORCH_CHECK_VALUE(st == RansStatus::kOk, "buf: ", rans_status_reason(st), " (", buf.numel(), " bytes)");
   return out;
 }
 

@@ -8,6 +8,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "cpu/float_formats.h"
 #include "kernels/rate_terms.h"
 #include "rate_inputs.h"
 
@@ -86,22 +87,6 @@ std::vector<Chunk> make_chunks(const std::vector<at::Tensor>& tensors) {
     for (int64_t b = 0; b < tensors[t].numel(); b += kChunk)
       chunks.push_back({t, b, std::min(b + kChunk, tensors[t].numel())});
   return chunks;
-}
-
-// Calls fn with the storage format tag of dtype (checked to be one of the four).
-template <class Fn>
-auto with_format(at::ScalarType st, Fn&& fn) {
-  switch (st) {
-    case at::kFloat: return fn(F32{});
-    case at::kDouble: return fn(F64{});
-    case at::kBFloat16: return fn(BF16{});
-    default: return fn(F16{});
-  }
-}
-
-template <class Fmt>
-const typename Fmt::storage* data_of(const at::Tensor& t) {
-  return reinterpret_cast<const typename Fmt::storage*>(t.const_data_ptr());
 }
 
 at::Tensor rate_stats_cpu(at::TensorList tensors) {

@@ -105,10 +105,24 @@ inline int64_t eg_encode_span(const int32_t* symbols, int64_t n, int k, bool is_
 
 enum class EgStatus { kOk, kTruncated, kLongPrefix, kOutOfRange };
 
+// What a decoder error means, for messages.
+inline const char* eg_status_reason(EgStatus st, bool is_signed) {
+  switch (st) {
+    case EgStatus::kTruncated: return "ran out of bits (truncated input or wrong count)";
+    case EgStatus::kLongPrefix: return "corrupt exp-Golomb stream (a prefix of more than 32 zeros)";
+    case EgStatus::kOutOfRange:
+      return is_signed ? "corrupt exp-Golomb stream (the decoded value is not an int32 symbol eg_encode writes "
+                         "with signed=True)"
+                       : "corrupt exp-Golomb stream (the decoded value is not an int32 symbol eg_encode writes "
+                         "with signed=False)";
+    default: return "ok";
+  }
+}
+
 // MSB-first reader that never reads past buf[size).
 class BitReader {
  public:
-  BitReader(const uint8_t* buf, int64_t size) : p_(buf), end_(buf + size) {}
+  BitReader(const uint8_t* buf, int64_t size) : start_(buf), p_(buf), end_(buf + size) {}
 
   // Loads bytes until ≥ 57 bits are pending or the input ends.
   void refill() {
@@ -118,6 +132,8 @@ class BitReader {
     }
   }
   int avail() const { return avail_; }
+  // Bits taken so far.
+  int64_t bits_read() const { return 8 * (p_ - start_) - avail_; }
   // Leading zeros among the pending bits (64 when all pending bits are zero).
   int leading_zeros() const { return bits_ == 0 ? 64 : __builtin_clzll(bits_); }
   // Takes n ≤ 57 bits; the caller checked n ≤ avail().
@@ -130,6 +146,7 @@ class BitReader {
   }
 
  private:
+  const uint8_t* start_;
   const uint8_t* p_;
   const uint8_t* end_;
   uint64_t bits_ = 0;  // pending bits, left-aligned
@@ -153,8 +170,9 @@ inline uint64_t read_long_code(BitReader& r, int zeros, int k) {
 }
 
 // Decodes exactly `count` symbols into out; on failure returns the status and *where = symbol index.
+// *bits_used (when given): the length of the codes read, so a caller can refuse bytes after them.
 inline EgStatus eg_decode_stream(const uint8_t* buf, int64_t size, int64_t count, int k, bool is_signed,
-                                 int32_t* out, int64_t* where) {
+                                 int32_t* out, int64_t* where, int64_t* bits_used = nullptr) {
   const uint64_t max_u = eg_max_u(is_signed);
   BitReader r(buf, size);
   for (int64_t i = 0; i < count; ++i) {
@@ -179,6 +197,7 @@ inline EgStatus eg_decode_stream(const uint8_t* buf, int64_t size, int64_t count
                                                       : static_cast<int64_t>(u >> 1))
                        : static_cast<int32_t>(u);
   }
+  if (bits_used) *bits_used = r.bits_read();
   return EgStatus::kOk;
 }
 

@@ -19,6 +19,7 @@
 #include <cstdint>
 #include <cstring>
 #include <queue>
+#include <utility>
 #include <vector>
 
 namespace slimrate {
@@ -33,6 +34,17 @@ constexpr int64_t kRansMaxAlphabet = int64_t{1} << (kRansMaxScaleBits - 1);
 constexpr int64_t kRansDenseRange = int64_t{1} << 24;
 
 enum class RansStatus { kOk, kTruncated, kBadHeader, kCountMismatch, kBadStream };
+
+// What a decoder error means, for messages.
+inline const char* rans_status_reason(RansStatus st) {
+  switch (st) {
+    case RansStatus::kTruncated: return "truncated rANS buffer";
+    case RansStatus::kBadHeader: return "corrupt rANS header (bad alphabet or frequencies)";
+    case RansStatus::kCountMismatch: return "the rANS buffer holds another number of symbols";
+    case RansStatus::kBadStream: return "corrupt rANS stream (wrong final state or trailing bytes)";
+    default: return "ok";
+  }
+}
 
 // ---- varints -------------------------------------------------------------------------------------
 
@@ -198,11 +210,12 @@ inline void put_header(std::vector<uint8_t>& out, const RansModel& model, int64_
   for (uint32_t f : model.freq) put_varint(out, f - 1);
 }
 
-// The whole buffer for symbols[0, n); header_bytes = bytes before the rANS state (or raw data).
-inline std::vector<uint8_t> rans_encode_stream(const int32_t* s, int64_t n, int64_t* header_bytes) {
+// The whole buffer for symbols[0, n), given their distinct symbols (ascending) and counts as count_symbols
+// returns them; header_bytes = bytes before the rANS state (or raw data).
+inline std::vector<uint8_t> rans_encode_counted(const int32_t* s, int64_t n, std::vector<int32_t> alphabet,
+                                                const std::vector<int64_t>& counts, int64_t* header_bytes) {
   RansModel model;
-  std::vector<int64_t> counts;
-  count_symbols(s, n, model.alphabet, counts);
+  model.alphabet = std::move(alphabet);
   std::vector<uint8_t> out;
   int64_t m = static_cast<int64_t>(model.alphabet.size());
   if (2 * m > n + 1 || m > kRansMaxAlphabet) {  // raw: the alphabet alone would outweigh the symbols
@@ -243,6 +256,13 @@ inline std::vector<uint8_t> rans_encode_stream(const int32_t* s, int64_t n, int6
   for (int b = 0; b < 4; ++b) ptr[b] = static_cast<uint8_t>(x >> (8 * b));
   out.insert(out.end(), ptr, stream.data() + stream.size());
   return out;
+}
+
+inline std::vector<uint8_t> rans_encode_stream(const int32_t* s, int64_t n, int64_t* header_bytes) {
+  std::vector<int32_t> alphabet;
+  std::vector<int64_t> counts;
+  count_symbols(s, n, alphabet, counts);
+  return rans_encode_counted(s, n, std::move(alphabet), counts, header_bytes);
 }
 
 // ---- decoder -------------------------------------------------------------------------------------

@@ -20,6 +20,8 @@ from slimrate.ops.coding import (
     rans_decode,
     rans_encode,
     rans_header_size,
+    slim_decode,
+    slim_encode,
 )
 from slimrate.ops.ctmc import ctmc_lambda, ctmc_rate_cols, ctmc_transition_rows, score_entropy
 from slimrate.ops.expm import expm, expm_multi_t
@@ -29,7 +31,7 @@ from slimrate.ops.sparse import sparse_linear
 
 __all__ = ["BACKENDS", "available_backends", "extension_available", "registered_ops"]  # the registry
 __all__ += ["dequantize", "eg_code_length", "eg_decode", "eg_encode", "quantize", "rans_decode", "rans_encode",
-            "rans_header_size", "rate_grad_", "rate_stats", "sparse_linear"]
+            "rans_header_size", "rate_grad_", "rate_stats", "slim_decode", "slim_encode", "sparse_linear"]
 __all__ += ["ctmc_lambda", "ctmc_rate_cols", "ctmc_transition_rows", "expm", "expm_multi_t",  # CTMC / DMB
             "score_entropy"]
 __all__ += ["nf4_dequantize", "nf4_lora_linear", "nf4_quantize"]  # NF4 / QLoRA

@@ -55,6 +55,9 @@ REGISTRY: dict[str, dict[str, str]] = {
     "eg_decode": {"native": _NATIVE + "eg_decode", "reference": _REFERENCE + "eg_decode"},
     "rans_encode": {"native": _NATIVE + "rans_encode"},
     "rans_decode": {"native": _NATIVE + "rans_decode"},
+    # a float tensor ↔ its .slim payload (ops/coding.py): quantization fused with the coders above, in chunks
+    "slim_encode": {"native": _NATIVE + "slim_encode", "reference": _REFERENCE + "slim_encode"},
+    "slim_decode": {"native": _NATIVE + "slim_decode", "reference": _REFERENCE + "slim_decode"},
     # block-sparse linear (ops/sparse.py)
     "sparse_linear": {"native": _NATIVE + "sparse_linear", "triton": _TRITON + "sparse_linear_triton",
                       "reference": _REFERENCE + "sparse_linear"},
@@ -88,6 +91,7 @@ DATA_CHECKS: dict[str, str] = {
     "ctmc_transition_rows": "slimrate.ops.ctmc:check_rows_data",
     "ctmc_rate_cols": "slimrate.ops.ctmc:check_cols_data",
     "score_entropy": "slimrate.ops.ctmc:check_score_data",
+    "slim_decode": "slimrate.ops.coding:check_slim_layout",
     "expm": "slimrate.ops.expm:check_finite",
     "expm_multi_t": "slimrate.ops.expm:check_finite",
 }

@@ -11,6 +11,8 @@ import math
 
 import torch
 
+from slimrate.ops import coding
+
 
 def rate_stats(tensors: list[torch.Tensor]) -> torch.Tensor:
     """(N, Σ|θ|, Σθ²) over all tensors, float64 [3] on their device."""
@@ -93,6 +95,64 @@ def eg_decode(buf: torch.Tensor, count: int, k: int = 0, signed: bool = True) ->
         out.append((-(u >> 1) - 1 if u & 1 else u >> 1) if signed else u)
         pos = end
     return torch.tensor(out, dtype=torch.int32)
+
+
+# ---- a tensor's .slim payload (docs/slim-format.md): ops.quantize, then the coders chunk by chunk ----
+# The coders are the native ops (eg_encode's own reference is above; rANS has none): what is checked here is
+# the chunking, the table and the quantization around them.
+
+def _eg_table(q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(table, ranks): the distinct values of q by descending count, ties by smaller value; each q's rank."""
+    values, inverse, counts = torch.unique(q, return_inverse=True, return_counts=True)  # values ascending
+    order = torch.sort(-counts, stable=True).indices  # stable: equal counts keep ascending values
+    rank = torch.empty_like(order)
+    rank[order] = torch.arange(order.numel())
+    return values[order].to(torch.int32), rank[inverse].to(torch.int32)
+
+
+def slim_encode(x: torch.Tensor, step: float, coder: str, chunk_numel: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(payload uint8, layout int64 [table_count, table_nbytes, chunk_nbytes...]) of x's symbols in chunks."""
+    q = coding.quantize(x.reshape(-1), step)
+    table = torch.empty(0, dtype=torch.int32)
+    if coder == "eg":
+        table, q = _eg_table(q)  # q now holds ranks
+    code = {"eg": lambda s: coding.eg_encode(s, 0, False, backend="native"),
+            "eg-signed": lambda s: coding.eg_encode(s, 0, True, backend="native"),
+            "rans": lambda s: coding.rans_encode(s, backend="native")}[coder]
+    head = coding.eg_encode(table, 0, True, backend="native")
+    chunks = [code(s) for s in q.split(chunk_numel)] if q.numel() else []
+    layout = [table.numel(), head.numel()] + [c.numel() for c in chunks]
+    return torch.cat([head, *chunks]), torch.tensor(layout, dtype=torch.int64)
+
+
+def _decode_eg(buf: torch.Tensor, count: int, signed: bool) -> torch.Tensor:
+    """eg_decode of exactly ``count`` codes that fill ``buf`` (no bytes after them)."""
+    s = coding.eg_decode(buf, count, 0, signed, backend="native")
+    end = -(-coding.eg_code_length(s, 0, signed, backend="native") // 8)
+    if end != buf.numel():
+        raise ValueError(f"its {count} codes end in byte {end} (trailing bytes)")
+    return s
+
+
+def slim_decode(payload: torch.Tensor, layout: torch.Tensor, numel: int, step: float, coder: str,
+                chunk_numel: int, dtype: torch.dtype) -> torch.Tensor:
+    """x̂ (numel,) of dtype from slim_encode's payload and layout (checked by ops.coding.check_slim_layout)."""
+    table_count, table_nbytes, *sizes = layout.tolist()
+    table = _decode_eg(payload[:table_nbytes], table_count, True) if coder == "eg" else None
+    symbols, start = [], table_nbytes
+    for c, size in enumerate(sizes):
+        part, n = payload[start:start + size], min(chunk_numel, numel - c * chunk_numel)
+        try:
+            s = coding.rans_decode(part, n, backend="native") if coder == "rans" else _decode_eg(part, n, coder != "eg")
+            if coder == "eg":
+                if s.numel() and int(s.max()) >= table.numel():
+                    raise ValueError(f"rank {int(s.max())} is outside the table of {table.numel()}")
+                s = table[s.long()]
+        except ValueError as e:
+            raise ValueError(f"payload: chunk {c} of {len(sizes)} (bytes [{start}, {start + size})): {e}") from None
+        symbols.append(s)
+        start += size
+    return coding.dequantize(torch.cat(symbols) if symbols else torch.empty(0, dtype=torch.int32), step, dtype)
 
 
 def sparse_linear(x: torch.Tensor, row_ptr: torch.Tensor, col_idx: torch.Tensor, values: torch.Tensor,
