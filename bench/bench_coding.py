@@ -16,8 +16,8 @@ Whole tensors (groups "slim-encode-<shape>-bf16-<coder>", "slim-decode-..."): a 
 a Llama-7B projection's shape (4096×4096, 11008×4096) → its .slim payload at Δ = 0.002 and back, coder eg or rans:
 - native:    ops.slim_encode / slim_decode, C++: quantize + check + count fused, 2^20-symbol chunks in parallel;
 - reference: the same ops on backend="reference" (ops.quantize, the table in PyTorch, the coders per chunk);
-- v1:        what .slim version 1 runs, slimrate.backslash.slim_coding: quantize_tensor + encode_symbols, and
-             decode_symbols + dequantize_tensor (one stream per tensor, float64 copies, torch.unique for eg).
+- v1:        what .slim version 1 ran: the reference with one chunk per tensor (one stream, float64 copies,
+             torch.unique for eg).
 extra_info: bytes = 2·numel (so GB/s is bfloat16 throughput), bits/param, and for native the payload's growth
 over one chunk (chunk_overhead_pct).  Every row's decode is checked to equal native's before it is timed.
 """
@@ -35,7 +35,6 @@ from builders import PARAM_STD
 
 from slimrate import ops
 from slimrate.backslash.metrics import symbol_entropy_bits
-from slimrate.backslash.slim_coding import decode_symbols, dequantize_tensor, encode_symbols, quantize_tensor
 from slimrate.ops.coding import DEFAULT_CHUNK_NUMEL
 
 N_SYMBOLS = 4 << 20
@@ -153,17 +152,11 @@ def slim_paths(x: torch.Tensor, coder: str) -> dict[str, tuple[Callable[[], obje
     """backend → (encode(), decode(encoded) → flat bfloat16 tensor)."""
     n = x.numel()
 
-    def v1_decode(encoded):
-        payload, extra = encoded
-        entry = {"name": "w", "coder": coder, "nbytes": len(payload), **extra}
-        return dequantize_tensor(decode_symbols(payload, entry, n), STEP, [n], "bfloat16")
+    def ops_path(backend, chunk_numel=DEFAULT_CHUNK_NUMEL):
+        return (lambda: ops.slim_encode(x, STEP, coder, chunk_numel, backend=backend),
+                lambda e: ops.slim_decode(*e, n, STEP, coder, chunk_numel, x.dtype, backend=backend))
 
-    def ops_path(backend):
-        return (lambda: ops.slim_encode(x, STEP, coder, backend=backend),
-                lambda e: ops.slim_decode(*e, n, STEP, coder, DEFAULT_CHUNK_NUMEL, x.dtype, backend=backend))
-
-    return {"native": ops_path("native"), "reference": ops_path("reference"),
-            "v1": (lambda: encode_symbols(quantize_tensor(x, STEP, "w"), coder), v1_decode)}
+    return {"native": ops_path("native"), "reference": ops_path("reference"), "v1": ops_path("reference", n)}
 
 
 def slim_checked(shape: str, coder: str, backend: str):
@@ -178,7 +171,7 @@ def slim_checked(shape: str, coder: str, backend: str):
 
 def slim_info(benchmark, op: str, shape: str, coder: str, backend: str, x: torch.Tensor, encoded) -> None:
     benchmark.group = f"slim-{op}-{shape}-bf16-{coder}"
-    nbytes = len(encoded[0]) if backend == "v1" else encoded[0].numel()
+    nbytes = encoded[0].numel()
     benchmark.extra_info.update(op=op, backend=backend, dtype="bfloat16", device="cpu", shape=shape, coder=coder,
                                 bytes=2 * x.numel(), step=STEP, param_std=PARAM_STD, compressed_bytes=nbytes,
                                 bits_per_param=8 * nbytes / x.numel())

@@ -71,3 +71,13 @@ def assert_same_tensors(got: dict, want: dict) -> None:
         if not torch.equal(got[name], t):
             diff = (got[name].double() - t.double()).abs().flatten()
             raise AssertionError(f"{name}: max abs diff {diff.max():.3g} at {int(diff.argmax())}, {t.dtype}")
+
+
+def frequency_table(q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The "eg" coder's table, independently of slimrate: (table, ranks), the distinct values of q (n,) int32 by
+    descending count, ties by smaller value, and the rank of each element."""
+    values, inverse, counts = torch.unique(q, return_inverse=True, return_counts=True)  # values ascending
+    order = torch.sort(-counts, stable=True).indices                # stable: equal counts keep value order
+    rank_of_value = torch.empty_like(order)
+    rank_of_value[order] = torch.arange(order.numel())
+    return values[order].to(torch.int32), rank_of_value[inverse].to(torch.int32)

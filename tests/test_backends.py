@@ -23,7 +23,7 @@ from helpers import DEVICES, random_sparse, skip_unless_backend
 # ops.__all__ names that are not registry ops (module docstring of slimrate.ops): the registry's read API and
 # plain PyTorch/Python helpers that take no backend.
 NOT_OPS = {"BACKENDS", "available_backends", "extension_available", "registered_ops", "quantize", "dequantize",
-           "ctmc_lambda", "rans_header_size"}
+           "ctmc_lambda", "rans_header_size", "DEFAULT_CHUNK_NUMEL"}
 # Registry ops without a face of their own: called by nf4_dequantize / nf4_lora_linear for a nested QuantState.
 INTERNAL_OPS = {"nf4_absmax_dequantize"}
 HOW = ["backend=", "SLIMRATE_BACKEND"]

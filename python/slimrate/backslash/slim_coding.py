@@ -9,7 +9,8 @@ chunks of ``chunk_numel`` symbols, each coded on its own; payload = [table (``"e
 - ``"eg-signed"``: each chunk is the signed EG0 code of its q (zig-zag), no table: cheaper for tiny tensors.
 - ``"rans"``: each chunk is ``ops.rans_encode`` of its q (it carries its own frequency table).
 
-All entropy coding goes through ``encode_payload`` and ``decode_payload``.
+All entropy coding goes through ``encode_payload`` and ``decode_payload``, i.e. the fused ops
+``ops.slim_encode`` / ``ops.slim_decode``.
 """
 
 from __future__ import annotations
@@ -62,110 +63,39 @@ def _as_buffer(data: memoryview) -> torch.Tensor:
     return torch.frombuffer(data, dtype=torch.uint8) if data else torch.empty(0, dtype=torch.uint8)
 
 
-def frequency_table(q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(table, ranks): table (n_distinct,) int32 sorted by descending count, ties by value; ranks like q."""
-    values, inverse, counts = torch.unique(q, return_inverse=True, return_counts=True)  # values ascending
-    order = torch.sort(-counts, stable=True).indices                # stable: equal counts keep value order
-    rank_of_value = torch.empty_like(order)
-    rank_of_value[order] = torch.arange(order.numel())
-    return values[order].to(torch.int32), rank_of_value[inverse].to(torch.int32)
-
-
-def _encode_chunk(symbols: torch.Tensor, coder: str) -> torch.Tensor:
-    """symbols (n,) int32 (ranks for "eg") → the chunk's bytes, (nbytes,) uint8."""
-    if coder == "rans":
-        return ops.rans_encode(symbols)
-    return ops.eg_encode(symbols, signed=coder == "eg-signed")
-
-
 def encode_payload(t: torch.Tensor, step: float, coder: str, chunk_numel: int | None = None
                    ) -> tuple[memoryview, dict]:
-    """Quantize and entropy-code one tensor: (payload bytes, index fields).
+    """Quantize and entropy-code one tensor (``ops.slim_encode``): (payload bytes, index fields).
 
     t: float tensor, any shape (flattened in C order); step: Δ > 0; coder: "eg" | "eg-signed" | "rans";
-    chunk_numel: symbols per independently coded chunk, None = one chunk (max(numel, 1)).
+    chunk_numel: symbols per independently coded chunk (None: ops.DEFAULT_CHUNK_NUMEL).
     Fields: "chunk_numel", "chunk_nbytes" (one size per chunk), and "table_count", "table_nbytes" for "eg".
-    ValueError (from ops.quantize) for a non-finite value or |θ/Δ| ≥ 2^31 − 1.
-
-    Target of the fused op: ``payload, layout = ops.slim_encode(t, step, coder, chunk_numel)`` with
-    layout = [table_count, table_nbytes, chunk_nbytes_0, ...]; the fields are read off layout.
+    ValueError for a non-finite value or |θ/Δ| ≥ 2^31 − 1, naming its flat index.
     """
     if coder not in CODERS:
         raise ValueError(f"coder: expected one of {CODERS}, got {coder!r}")
-    q = ops.quantize(t.detach().to("cpu").reshape(-1), step)
-    chunk_numel = max(q.numel(), 1) if chunk_numel is None else chunk_numel
-    parts, fields = [], {}
-    if coder == "eg":
-        table, q = frequency_table(q)  # from here on q holds the ranks
-        parts.append(ops.eg_encode(table, signed=True))
-        fields = {"table_count": table.numel(), "table_nbytes": parts[0].numel()}
-    chunks = [_encode_chunk(q[i:i + chunk_numel], coder) for i in range(0, q.numel(), chunk_numel)]
-    fields.update(chunk_numel=chunk_numel, chunk_nbytes=[chunk.numel() for chunk in chunks])
-    payload = torch.cat([torch.empty(0, dtype=torch.uint8), *parts, *chunks])
+    chunk_numel = ops.DEFAULT_CHUNK_NUMEL if chunk_numel is None else chunk_numel
+    payload, layout = ops.slim_encode(t.detach().to("cpu"), step, coder, chunk_numel)
+    table_count, table_nbytes, *chunk_nbytes = layout.tolist()
+    fields = {"table_count": table_count, "table_nbytes": table_nbytes} if coder == "eg" else {}
+    fields.update(chunk_numel=chunk_numel, chunk_nbytes=chunk_nbytes)
     return memoryview(payload.numpy()), fields
 
 
-def _decode_chunk(buf: torch.Tensor, coder: str, count: int, table: torch.Tensor | None, where: str) -> torch.Tensor:
-    """One chunk's bytes → its q, (count,) int32."""
-    if coder == "rans":
-        return ops.rans_decode(buf, count)
-    if coder == "eg-signed":
-        return ops.eg_decode(buf, count, signed=True)
-    ranks = ops.eg_decode(buf, count, signed=False)
-    if ranks.numel() and int(ranks.max()) >= table.numel():
-        raise SlimFormatError(f"{where}: rank {int(ranks.max())} outside the table of {table.numel()}")
-    return table[ranks.long()]
-
-
-def _rans_count(chunk: memoryview) -> int | None:
-    """The symbol count a rans_encode buffer declares (a mode byte, then a varint); None if it is cut short."""
-    count = 0
-    for i, byte in enumerate(chunk[1:11]):
-        count |= (byte & 0x7F) << (7 * i)
-        if byte < 0x80:
-            return count
-    return None
-
-
-def _check_rans_counts(view: memoryview, entry: dict, numel: int) -> None:
-    """Each chunk's own count is its share of numel: rANS can code any count in a few bytes, so this (with the
-    index checksum) is what vouches for numel before the output is allocated."""
-    pos, chunk_numel = 0, entry["chunk_numel"]
-    for c, nbytes in enumerate(entry["chunk_nbytes"]):
-        declared, expected = _rans_count(view[pos:pos + nbytes]), min(chunk_numel, numel - c * chunk_numel)
-        if declared != expected:
-            raise SlimFormatError(f"tensor {entry['name']!r} chunk {c}: the rANS buffer holds {declared} symbols, "
-                                  f"the index says {expected}")
-        pos += nbytes
-
-
 def decode_payload(view: memoryview, entry: dict, numel: int, dtype: torch.dtype) -> torch.Tensor:
-    """An entropy-coded payload → θ̂ (numel,) of dtype: q·Δ in float64, rounded once to dtype (ops.dequantize).
+    """An entropy-coded payload → θ̂ (numel,) of dtype: q·Δ in float64, rounded once to dtype (``ops.slim_decode``,
+    the chunks decoded in parallel).
 
     view: the payload's entry["nbytes"] bytes, checksum already verified (writable: it is shared, not copied);
     entry: a validated index entry (slim_layout.read_index: chunk sizes tile the payload, symbol counts fit).
-    Chunks are decoded one after another, the "eg" table once; every decoder error becomes SlimFormatError.
-
-    Target of the fused op: ``ops.slim_decode(payload, layout, numel, entry["step"], entry["coder"],
-    entry["chunk_numel"], dtype)`` with layout = [table_count, table_nbytes, *chunk_nbytes].
+    Every decoder error becomes SlimFormatError.
     """
-    coder, chunk_numel = entry["coder"], entry["chunk_numel"]
-    if coder == "rans":
-        _check_rans_counts(view, entry, numel)
-    buf, table, pos, where = _as_buffer(view), None, 0, f"tensor {entry['name']!r} table"
-    out = torch.empty(numel, dtype=dtype)  # numel is bounded by the payload's size (eg) or its chunks' counts
+    if numel == 0:  # no chunks; version 1 wrote an 8-byte rANS buffer for an empty tensor, nothing to decode
+        return torch.empty(0, dtype=dtype)
+    layout = torch.tensor([entry.get("table_count", 0), entry.get("table_nbytes", 0), *entry["chunk_nbytes"]],
+                          dtype=torch.int64)
     try:
-        if coder == "eg":
-            pos = entry["table_nbytes"]
-            table = ops.eg_decode(buf[:pos], entry["table_count"], signed=True)
-        for c, nbytes in enumerate(entry["chunk_nbytes"]):
-            start, where = c * chunk_numel, f"tensor {entry['name']!r} chunk {c}"
-            count = min(chunk_numel, numel - start)
-            q = _decode_chunk(buf[pos:pos + nbytes], coder, count, table, where)
-            out[start:start + count] = ops.dequantize(q, entry["step"], dtype=dtype)
-            pos += nbytes
-    except SlimFormatError:
-        raise
+        return ops.slim_decode(_as_buffer(view), layout, numel, entry["step"], entry["coder"], entry["chunk_numel"],
+                               dtype)
     except ValueError as e:
-        raise SlimFormatError(f"{where}: corrupt {coder} payload ({e})") from None
-    return out
+        raise SlimFormatError(f"tensor {entry['name']!r}: corrupt {entry['coder']} payload ({e})") from None

@@ -38,7 +38,8 @@ class SlimWriter:
     """A .slim file written one tensor at a time; use it as a context manager.
 
     path: the target file; metadata: str → str pairs stored in the index (SlimFile.metadata());
-    chunk_numel: symbols per independently coded chunk of an entropy-coded tensor (None: one chunk).
+    chunk_numel: symbols per independently coded chunk of an entropy-coded tensor (None:
+    ops.DEFAULT_CHUNK_NUMEL, 2^20).
     Inside ``with``, the file is a temporary file beside ``path``; a clean exit writes the index and the
     trailer, fsyncs and renames it onto ``path``; an exception removes it.
     """
@@ -50,7 +51,7 @@ class SlimWriter:
             raise TypeError(f"metadata: expected a mapping of str to str or None, got {metadata!r:.80}")
         if chunk_numel is not None and (isinstance(chunk_numel, bool) or not isinstance(chunk_numel, int)
                                         or chunk_numel < 1):
-            raise ValueError(f"chunk_numel: expected an int >= 1 or None (one chunk per tensor), got {chunk_numel!r}")
+            raise ValueError(f"chunk_numel: expected an int >= 1 or None (the default chunk), got {chunk_numel!r}")
         self.path = Path(path)
         self._metadata = dict(metadata or {})
         self._chunk_numel = chunk_numel
