@@ -357,7 +357,7 @@ def test_ranks_outside_the_table_raise_slim_format_error(tmp_path):
     chunks = [eg_bytes([0] * 10, signed=False), eg_bytes([0] * 5 + [1], signed=False)]  # chunk 1 has rank 1
     forged_payload_file(tmp_path, "eg", table + b"".join(chunks), table_count=1, table_nbytes=len(table),
                         chunk_numel=10, chunk_nbytes=[len(c) for c in chunks])
-    with pytest.raises(SlimFormatError, match=r"chunk 1 of 2 \(bytes \[3, 4\)\): rank 1 of symbol 5 is outside the table"):
+    with pytest.raises(SlimFormatError, match=r"chunk 1 of 2 .*: rank 1 of symbol 5 is outside the table"):
         load_slim(tmp_path / "bad.slim")
 
 
