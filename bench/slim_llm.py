@@ -8,7 +8,7 @@ beside zstd -3 / -19 of the same shards and transformers' own loading of the ori
 The checkpoint is generated on demand in --work (deleted afterwards unless --keep) and never committed:
 Llama-2-7B's shapes (vocab 32000, hidden 4096, MLP 11008, --layers decoder layers), weights ~ N(0, 0.02²)
 drawn per tensor from a generator seeded by (seed, tensor name), RMSNorm weights 1, bf16. Each tool runs as
-a child process; its wall time and peak RSS come from os.wait4. The page cache is dropped before each run
+a child process under GNU time (/usr/bin/time), which gives its peak RSS. The page cache is dropped before each run
 where the system allows it (the table says whether it did). zstd -19 is timed on the first --zstd19-bytes
 bytes of the shards only (it runs at a few MB/s) and its time extrapolated linearly; the table says so.
 """
@@ -23,6 +23,7 @@ import platform
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 import zlib
 from pathlib import Path
@@ -88,14 +89,16 @@ def drop_page_cache() -> bool:
 
 
 def timed(argv: list[str], stdout=None) -> dict:
-    """Run argv as a child; wall seconds and peak RSS (MiB) from os.wait4."""
-    start = time.perf_counter()
-    child = subprocess.Popen(argv, stdout=stdout or subprocess.DEVNULL, stderr=subprocess.PIPE)
-    _, status, usage = os.wait4(child.pid, 0)
-    seconds = time.perf_counter() - start
-    if status != 0:
-        raise RuntimeError(f"{argv[:3]} failed (status {status}): {child.stderr.read().decode()[-2000:]}")
-    return {"seconds": seconds, "peak_rss_mib": usage.ru_maxrss / 1024}
+    """Run argv as a child under GNU time: wall seconds, and the child's own peak RSS (MiB). (os.wait4's rusage
+    would count the pages a forked child shares with this process before its exec.)"""
+    with tempfile.NamedTemporaryFile("r") as report:
+        start = time.perf_counter()
+        child = subprocess.run(["/usr/bin/time", "-f", "%M", "-o", report.name, *argv], stdout=stdout or
+                               subprocess.DEVNULL, stderr=subprocess.PIPE)
+        seconds = time.perf_counter() - start
+        if child.returncode != 0:
+            raise RuntimeError(f"{argv[:3]} failed (status {child.returncode}): {child.stderr.decode()[-2000:]}")
+        return {"seconds": seconds, "peak_rss_mib": int(report.read().split()[-1]) / 1024}
 
 
 def python(code: str) -> list[str]:
@@ -198,11 +201,12 @@ def main() -> None:
     parser.add_argument("-o", "--out", required=True, help="results stem: writes OUT.md and OUT.json")
     parser.add_argument("--work", default="bench/.slim-llm-work", help="scratch folder (needs ~2.5× the checkpoint)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--zstd19-bytes", type=int, default=1 << 30, help="bytes zstd -19 is timed on")
+    parser.add_argument("--zstd19-bytes", type=int, default=1 << 28, help="bytes zstd -19 is timed on")
     parser.add_argument("--keep", action="store_true", help="keep the scratch folder")
     args = parser.parse_args()
-    if shutil.which("zstd") is None:
-        sys.exit("slim_llm.py: zstd is not installed (apt-get install zstd)")
+    for tool in ("zstd", "/usr/bin/time"):
+        if shutil.which(tool) is None:
+            sys.exit(f"slim_llm.py: {tool} is not installed (apt-get install zstd time)")
     try:
         result = run(args)
     finally:

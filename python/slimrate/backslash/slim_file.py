@@ -79,7 +79,16 @@ class SlimFile:
         else:
             numel = math.prod(entry["shape"])
             t = decode_payload(payload, entry, numel, RAW_DTYPES[entry["dtype"]]).reshape(entry["shape"])
+        del payload
+        self._release(start, end)
         return t if device is None and dtype is None else t.to(device=device, dtype=dtype)
+
+    def _release(self, start: int, end: int) -> None:
+        """Drop the mapped pages of bytes [start, end) (unmodified: the file is re-read if they are needed again),
+        so that reading a file tensor by tensor holds one payload in memory, not every page read so far."""
+        aligned = start - start % mmap.PAGESIZE
+        if end > aligned:
+            self._map.madvise(mmap.MADV_DONTNEED, aligned, end - aligned)
 
     def _entry(self, name: str) -> dict:
         if self._map is None:
