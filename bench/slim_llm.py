@@ -133,7 +133,7 @@ def run(args: argparse.Namespace) -> dict:
     work = Path(args.work)
     source, restored = work / "checkpoint", work / "restored"
     started = time.perf_counter()
-    shards = write_checkpoint_folder(source, config, args.seed)
+    shards = [p for p in write_checkpoint_folder(source, config, args.seed) if p.suffix == ".safetensors"]
     generate_s = time.perf_counter() - started
     input_bytes = sum(p.stat().st_size for p in shards)
     rows, dropped = [], []
