@@ -3,6 +3,8 @@ transformers' from_pretrained, sharding against huggingface_hub's splitter, the 
 transformers' sharded folders, clear errors for damaged folders, and a model folder's small files."""
 
 import json
+import os
+import stat
 import weakref
 from functools import partial
 from pathlib import Path
@@ -460,3 +462,12 @@ def test_write_model_files_refuses_names_that_are_not_plain(tmp_path, name):
 def test_decode_model_files_rejects_malformed_metadata(text, match):
     with pytest.raises(ValueError, match=f"metadata '{MODEL_FILES_KEY}': .*({match})"):
         decode_model_files(text)
+
+
+def test_written_files_get_the_mode_open_would_give(tmp_path):
+    mask = os.umask(0o022)
+    try:
+        files = write_checkpoint([("w", (2,), torch.float32, lambda: torch.ones(2))], tmp_path / "m.safetensors")
+    finally:
+        os.umask(mask)
+    assert [stat.S_IMODE(f.stat().st_mode) for f in files] == [0o644]

@@ -38,6 +38,7 @@ class StagedWrites:
         except OSError as error:  # it would name the temporary file, which the caller never asked for
             raise OSError(error.errno, error.strerror, str(path)) from error
         self._pending.append((tmp, path))  # before any write, so that a failed write removes it too
+        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; the file gets the mode open() would give it
         with os.fdopen(fd, "wb") as f:
             yield f
             f.flush()
@@ -83,3 +84,10 @@ def figure_png(figure, dpi: int = 110) -> bytes:
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=dpi)
     return buffer.getvalue()
+
+
+def _umask() -> int:
+    """The process's umask (reading it means setting it: set it straight back)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
