@@ -165,17 +165,17 @@ def test_cli_run_loads_an_hf_model(saved, tmp_path, capsys):
 
 @pytest.mark.parametrize("folder,message", [
     ("missing", "'hf:{tmp}/missing': {tmp}/missing is not a folder"),
-    ("empty", "'hf:{tmp}/empty': no config.json in {tmp}/empty"),
+    ("empty", "'hf:{tmp}/empty': {tmp}/empty holds no config.json"),
 ], ids=["missing", "no-config"])
 def test_hf_factory_needs_a_folder_holding_config_json(saved, tmp_path, capsys, folder, message):
     (tmp_path / "empty").mkdir()
     message = message.format(tmp=tmp_path)
     weights = saved[1] / "model.safetensors"
-    with pytest.raises(ValueError, match=f"model_factory: {message}"):
+    with pytest.raises(ValueError, match=f"model_factory {message}"):
         runtime.load(weights, model_factory=f"hf:{tmp_path / folder}")
     assert cli.main(["run", str(weights), "--arch", f"hf:{tmp_path / folder}"]) == 2
     err = capsys.readouterr().err
-    assert err.startswith(f"slimrate run: --arch: {message}") and err.count("\n") == 1
+    assert err.startswith(f"slimrate run: --arch {message}") and err.count("\n") == 1
 
 
 def test_hf_weights_that_do_not_fit_the_config_are_named(saved, tmp_path):

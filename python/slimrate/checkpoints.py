@@ -417,3 +417,16 @@ def write_model_files(folder: str | os.PathLike, files: Mapping[str, bytes]) -> 
     for name in files:
         _check_model_file_name(name)
     return [write_bytes_atomic(Path(folder) / name, data) for name, data in files.items()]
+
+
+def local_model_folder(path: str | os.PathLike, argument: str = "path") -> Path:
+    """``path`` as a local transformers model folder (one holding config.json, as save_pretrained writes); a
+    ValueError naming ``argument`` otherwise. Nothing is looked up online."""
+    folder = Path(path)
+    if not folder.is_dir():
+        raise ValueError(f"{argument}: {os.fspath(path)} is not a folder; expected a local transformers model folder "
+                         "(config.json + weights, as save_pretrained writes); slimrate never downloads models")
+    if not (folder / "config.json").is_file():
+        raise ValueError(f"{argument}: {folder} holds no config.json; pass the folder save_pretrained wrote, or write "
+                         "the config there with config.save_pretrained(folder)")
+    return folder

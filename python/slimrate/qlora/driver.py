@@ -29,6 +29,7 @@ from typing import Any
 
 import torch
 
+from slimrate.checkpoints import local_model_folder
 from slimrate.data.advising import advising_heldout, advising_phase1, advising_phase2, advising_questions
 from slimrate.files import write_text_atomic
 from slimrate.qlora.chat import ChatBatches, prompt_of, read_chat_jsonl, reference_of, write_chat_jsonl
@@ -40,7 +41,7 @@ from slimrate.qlora.evaluate import (
     markdown_share,
     mean_token_loss,
 )
-from slimrate.qlora.loading import DTYPES, load_4bit, local_model_dir, save_merged
+from slimrate.qlora.loading import DTYPES, load_4bit, save_merged
 from slimrate.qlora.peft_patch import patch_peft
 from slimrate.qlora.tiny import TINY_NOTE, save_tiny_base
 from slimrate.schedules import UBA
@@ -247,7 +248,7 @@ def finetune(config: FinetuneConfig) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     data = _load_data(config, out)
     tiny = config.model is None
-    model_path = save_tiny_base(out / "tiny-base", config.seed) if tiny else local_model_dir(config.model)
+    model_path = save_tiny_base(out / "tiny-base", config.seed) if tiny else local_model_folder(config.model, "model")
     dtype = DTYPES[config.dtype or ("float32" if tiny else "bfloat16")]
     tokenizer = AutoTokenizer.from_pretrained(model_path, local_files_only=True)
     if tokenizer.chat_template is None:

@@ -15,22 +15,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from slimrate.checkpoints import local_model_folder
 from slimrate.qlora.peft_patch import prevent_cpu_repack
 
 PEFT_PREFIX = "base_model.model."  # peft's prefix on the wrapped model's parameter names
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def local_model_dir(path: str | os.PathLike) -> Path:
-    """``path`` as a local model folder; FileNotFoundError / ValueError when it is not one (no Hub look-up)."""
-    folder = Path(path)
-    if not folder.is_dir():
-        raise FileNotFoundError(f"path: {path} is not a folder; expected a local transformers model folder "
-                                "(config.json + weights); slimrate never downloads models")
-    if not (folder / "config.json").is_file():
-        raise ValueError(f"path: {folder} holds no config.json; expected a transformers model folder "
-                         "(save_pretrained output)")
-    return folder
 
 
 def load_4bit(path: str | os.PathLike, lora_config, *, compute_dtype: torch.dtype = torch.bfloat16,
@@ -45,12 +34,12 @@ def load_4bit(path: str | os.PathLike, lora_config, *, compute_dtype: torch.dtyp
     device_map: transformers' (e.g. {"": "cuda"}); None loads on the CPU.
     Returns the peft model in train mode, with bitsandbytes' CPU repack switched off
     (``prevent_cpu_repack``), so gradients flow even after eval-mode forwards.
-    Raises FileNotFoundError / ValueError when path is not a local model folder.
+    Raises ValueError when path is not a local model folder.
     """
     from peft import PeftModel, get_peft_model
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    folder = local_model_dir(path)
+    folder = local_model_folder(path)
     quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
                                       bnb_4bit_use_double_quant=double_quant, bnb_4bit_compute_dtype=compute_dtype)
     base = AutoModelForCausalLM.from_pretrained(folder, quantization_config=quantization, dtype=compute_dtype,

@@ -11,6 +11,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from slimrate.checkpoints import local_model_folder
+
 HF_PREFIX = "hf:"
 EXAMPLE_TOKENS = 16  # sequence length of the random example input
 
@@ -22,14 +24,7 @@ def is_hf_factory(model_factory: object) -> bool:
 def hf_config_dir(model_factory: str, argument: str = "model_factory") -> Path:
     """The folder of ``model_factory`` "hf:DIR"; ValueError naming ``argument`` unless DIR is a folder holding
     config.json."""
-    folder = Path(model_factory[len(HF_PREFIX):])
-    if not folder.is_dir():
-        raise ValueError(f"{argument}: {model_factory!r}: {folder} is not a folder; pass hf:DIR with DIR a local "
-                         "transformers model folder holding config.json (as save_pretrained writes)")
-    if not (folder / "config.json").is_file():
-        raise ValueError(f"{argument}: {model_factory!r}: no config.json in {folder}; pass the folder "
-                         "save_pretrained wrote, or write the config there with config.save_pretrained(folder)")
-    return folder
+    return local_model_folder(model_factory[len(HF_PREFIX):], f"{argument} {model_factory!r}")
 
 
 def build_hf_model(config_dir: Path) -> nn.Module:
