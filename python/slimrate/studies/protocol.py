@@ -5,14 +5,19 @@ a markdown table with a provenance line, a PNG plot and a JSON of every run."""
 from __future__ import annotations
 
 import dataclasses
+import datetime
+import json
 import os
+import platform
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Generic, TypeVar
 
-from slimrate.studies.output import write_study_files
+import torch
+
+from slimrate.files import write_bytes_atomic, write_text_atomic
 
 C = TypeVar("C")  # a study's config dataclass; every one has ``seed: int``, the base seed of its runs
 
@@ -54,6 +59,10 @@ class Study(Generic[C]):
     def write(self, config: C, results: StudyResults, out_dir: str | os.PathLike) -> list[Path]:
         """Write <stem>.md (title, machine line, table), <stem>.png and <stem>.json (config, facts, rows)
         atomically into ``out_dir``; returns the three paths."""
-        return write_study_files(out_dir, self.stem, self.title, len(results.rows), results.minutes,
-                                 self.table(config, results), self.plot(config, results),
-                                 {"config": dataclasses.asdict(config), **results.facts, "rows": results.rows})
+        header = (f"# {self.title}\n\n{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
+                  f"{len(results.rows)} runs in {results.minutes:.1f} min, {datetime.date.today()}.\n\n")
+        payload = {"config": dataclasses.asdict(config), **results.facts, "rows": results.rows}
+        out = Path(out_dir)
+        return [write_text_atomic(out / f"{self.stem}.md", header + self.table(config, results)),
+                write_bytes_atomic(out / f"{self.stem}.png", self.plot(config, results)),
+                write_text_atomic(out / f"{self.stem}.json", json.dumps(payload, indent=1) + "\n")]
