@@ -70,10 +70,9 @@ def encode_payload(t: torch.Tensor, step: float, coder: str, chunk_numel: int | 
     t: float tensor, any shape (flattened in C order); step: Δ > 0; coder: "eg" | "eg-signed" | "rans";
     chunk_numel: symbols per independently coded chunk (None: ops.DEFAULT_CHUNK_NUMEL).
     Fields: "chunk_numel", "chunk_nbytes" (one size per chunk), and "table_count", "table_nbytes" for "eg".
-    ValueError for a non-finite value or |θ/Δ| ≥ 2^31 − 1, naming its flat index.
+    ValueError for a non-finite value or |θ/Δ| ≥ 2^31 − 1, naming its flat index, or another coder (the op's
+    checks).
     """
-    if coder not in CODERS:
-        raise ValueError(f"coder: expected one of {CODERS}, got {coder!r}")
     chunk_numel = ops.DEFAULT_CHUNK_NUMEL if chunk_numel is None else chunk_numel
     payload, layout = ops.slim_encode(t.detach().to("cpu"), step, coder, chunk_numel)
     table_count, table_nbytes, *chunk_nbytes = layout.tolist()
