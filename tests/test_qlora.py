@@ -24,7 +24,7 @@ from slimrate.qlora import (  # noqa: E402
     save_merged,
     unpatch_peft,
 )
-from slimrate.qlora.tiny import save_tiny_base  # noqa: E402
+from slimrate.qlora.tiny import build_tiny_mistral, save_tiny_base  # noqa: E402
 
 from helpers import rel_err  # noqa: E402
 
@@ -137,6 +137,34 @@ def test_adapter_save_load_round_trip_after_patching(tiny_base, tmp_path):
         patched = loaded(input_ids=ids).logits
     assert_same(unpatched, expected, FP32_TOL, "reloaded, unpatched")
     assert_same(patched, expected, FP32_TOL, "reloaded, patched")
+
+
+def test_load_4bit_refuses_a_folder_with_only_a_pickle(tmp_path):
+    """A pytorch_model.bin is never loaded, even where transformers would (weights_only=True) fall back to it."""
+    model = build_tiny_mistral(vocab_size=40)
+    model.config.save_pretrained(tmp_path)
+    # transformers 5 writes safetensors even with safe_serialization=False: save the pickle as older versions did
+    torch.save(model.state_dict(), tmp_path / "pytorch_model.bin")
+    with pytest.raises(ValueError, match=r"^path: .* holds no model.safetensors .*pytorch_model.bin, a pickle.*"
+                                         r"save_pretrained\(folder\)"):
+        load_4bit(tmp_path, lora_config())
+    (tmp_path / "pytorch_model.bin").unlink()
+    with pytest.raises(ValueError, match=r"^path: .* holds no model.safetensors or model.safetensors.index.json;"):
+        load_4bit(tmp_path, lora_config())
+
+
+def test_load_4bit_reads_sharded_safetensors(tmp_path):
+    model = build_tiny_mistral(vocab_size=40, seed=3)
+    model.save_pretrained(tmp_path / "one")
+    model.save_pretrained(tmp_path / "sharded", max_shard_size="100KB")
+    assert (tmp_path / "sharded" / "model.safetensors.index.json").is_file()
+    ids = torch.randint(0, 40, (2, 9))
+    logits = []
+    for folder in ("one", "sharded"):
+        loaded = load_4bit(tmp_path / folder, lora_config(), compute_dtype=torch.float32).eval()
+        with torch.no_grad():
+            logits.append(loaded(input_ids=ids).logits)
+    assert torch.equal(logits[0], logits[1])
 
 
 @pytest.mark.parametrize("fused", [False, True], ids=["peft", "fused"])

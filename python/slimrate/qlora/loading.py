@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from slimrate.checkpoints import local_model_folder
+from slimrate.checkpoints import INDEX_FILE, PICKLE_SUFFIXES, SINGLE_FILE, local_model_folder
 from slimrate.qlora.peft_patch import prevent_cpu_repack
 
 PEFT_PREFIX = "base_model.model."  # peft's prefix on the wrapped model's parameter names
@@ -26,7 +26,8 @@ def load_4bit(path: str | os.PathLike, lora_config, *, compute_dtype: torch.dtyp
               double_quant: bool = True, device_map: str | dict | None = None):
     """A local causal LM loaded in 4-bit NF4 with LoRA adapters, ready to train.
 
-    path: a local model folder (config.json + safetensors); never looked up online.
+    path: a local model folder (config.json + model.safetensors or model.safetensors.index.json with its
+    shards); never looked up online.  Only safetensors weights are read, never a pickle (pytorch_model.bin).
     lora_config: a ``peft.LoraConfig`` (task_type "CAUSAL_LM") for fresh adapters, or the folder of a
     saved adapter (peft ``save_pretrained`` output) to continue training it.
     compute_dtype: bitsandbytes' compute dtype (``bnb_4bit_compute_dtype``); double_quant: also
@@ -34,16 +35,16 @@ def load_4bit(path: str | os.PathLike, lora_config, *, compute_dtype: torch.dtyp
     device_map: transformers' (e.g. {"": "cuda"}); None loads on the CPU.
     Returns the peft model in train mode, with bitsandbytes' CPU repack switched off
     (``prevent_cpu_repack``), so gradients flow even after eval-mode forwards.
-    Raises ValueError when path is not a local model folder.
+    Raises ValueError when path is not a local model folder or holds no safetensors weights.
     """
     from peft import PeftModel, get_peft_model
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    folder = local_model_folder(path)
+    folder = safetensors_model_folder(path)
     quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
                                       bnb_4bit_use_double_quant=double_quant, bnb_4bit_compute_dtype=compute_dtype)
     base = AutoModelForCausalLM.from_pretrained(folder, quantization_config=quantization, dtype=compute_dtype,
-                                                device_map=device_map, local_files_only=True)
+                                                device_map=device_map, local_files_only=True, use_safetensors=True)
     prevent_cpu_repack(base)
     if isinstance(lora_config, (str, os.PathLike)):
         if not (Path(lora_config) / "adapter_config.json").is_file():
@@ -54,6 +55,20 @@ def load_4bit(path: str | os.PathLike, lora_config, *, compute_dtype: torch.dtyp
         model = get_peft_model(base, lora_config)
     model.train()  # before any forward: docs/qlora.md §8
     return model
+
+
+def safetensors_model_folder(path: str | os.PathLike) -> Path:
+    """``path`` as a local model folder whose weights are safetensors (model.safetensors, or
+    model.safetensors.index.json naming the shards), the files from_pretrained(use_safetensors=True) reads;
+    ValueError naming the folder otherwise.  A folder may be untrusted, so a pickle is never a fallback."""
+    folder = local_model_folder(path)
+    if (folder / SINGLE_FILE).is_file() or (folder / INDEX_FILE).is_file():
+        return folder
+    pickles = sorted(p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES)
+    held = f"it holds {pickles[0]}, a pickle, which is never loaded (loading one can run code); " if pickles else ""
+    raise ValueError(f"path: {folder} holds no {SINGLE_FILE} or {INDEX_FILE}; {held}load_4bit reads safetensors "
+                     "weights only: convert the folder once where you trust its files, with "
+                     "AutoModelForCausalLM.from_pretrained(folder).save_pretrained(folder)")
 
 
 def merged_state_dict(model: nn.Module, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
