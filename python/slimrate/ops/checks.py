@@ -83,6 +83,51 @@ def float_tensor_list(name: str, tensors: Iterable[torch.Tensor]) -> list[torch.
     return [t.detach() for t in out]
 
 
+def memory_span(t: torch.Tensor) -> tuple[int, int]:
+    """The addresses [start, end) spanned by ``t``'s elements (torch strides are >= 0); start == end when empty."""
+    start = t.data_ptr()
+    if t.is_contiguous():  # the common case, without a Python loop over the dims
+        return start, start + t.nbytes
+    if t.numel() == 0:
+        return start, start
+    last = sum((n - 1) * s for n, s in zip(t.shape, t.stride(), strict=True))
+    return start, start + (last + 1) * t.element_size()
+
+
+def check_separate_grads(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor]) -> None:
+    """Refuse grads that share memory with another grad or with a param other than their own.
+
+    params[i] and grads[i]: same shape and dtype (checked before).  grads are written in place one after
+    another, so a grad that overlaps another grad (or is listed twice) would get two updates or corrupt its
+    neighbour, and one that overlaps params[j] would change θ before (or after) params[j] is read.  grads[i]
+    may be params[i] itself (the same elements: an in-place update of θ).  Overlap is judged on the address
+    spans [first element, last element] of each tensor, so two interleaved views of one buffer count as
+    overlapping.  One sort, O(n log n) in the number of tensors (a few µs per tensor); skipped on the meta
+    device and while torch.compile traces (fake tensors have no memory).
+    """
+    if not grads or grads[0].device.type == "meta" or torch.compiler.is_compiling():
+        return
+    spans = []  # (start, end, kind, index) of every nonempty tensor
+    for i, (p, g) in enumerate(zip(params, grads, strict=True)):
+        g_span, p_span = memory_span(g), memory_span(p)
+        spans.append((*g_span, "grads", i))
+        if p_span != g_span or p.stride() != g.stride():  # else grads[i] is params[i] itself
+            spans.append((*p_span, "params", i))
+    # Sweep in order of start: a span overlaps an earlier one iff it starts before the furthest end so far.
+    # Params only conflict with grads (reading one buffer twice is harmless).
+    furthest = {"grads": (0, -1), "params": (0, -1)}  # kind -> (end, index) of the span reaching furthest
+    for start, end, kind, i in sorted(s for s in spans if s[0] < s[1]):
+        for other in ("grads", "params") if kind == "grads" else ("grads",):
+            reach, j = furthest[other]
+            if start < reach:
+                (_, a_kind, a), (_, b_kind, b) = sorted([(other == "params", other, j), (kind == "params", kind, i)])
+                raise ValueError(
+                    f"{a_kind}[{a}] and {b_kind}[{b}]: share memory; each gradient is updated in place, so it "
+                    "must have memory of its own (a tensor listed twice would be updated twice), except that "
+                    "grads[i] may be params[i] itself; pass separate tensors, e.g. a .clone()")
+        furthest[kind] = max(furthest[kind], (end, i))
+
+
 def finite_number(name: str, value: float, *, positive: bool = False, nonnegative: bool = False) -> float:
     """``value`` as a Python float, finite, optionally > 0 or >= 0."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):

@@ -10,7 +10,7 @@ from collections.abc import Iterable
 import torch
 
 from slimrate.ops.backend import extension_available, pick_backend, resolve_backend
-from slimrate.ops.checks import finite_number, float_tensor_list
+from slimrate.ops.checks import check_separate_grads, finite_number, float_tensor_list
 
 
 def rate_stats(tensors: Iterable[torch.Tensor], *, backend: str | None = None) -> torch.Tensor:
@@ -34,7 +34,8 @@ def rate_grad_(params: Iterable[torch.Tensor], grads: Iterable[torch.Tensor], la
     one device.  grads[i] += lam·(ν/N)·sign(θ)·(|θ|+ε)^(ν−1) with sign(0) = 0, N = Σ numel, computed
     in float32 (float64 for float64 inputs) and rounded once into the grad's dtype; R is summed in
     float64 on every backend.  grads[i] may be params[i] itself (then θ is
-    updated in place, e.g. lam < 0 for the decoupled shrink); partial overlap is not allowed.
+    updated in place, e.g. lam < 0 for the decoupled shrink); any other sharing of memory (two grads, a
+    tensor listed twice in grads, a grad and another param, or a partial overlap) raises ValueError.
     Returns R = (1/N) Σ (|θ|+ε)^ν as a float64 [] tensor (0 when N = 0).
     """
     ps = float_tensor_list("params", params)
@@ -48,6 +49,7 @@ def rate_grad_(params: Iterable[torch.Tensor], grads: Iterable[torch.Tensor], la
         if g.shape != p.shape or g.dtype != p.dtype or g.device != p.device:
             raise ValueError(f"grads[{i}]: expected shape {tuple(p.shape)}, {p.dtype} on {p.device} like "
                              f"params[{i}], got {tuple(g.shape)}, {g.dtype} on {g.device}")
+    check_separate_grads(ps, gs)
     if not ps:
         resolve_backend("rate_grad_", backend)
         return torch.zeros((), dtype=torch.float64)
