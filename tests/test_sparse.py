@@ -8,6 +8,8 @@ from torch import nn
 
 from slimrate import ops, runtime
 from slimrate.ops import reference
+from slimrate.ops.sparse import sparse_linear_unchecked
+from slimrate.ops.sparse_format import index_tensor
 from slimrate.sparse import SparseMatrix
 from slimrate.sparse.linear import SparseLinear, sparsify
 
@@ -147,10 +149,9 @@ def test_corrupt_indices_raise_not_crash():
             op(torch.randn(batch, 0), sm.row_ptr, sm.col_idx, sm.values, 8, None)
 
 
-def corrupt(sm: SparseMatrix, **parts) -> SparseMatrix:
-    """sm with some of its parts (row_ptr, col_idx, values, shape) replaced."""
-    return SparseMatrix(**{"row_ptr": sm.row_ptr, "col_idx": sm.col_idx, "values": sm.values, "shape": sm.shape,
-                           **parts})
+def parts_of(sm: SparseMatrix, **replaced) -> dict:
+    """sm's parts (row_ptr, col_idx, values, shape), some replaced."""
+    return {"row_ptr": sm.row_ptr, "col_idx": sm.col_idx, "values": sm.values, "shape": sm.shape, **replaced}
 
 
 def with_entry(t: torch.Tensor, index: int, value: int) -> torch.Tensor:
@@ -159,50 +160,128 @@ def with_entry(t: torch.Tensor, index: int, value: int) -> torch.Tensor:
     return out
 
 
-# The index data the native glue checks (csrc/sparse_inputs.h); the face makes the same checks off native.
-# A dense 8 × 16 weight in (2, 4) blocks: 4 block rows of 4 blocks, row_ptr = [0, 4, 8, 12, 16].
+def dense_8x16() -> SparseMatrix:
+    """A dense 8 × 16 weight in (2, 4) blocks: 4 block rows of 4 blocks, row_ptr = [0, 4, 8, 12, 16]."""
+    return SparseMatrix.from_dense(torch.randn(8, 16), (2, 4))
+
+
+# The index data the native glue checks (csrc/sparse_inputs.h); off native the same checks run in Python.
 CORRUPT_INDICES = {
-    "col-negative": (lambda sm: corrupt(sm, col_idx=with_entry(sm.col_idx.int(), 5, -1)), "col_idx"),
-    "col-past-the-end": (lambda sm: corrupt(sm, col_idx=with_entry(sm.col_idx, 5, 4)), "col_idx"),
-    "row_ptr-not-from-0": (lambda sm: corrupt(sm, row_ptr=with_entry(sm.row_ptr, 0, 1)), "row_ptr"),
-    "row_ptr-not-to-nblocks": (lambda sm: corrupt(sm, row_ptr=with_entry(sm.row_ptr, -1, 15)), "row_ptr"),
-    "row_ptr-decreasing": (lambda sm: corrupt(sm, row_ptr=with_entry(sm.row_ptr, 1, 9)), "row_ptr"),
+    "col-negative": (lambda sm: parts_of(sm, col_idx=with_entry(sm.col_idx.int(), 5, -1)), "col_idx"),
+    "col-past-the-end": (lambda sm: parts_of(sm, col_idx=with_entry(sm.col_idx, 5, 4)), "col_idx"),
+    "row_ptr-not-from-0": (lambda sm: parts_of(sm, row_ptr=with_entry(sm.row_ptr, 0, 1)), "row_ptr"),
+    "row_ptr-not-to-nblocks": (lambda sm: parts_of(sm, row_ptr=with_entry(sm.row_ptr, -1, 15)), "row_ptr"),
+    "row_ptr-decreasing": (lambda sm: parts_of(sm, row_ptr=with_entry(sm.row_ptr, 1, 9)), "row_ptr"),
 }
+
+
+@pytest.mark.parametrize("case", list(CORRUPT_INDICES))
+def test_sparse_matrix_refuses_corrupt_indices(case):
+    make, name = CORRUPT_INDICES[case]
+    with pytest.raises(ValueError, match=rf"^{name}: .*rebuild it with SparseMatrix.from_dense"):
+        SparseMatrix(**make(dense_8x16()))
 
 
 @pytest.mark.parametrize("backend", ["native", "triton", "reference"])
 @pytest.mark.parametrize("case", list(CORRUPT_INDICES))
 def test_sparse_linear_refuses_corrupt_indices_on_every_backend(backend, case):
+    """Raw parts straight to the backend (SparseLinear.forward's path): no SparseMatrix checks them first."""
     skip_unless_backend(backend, "cpu")
     make, name = CORRUPT_INDICES[case]
-    bad = make(SparseMatrix.from_dense(torch.randn(8, 16), (2, 4)))
+    parts = make(dense_8x16())
     error = RuntimeError if backend == "native" else ValueError  # the glue's TORCH_CHECK is a RuntimeError
     with pytest.raises(error, match=name):
-        ops.sparse_linear(torch.randn(3, 16), bad, backend=backend)
+        sparse_linear_unchecked(torch.randn(3, 16), parts["row_ptr"], parts["col_idx"], parts["values"], 8, None,
+                                backend)
 
 
-# A SparseMatrix whose parts disagree: refused by the face before any backend runs.
-MISMATCHED_PARTS = {
-    "shape-not-a-pair": (dict(shape=(8,)), ValueError, "weight.shape"),
-    "values-float64": (dict(values=torch.randn(16, 2, 4, dtype=torch.float64)), TypeError, "weight.values"),
-    "values-2d": (dict(values=torch.randn(16, 8)), ValueError, "weight.values"),
-    "values-empty-blocks": (dict(values=torch.randn(16, 2, 0)), ValueError, "weight.values"),
-    "col_idx-int64": (dict(col_idx=torch.zeros(16, dtype=torch.int64)), TypeError, "weight.col_idx"),
-    "col_idx-one-short": (dict(col_idx=torch.zeros(15, dtype=torch.int32)), ValueError, "weight.col_idx"),
-    "col_idx-other-device": (dict(col_idx=torch.zeros(16, dtype=torch.int32, device="meta")), ValueError,
-                             "weight.col_idx"),
-    "row_ptr-int32": (dict(row_ptr=torch.zeros(5, dtype=torch.int32)), TypeError, "weight.row_ptr"),
-    "row_ptr-one-short": (dict(row_ptr=torch.zeros(4, dtype=torch.int64)), ValueError, "weight.row_ptr"),
+# Blocks stored twice or out of order in a matrix of 4 block rows of 4 blocks (col_idx[4:8] is block row 1);
+# the last case has block columns >= 32768, negative as int16.
+UNORDERED_COLUMNS = {
+    "repeated": ([0, 1, 2, 3, 0, 2, 2, 3, 0, 1, 2, 3, 0, 1, 2, 3],
+                 r"block row 1 holds block column 2 twice \(col_idx\[5\], col_idx\[6\]\)"),
+    "descending": ([0, 1, 2, 3, 0, 1, 2, 3, 0, 1, 2, 3, 0, 1, 3, 2], r"block row 3 lists block column 2 after 3"),
+    "repeated-uint16": ([0, 1, 2, 3, 0, 1, 2, 3, 40000, 40000, 2, 3, 0, 1, 2, 3],
+                        r"block row 2 holds block column 40000 twice"),
 }
 
 
+@pytest.mark.parametrize("case", list(UNORDERED_COLUMNS))
+def test_sparse_matrix_refuses_repeated_or_unsorted_blocks(case):
+    """Blocks stored twice used to be summed by the native and Triton kernels and overwritten by to_dense."""
+    cols, match = UNORDERED_COLUMNS[case]
+    width = 4 * 40001 if max(cols) >= 4 else 16
+    row_ptr = torch.tensor([0, 4, 8, 12, 16])
+    for col_idx in (index_tensor(torch.tensor(cols), width // 4), torch.tensor(cols, dtype=torch.int32)):
+        with pytest.raises(ValueError, match=rf"^col_idx: {match}.*strictly increase.*SparseMatrix.from_dense"):
+            SparseMatrix(row_ptr, col_idx, torch.randn(16, 2, 4), (8, width))
+
+
+def test_sparse_matrix_accepts_empty_rows_between_blocks():
+    """A row start resets the order: column 0 after column 3 is fine when a block row (even empty) starts."""
+    w = torch.randn(8, 16)
+    w[2:4] = 0  # block row 1 empty
+    sm = SparseMatrix.from_dense(w, (2, 4))
+    assert sm.row_ptr.tolist() == [0, 4, 4, 8, 12]
+    rebuilt = SparseMatrix(sm.row_ptr, sm.col_idx.int(), sm.values, sm.shape)
+    assert torch.equal(rebuilt.to_dense(), w)
+    empty = SparseMatrix.from_dense(torch.zeros(5, 7), (2, 3))
+    assert empty.nblocks == 0 and torch.equal(empty.to(dtype=torch.float16).to_dense(), torch.zeros(5, 7).half())
+
+
 @pytest.mark.parametrize("backend", ["native", "triton", "reference"])
+def test_raw_sparse_linear_sums_a_block_stored_twice_on_every_backend(backend):
+    """Past SparseMatrix, the op itself has one semantics for repeated blocks: their sum."""
+    skip_unless_backend(backend, "cpu")
+    row_ptr, col_idx = torch.tensor([0, 3, 4]), torch.tensor([1, 0, 1, 2], dtype=torch.int32)  # row 0: column 1 twice
+    values = torch.randn(4, 2, 3)
+    w = torch.zeros(4, 9, dtype=torch.float64)
+    for k, (row, col) in enumerate([(0, 1), (0, 0), (0, 1), (1, 2)]):
+        w[2 * row:2 * row + 2, 3 * col:3 * col + 3] += values[k].double()
+    x = torch.randn(5, 9)
+    y = sparse_linear_unchecked(x, row_ptr, col_idx, values, 4, None, backend)
+    check_against_dense(y, x, w.float(), None, torch.float32)
+
+
+# A SparseMatrix whose parts disagree: refused when it is made.
+MISMATCHED_PARTS = {
+    "shape-not-a-pair": (dict(shape=(8,)), ValueError, "shape"),
+    "values-float64": (dict(values=torch.randn(16, 2, 4, dtype=torch.float64)), TypeError, "values"),
+    "values-2d": (dict(values=torch.randn(16, 8)), ValueError, "values"),
+    "values-empty-blocks": (dict(values=torch.randn(16, 2, 0)), ValueError, "values"),
+    "col_idx-int64": (dict(col_idx=torch.zeros(16, dtype=torch.int64)), TypeError, "col_idx"),
+    "col_idx-one-short": (dict(col_idx=torch.zeros(15, dtype=torch.int32)), ValueError, "col_idx"),
+    "col_idx-other-device": (dict(col_idx=torch.zeros(16, dtype=torch.int32, device="meta")), ValueError,
+                             "col_idx"),
+    "row_ptr-int32": (dict(row_ptr=torch.zeros(5, dtype=torch.int32)), TypeError, "row_ptr"),
+    "row_ptr-one-short": (dict(row_ptr=torch.zeros(4, dtype=torch.int64)), ValueError, "row_ptr"),
+}
+
+
 @pytest.mark.parametrize("case", list(MISMATCHED_PARTS))
-def test_sparse_linear_refuses_mismatched_weight_parts(backend, case):
-    parts, error, name = MISMATCHED_PARTS[case]
-    bad = corrupt(SparseMatrix.from_dense(torch.randn(8, 16), (2, 4)), **parts)
+def test_sparse_matrix_refuses_mismatched_parts(case):
+    replaced, error, name = MISMATCHED_PARTS[case]
     with pytest.raises(error, match=rf"^{name}:"):
-        ops.sparse_linear(torch.randn(3, 16), bad, backend=backend)
+        SparseMatrix(**parts_of(dense_8x16(), **replaced))
+
+
+def test_sparse_linear_refuses_a_part_resized_after_construction():
+    sm = dense_8x16()
+    sm.col_idx.resize_(15)
+    with pytest.raises(ValueError, match=r"^weight.col_idx: expected a 1-D tensor of shape \(16,\)"):
+        ops.sparse_linear(torch.randn(3, 16), sm)
+
+
+def test_sparse_linear_module_refuses_a_state_dict_with_a_block_stored_twice():
+    linear = nn.Linear(16, 8)
+    module = SparseLinear.from_linear(linear, format="bsr", block=(2, 4))
+    state = module.state_dict()
+    state["col_idx"] = with_entry(state["col_idx"], 6, 1)  # block row 1: columns 0, 1, 1, 3
+    target = SparseLinear.from_linear(nn.Linear(16, 8), format="bsr", block=(2, 4))
+    before = {name: b.clone() for name, b in target.named_buffers()}
+    with pytest.raises(ValueError, match=r"block row 1 holds block column 1 twice"):
+        target.load_state_dict(state)
+    assert all(torch.equal(b, before[name]) for name, b in target.named_buffers()), "nothing was copied"
 
 
 def test_bad_arguments_raise_clear_errors():

@@ -160,7 +160,8 @@ def sparse_linear(x: torch.Tensor, row_ptr: torch.Tensor, col_idx: torch.Tensor,
     """y = x·Wᵀ + b for a block-CSR W (ops/sparse_format.py): x [B, in] -> y [B, out].
 
     W is expanded to dense in ``values``' dtype; the product runs in x's dtype promoted with it
-    (float64 in → float64 out: the truth), bias added last; y is returned in x's dtype.
+    (float64 in → float64 out: the truth), bias added last; y is returned in x's dtype.  A block stored
+    twice in a row (which SparseMatrix refuses) is summed, as the native and Triton kernels sum it.
     """
     nb, r, c = values.shape
     brows, in_features = row_ptr.numel() - 1, x.shape[1]
@@ -168,7 +169,7 @@ def sparse_linear(x: torch.Tensor, row_ptr: torch.Tensor, col_idx: torch.Tensor,
     block_rows = torch.repeat_interleave(torch.arange(brows, device=x.device), row_ptr[1:] - row_ptr[:-1])
     blocks = values.new_zeros(brows, bcols, r, c)
     cols = col_idx.long() & 0xFFFF if col_idx.dtype == torch.int16 else col_idx.long()  # int16: uint16 bits
-    blocks[block_rows, cols] = values
+    blocks.index_put_((block_rows, cols), values, accumulate=True)
     dense = blocks.transpose(1, 2).reshape(brows * r, bcols * c)[:out_features, :in_features]
     dtype = torch.promote_types(x.dtype, values.dtype)
     y = x.to(dtype) @ dense.to(dtype).t()

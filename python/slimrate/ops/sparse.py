@@ -1,8 +1,9 @@
 """The sparse linear op: y = x·Wᵀ + b with W stored block-sparse (a SparseMatrix, ops/sparse_format.py).
 
 Inference only: no autograd (the backward of a pruned layer is a dense-layer concern).
-Input checks: the SparseMatrix's shapes, dtypes and devices and x and bias here; the index data in the compiled
-glue for the native backend (csrc/sparse_inputs.h) and in ``check_block_indices`` for the others.
+Input checks: a SparseMatrix checks its whole structure when it is made (block order included); here its
+shapes, dtypes and devices again, and x and bias; the index data in the compiled glue for the native backend
+(csrc/sparse_inputs.h) and in ``check_block_indices`` for the others, on every call.
 """
 
 from __future__ import annotations

@@ -3,13 +3,17 @@
 A weight W [rows, cols] (an nn.Linear's [out, in]) is cut into blocks of (r, c); partial edge blocks are
 zero-padded. Only blocks with a nonzero entry are kept, row by row:
 - ``values``  [nblocks, r, c] in the weight's dtype (float32, bfloat16, float16);
-- ``col_idx`` [nblocks] the block column of each block, ascending within a block row: int16 holding uint16
-  bits when there are at most 65536 block columns (2 bytes per block), else int32;
+- ``col_idx`` [nblocks] the block column of each block, strictly increasing within a block row (so no block
+  is stored twice): int16 holding uint16 bits when there are at most 65536 block columns (2 bytes per
+  block), else int32;
 - ``row_ptr`` [ceil(rows / r) + 1] int64, block row i owns blocks row_ptr[i] .. row_ptr[i+1]-1.
 Memory: values + indices, ``nbytes`` (6 bytes per kept fp32 weight in CSR); a dense fp32 W costs 4·rows·cols.
 
-``check_sparse_matrix`` checks this layout's shapes, dtypes and devices (cheap: no data is read);
-``check_block_indices`` checks the index data, as the native kernels' glue does (csrc/sparse_inputs.h).
+A SparseMatrix checks all of this when it is made (``check_layout`` then ``check_index_data``), whichever
+way it is made: from_dense, the constructor, ``to``, SparseLinear's buffers and its load_state_dict.
+``check_sparse_matrix`` repeats the layout check in the op face (cheap: no data is read);
+``check_block_indices`` checks the index data as the native kernels' glue does (csrc/sparse_inputs.h), which
+does not check the order: on every backend the op sums blocks stored twice.
 """
 
 from __future__ import annotations
@@ -52,6 +56,14 @@ class SparseMatrix:
     col_idx: torch.Tensor
     values: torch.Tensor
     shape: tuple[int, int]
+
+    def __post_init__(self):
+        """Refuse a matrix whose parts disagree or whose indices are corrupt, unsorted or repeated
+        (ValueError/TypeError naming the part); O(nblocks + rows / r), one device-to-host synchronisation."""
+        check_layout(self, "")
+        nblocks, _, c = self.values.shape
+        check_index_data(self.row_ptr, self.col_idx, nblocks, math.ceil(self.shape[1] / c), "ceil(cols / c)",
+                         ordered=True)
 
     @property
     def block(self) -> tuple[int, int]:
@@ -125,35 +137,62 @@ def check_sparse_matrix(weight: object) -> SparseMatrix:
     if not isinstance(weight, SparseMatrix):
         raise TypeError(f"weight: expected a slimrate.sparse.SparseMatrix, got {type(weight).__name__}; build one "
                         "with SparseMatrix.from_dense(linear.weight)")
+    return check_layout(weight, "weight.")
+
+
+def check_layout(weight: SparseMatrix, prefix: str) -> SparseMatrix:
+    """The shapes, dtypes and devices of ``weight``'s parts, named ``prefix`` + part in errors (no data read)."""
     shape = weight.shape
     if (not isinstance(shape, tuple) or len(shape) != 2
             or not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in shape)):
-        raise ValueError(f"weight.shape: expected a pair of ints >= 0 (rows, cols), got {shape!r}")
-    values = check_tensor("weight.values", weight.values, dtypes=SPARSE_DTYPES, shape=(None, None, None))
+        raise ValueError(f"{prefix}shape: expected a pair of ints >= 0 (rows, cols), got {shape!r}")
+    values = check_tensor(f"{prefix}values", weight.values, dtypes=SPARSE_DTYPES, shape=(None, None, None))
     nblocks, r, c = values.shape
     if r == 0 or c == 0:
-        raise ValueError(f"weight.values: expected blocks [nblocks, r, c] with r, c > 0, got {tuple(values.shape)}")
-    check_tensor("weight.col_idx", weight.col_idx, dtypes=(torch.int32, torch.int16), device=values.device,
+        raise ValueError(f"{prefix}values: expected blocks [nblocks, r, c] with r, c > 0, got {tuple(values.shape)}")
+    check_tensor(f"{prefix}col_idx", weight.col_idx, dtypes=(torch.int32, torch.int16), device=values.device,
                  shape=(nblocks,))
-    check_tensor("weight.row_ptr", weight.row_ptr, dtypes=(torch.int64,), device=values.device,
+    check_tensor(f"{prefix}row_ptr", weight.row_ptr, dtypes=(torch.int64,), device=values.device,
                  shape=(math.ceil(shape[0] / r) + 1,))
     return weight
 
 
-def check_block_indices(x: torch.Tensor, row_ptr: torch.Tensor, col_idx: torch.Tensor, values: torch.Tensor,
-                        out_features: int, bias: torch.Tensor | None) -> None:
-    """The index data of a block-CSR W for x [batch, in]: row_ptr runs from 0 to nblocks without decreasing and
-    every block column is in [0, ceil(in / c)) — what the native glue checks (csrc/sparse_inputs.h).
-    Takes sparse_linear's arguments; one device-to-host synchronisation."""
-    nblocks, _, c = values.shape
-    bcols = math.ceil(x.shape[1] / c)
+def check_index_data(row_ptr: torch.Tensor, col_idx: torch.Tensor, nblocks: int, bcols: int, bcols_is: str, *,
+                     ordered: bool) -> None:
+    """row_ptr runs from 0 to nblocks without decreasing, every block column is in [0, bcols) (``bcols_is``
+    says where bcols comes from, for the message) and, when ``ordered``, block columns strictly increase
+    within each block row.  Vectorised, O(nblocks + len(row_ptr)); one device-to-host synchronisation."""
     cols = block_columns(col_idx)
-    bad = torch.stack([row_ptr[0] != 0, row_ptr[-1] != nblocks, (row_ptr[1:] < row_ptr[:-1]).any(),
-                       ((cols < 0) | (cols >= bcols)).any()]).tolist()
+    flags = [row_ptr[0] != 0, row_ptr[-1] != nblocks, (row_ptr[1:] < row_ptr[:-1]).any(),
+             ((cols < 0) | (cols >= bcols)).any()]
+    if ordered:
+        # position k > 0 must hold a larger column than k - 1 unless a block row starts at k
+        starts = torch.zeros(nblocks + 1, dtype=torch.bool, device=cols.device)
+        starts[row_ptr.clamp(0, nblocks)] = True
+        unordered = ~starts[1:nblocks] & (cols[1:] <= cols[:-1])
+        flags.append(unordered.any())
+    bad = torch.stack(flags).tolist()
     rebuild = "the sparse weight is corrupt; rebuild it with SparseMatrix.from_dense"
     if bad[0] or bad[1]:
         raise ValueError(f"row_ptr: expected row_ptr[0] = 0 and row_ptr[-1] = nblocks = {nblocks}; {rebuild}")
     if bad[2]:
         raise ValueError(f"row_ptr: expected nondecreasing offsets; {rebuild}")
     if bad[3]:
-        raise ValueError(f"col_idx: a block column is >= ceil(in_features / c) = {bcols} or negative; {rebuild}")
+        raise ValueError(f"col_idx: a block column is >= {bcols_is} = {bcols} or negative; {rebuild}")
+    if ordered and bad[4]:
+        k = int(unordered.nonzero()[0]) + 1
+        row = int(torch.searchsorted(row_ptr, k, right=True)) - 1
+        col, before = int(cols[k]), int(cols[k - 1])
+        found = f"holds block column {col} twice" if col == before else f"lists block column {col} after {before}"
+        raise ValueError(f"col_idx: block row {row} {found} (col_idx[{k - 1}], col_idx[{k}]); block columns must "
+                         "strictly increase within a block row, each block stored once: add up (or drop) the "
+                         "repeated blocks and sort each row's blocks by column, or build the matrix with "
+                         "SparseMatrix.from_dense(dense_weight)")
+
+
+def check_block_indices(x: torch.Tensor, row_ptr: torch.Tensor, col_idx: torch.Tensor, values: torch.Tensor,
+                        out_features: int, bias: torch.Tensor | None) -> None:
+    """The index data of a block-CSR W for x [batch, in], as the native glue checks it (csrc/sparse_inputs.h):
+    ``check_index_data`` with bcols = ceil(in / c), order not checked.  Takes sparse_linear's arguments."""
+    nblocks, _, c = values.shape
+    check_index_data(row_ptr, col_idx, nblocks, math.ceil(x.shape[1] / c), "ceil(in_features / c)", ordered=False)

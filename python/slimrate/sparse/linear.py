@@ -59,6 +59,12 @@ class SparseLinear(nn.Module):
         return sparse_linear_unchecked(x, self.row_ptr, self.col_idx, self.values, self.out_features, self.bias)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # The incoming matrix is checked as a SparseMatrix (indices, order) before anything is copied.
+        parts = {name: state_dict.get(prefix + name) for name in ("row_ptr", "col_idx", "values")}
+        if all(isinstance(t, torch.Tensor) for t in parts.values()):
+            extra = state_dict.get(prefix + "_extra_state", self.get_extra_state())
+            shape = extra.get("shape") if isinstance(extra, dict) else None
+            SparseMatrix(**parts, shape=tuple(shape) if isinstance(shape, list) else shape)
         # The stored sizes depend on the weights' zeros: take the incoming shapes, then copy as usual.
         for name in ("row_ptr", "col_idx", "values", "bias"):
             incoming = state_dict.get(prefix + name)
@@ -74,9 +80,10 @@ class SparseLinear(nn.Module):
         self.out_features, self.in_features = (int(n) for n in state["shape"])
 
     def extra_repr(self) -> str:
-        r, c = self.weight.block
+        weight = self.weight  # checked when made: once
+        r, c = weight.block
         return (f"in_features={self.in_features}, out_features={self.out_features}, block=({r}, {c}), "
-                f"density={self.weight.density:.3f}, bias={self.bias is not None}")
+                f"density={weight.density:.3f}, bias={self.bias is not None}")
 
 
 @dataclass
