@@ -8,6 +8,8 @@ import math
 import mmap
 import os
 import zlib
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -20,8 +22,9 @@ class SlimFile:
     """A .slim file (version 1 or 2) opened for reading tensors one at a time.
 
     The file is memory-mapped (copy-on-write, so decoders share its pages without a copy) and its index
-    validated on opening: a truncated or corrupt file raises SlimFormatError (a ValueError) here, a corrupt
-    payload when that tensor is read. Use it as a context manager, or call close().
+    validated on opening: a truncated or corrupt file raises SlimFormatError (a ValueError) naming the file here,
+    a corrupt payload when that tensor is read; a missing file raises FileNotFoundError. Use it as a context
+    manager, or call close().
     """
 
     def __init__(self, path: str | os.PathLike):
@@ -30,7 +33,8 @@ class SlimFile:
             if os.fstat(f.fileno()).st_size == 0:
                 raise SlimFormatError(f"{self.path}: an empty file, not a .slim file")
             self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
-        entries, self._metadata = read_index(memoryview(self._map))
+        with self._naming_the_file():
+            entries, self._metadata = read_index(memoryview(self._map))
         self._entries = {entry["name"]: entry for entry in entries}
 
     def __enter__(self) -> SlimFile:
@@ -72,16 +76,26 @@ class SlimFile:
         entry = self._entry(name)
         start, end = entry["offset"], entry["offset"] + entry["nbytes"]
         payload = memoryview(self._map)[start:end]  # a view: nothing is copied
-        if zlib.crc32(payload) != entry["crc32"]:
-            raise SlimFormatError(f"tensor {name!r}: payload checksum mismatch, the file is corrupt")
-        if entry["coder"] == "raw":
-            t = raw_to_tensor(payload, entry["shape"], entry["dtype"])
-        else:
-            numel = math.prod(entry["shape"])
-            t = decode_payload(payload, entry, numel, RAW_DTYPES[entry["dtype"]]).reshape(entry["shape"])
+        with self._naming_the_file(name):
+            if zlib.crc32(payload) != entry["crc32"]:
+                raise SlimFormatError("payload checksum mismatch, the file is corrupt")
+            if entry["coder"] == "raw":
+                t = raw_to_tensor(payload, entry["shape"], entry["dtype"])
+            else:
+                numel = math.prod(entry["shape"])
+                t = decode_payload(payload, entry, numel, RAW_DTYPES[entry["dtype"]]).reshape(entry["shape"])
         del payload
         self._release(start, end)
         return t if device is None and dtype is None else t.to(device=device, dtype=dtype)
+
+    @contextmanager
+    def _naming_the_file(self, tensor: str | None = None) -> Iterator[None]:
+        """A SlimFormatError raised inside names this file, and the tensor being read if any: once, here, for every
+        check of the index and the payloads."""
+        try:
+            yield
+        except SlimFormatError as e:
+            raise SlimFormatError(f"{self.path}: {'' if tensor is None else f'tensor {tensor!r}: '}{e}") from None
 
     def _release(self, start: int, end: int) -> None:
         """Drop the mapped pages of bytes [start, end) (unmodified: the file is re-read if they are needed again),
@@ -103,7 +117,7 @@ def load_slim(path: str | os.PathLike, map_location: str | torch.device | None =
     """Read a .slim file into a state dict (name → tensor in its original dtype and shape).
 
     map_location: device for the tensors, as in torch.load (a str or torch.device); None = CPU.
-    Raises SlimFormatError (a ValueError) on a truncated or corrupt file."""
+    Raises SlimFormatError (a ValueError) naming the file when it is truncated or corrupt."""
     if map_location is not None and not isinstance(map_location, (str, torch.device)):
         raise TypeError(f"map_location: expected a str or torch.device, got {type(map_location).__name__}")
     with SlimFile(path) as f:
