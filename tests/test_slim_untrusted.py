@@ -1,14 +1,19 @@
 """.slim files from untrusted hands: every malformed index field, forged size or corrupt payload raises
-SlimFormatError naming the file."""
+SlimFormatError naming the file, and a file is refused before it decodes to more than max_bytes."""
 
 import json
+import math
+import os
+import re
 import struct
 import zlib
+from pathlib import Path
 
 import pytest
 import torch
+from torch import nn
 
-from slimrate import load_slim, save_slim
+from slimrate import SlimFile, load_slim, load_slim_into, ops, save_slim
 from slimrate.backslash import SlimFormatError
 from slimrate.ops import extension_available
 
@@ -115,6 +120,80 @@ def test_an_empty_shape_with_dimensions_up_to_the_element_limit_loads(tmp_path, 
     assert load_slim(tmp_path / "e.slim")["e"].shape == tuple(shape)
 
 
+def varint(n: int) -> bytes:
+    """Unsigned LEB128 (docs/slim-format.md §1)."""
+    out = bytearray()
+    while True:
+        out.append((n & 0x7F) | (0x80 if n > 0x7F else 0))
+        n >>= 7
+        if not n:
+            return bytes(out)
+
+
+def rans_claim_file(path, numel: int, dtype: str = "float32", pad_nbytes: int = 0):
+    """A file whose "rans" tensor 'w' holds ``numel`` zeros in one chunk, after a raw uint8 'pad' of pad_nbytes
+    bytes. A one-symbol alphabet (frequency 2^S) leaves the rANS state unchanged, so the buffer has ~15 bytes for
+    any count: a valid file that decodes to 2^k elements costs nothing."""
+    one = ops.rans_encode(torch.zeros(1, dtype=torch.int32)).numpy().tobytes()
+    buffer = one[:1] + varint(numel) + one[2:]  # mode byte, then the count in place of one[1] == varint(1)
+    pad = {"name": "pad", "shape": [pad_nbytes], "dtype": "uint8", "coder": "raw", "step": None, "offset": 8,
+           "nbytes": pad_nbytes, "crc32": zlib.crc32(bytes(pad_nbytes))}
+    w = {"name": "w", "shape": [numel], "dtype": dtype, "coder": "rans", "step": STEP, "offset": 8 + pad_nbytes,
+         "nbytes": len(buffer), "crc32": zlib.crc32(buffer), "chunk_numel": numel, "chunk_nbytes": [len(buffer)]}
+    path.write_bytes(slim_v2_file(bytes(pad_nbytes) + buffer, [pad, w]))
+    return path
+
+
+def test_a_forged_rans_file_decodes_to_what_its_index_declares(tmp_path):
+    path = rans_claim_file(tmp_path / "z.slim", 1000, "bfloat16", pad_nbytes=3)
+    assert slim_index(path.read_bytes())[1]["tensors"][1]["nbytes"] < 20
+    loaded = load_slim(path)
+    assert torch.equal(loaded["w"], torch.zeros(1000, dtype=torch.bfloat16)) and loaded["pad"].tolist() == [0, 0, 0]
+
+
+def test_a_declared_size_above_max_bytes_is_refused_before_decoding(tmp_path, monkeypatch):
+    path = rans_claim_file(tmp_path / "bomb.slim", 2**20, pad_nbytes=5)  # 4 MiB of float32 + 5 bytes
+    total = 4 * 2**20 + 5
+    monkeypatch.setattr(ops, "slim_decode", lambda *args: pytest.fail("decoded before the size check"))
+    for open_it in [lambda: SlimFile(path, max_bytes=total - 1), lambda: load_slim(path, max_bytes=total - 1),
+                    lambda: load_slim_into(nn.Linear(2, 2), path, max_bytes=total - 1)]:
+        with pytest.raises(SlimFormatError) as error:
+            open_it()
+        assert str(error.value).startswith(f"{path}: the index declares {total} bytes of decoded tensors (the "
+                                           f"largest, 'w', claims {4 * 2**20} bytes), above the limit of "
+                                           f"{total - 1} bytes (max_bytes)")
+        assert "pass a larger max_bytes=" in str(error.value)
+    monkeypatch.undo()
+    for limit in [total, math.inf]:
+        assert torch.equal(load_slim(path, max_bytes=limit)["w"], torch.zeros(2**20))
+
+
+def test_the_default_max_bytes_is_1_gib_or_256_times_the_file_size(tmp_path):
+    SlimFile(rans_claim_file(tmp_path / "a.slim", 2**28)).close()  # 1 GiB of float32: the floor
+    with pytest.raises(SlimFormatError, match=r"above the limit of 1073741824 bytes \(the default, max\(1 GiB, "
+                                              r"256 × the file's \d+ bytes\)\)"):
+        SlimFile(rans_claim_file(tmp_path / "a.slim", 2**28 + 1))
+    pad = 8 * 2**20  # an 8 MiB file: the default is 256 × its size, just over 2 GiB
+    SlimFile(rans_claim_file(tmp_path / "b.slim", 3 * 2**27, pad_nbytes=pad)).close()  # 1.5 GiB + 8 MiB
+    path = rans_claim_file(tmp_path / "b.slim", 2**29, pad_nbytes=pad)  # 2 GiB + 8 MiB
+    with pytest.raises(SlimFormatError, match=f"256 × the file's {path.stat().st_size} bytes"):
+        SlimFile(path)
+    with pytest.raises(SlimFormatError, match="above the limit"):  # 2^40 float32: once an allocation failure
+        load_slim(rans_claim_file(tmp_path / "c.slim", 2**40))
+
+
+@pytest.mark.parametrize(("max_bytes", "error", "match"), [
+    ("1GB", TypeError, "max_bytes: expected a number of bytes"), (True, TypeError, "got bool"),
+    (-1, ValueError, "max_bytes: expected a number of bytes >= 0"), (float("nan"), ValueError, "nan"),
+])
+def test_max_bytes_rejects_bad_values(tmp_path, max_bytes, error, match):
+    path = save_slim({"b": torch.randn(3)}, tmp_path / "m.slim", step={})
+    with pytest.raises(error, match=match):
+        SlimFile(path, max_bytes=max_bytes)
+    with pytest.raises(error, match=match):
+        load_slim(path, max_bytes=max_bytes)
+
+
 def damaged_files(tmp_path) -> dict[str, bytes]:
     """A file's bytes damaged in each place a reader checks; every checksum but the damaged one is valid."""
     data = save_slim({"w": torch.randn(4, 5), "n": torch.tensor([True, False])}, tmp_path / "m.slim",
@@ -159,3 +238,24 @@ def test_a_bool_byte_other_than_0_or_1_and_a_step_above_the_dtype_maximum_are_re
 def test_a_missing_file_raises_file_not_found(tmp_path):
     with pytest.raises(FileNotFoundError):
         load_slim(tmp_path / "nope.slim")
+
+
+def peak_rss_growth(run) -> int:
+    """Bytes by which run() raised this process's peak RSS (Linux: /proc/self/clear_refs resets the peak)."""
+    def peak_kib() -> int:
+        return int(re.search(r"VmHWM:\s+(\d+) kB", Path("/proc/self/status").read_text()).group(1))
+
+    Path("/proc/self/clear_refs").write_text("5")  # the peak (VmHWM) becomes the current RSS
+    start = peak_kib()
+    run()
+    return 1024 * (peak_kib() - start)
+
+
+@pytest.mark.skipif(not os.access("/proc/self/clear_refs", os.W_OK), reason="needs Linux's resettable peak RSS")
+def test_decoding_holds_the_declared_size_plus_the_decoder_scratch(tmp_path):
+    path = rans_claim_file(tmp_path / "z.slim", 2**24)  # 64 MiB of float32 from a file of a few hundred bytes
+    loaded = {}
+    growth = peak_rss_growth(lambda: loaded.update(load_slim(path)))
+    declared, scratch = 4 * 2**24, 4 * 2**24  # the output, and the decoder's int32 symbols of the one chunk
+    assert loaded["w"].numel() * loaded["w"].element_size() == declared
+    assert growth < declared + scratch + 16 * 2**20, f"peak RSS grew by {growth / 2**20:.1f} MiB"
