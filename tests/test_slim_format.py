@@ -395,6 +395,27 @@ def test_save_slim_rejects_unquantizable_tensors(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize(("dtype", "max_error"), [(torch.float16, 32.0), (torch.bfloat16, 1e38), (torch.float32, 1e38)],
+                         ids=lambda v: DTYPE_IDS.get(v, str(v)))
+def test_max_error_refuses_values_that_would_load_as_inf(tmp_path, dtype, max_error):
+    # float16: 65504 / Δ = 65504 / 64 = 1023.5 rounds to 1024 (ties to even) and 1024 · 64 = 65536 is inf in float16.
+    biggest = torch.finfo(dtype).max
+    w = torch.tensor([[0.5, -biggest], [biggest, 1.0]], dtype=dtype)
+    with pytest.raises(ValueError, match=r"^w: x: .*\bflat index 1\b"):  # -biggest, the first to overflow
+        save_slim({"w": w}, tmp_path / "m.slim", max_error=max_error)
+    assert list(tmp_path.iterdir()) == []
+    loaded = load_slim(save_slim({"w": w}, tmp_path / "m.slim", max_error=max_error / 2))["w"]
+    # |θ − θ̂| ≤ max_error plus half an ulp of θ̂'s dtype, which is at most |θ̂| · eps / 2.
+    assert (loaded.double() - w.double()).abs().max() <= max_error / 2 + biggest * torch.finfo(dtype).eps / 2
+
+
+def test_a_step_above_the_dtype_maximum_is_refused_on_save(tmp_path):
+    # Every value here quantizes to 0, but a file with this step is one the reader refuses.
+    with pytest.raises(ValueError, match="step for 'h': 100000 is above torch.float16's largest value 65504"):
+        save_slim({"h": torch.randn(2, 2, dtype=torch.float16)}, tmp_path / "m.slim", step=1e5)
+    assert list(tmp_path.iterdir()) == []
+
+
 @pytest.mark.parametrize("coder", ["eg", "rans"])
 def test_cli_compress_inspect_decompress_round_trip(tmp_path, capsys, coder):
     state = {n: t.contiguous() for n, t in small_model().state_dict().items()}
