@@ -1,8 +1,10 @@
-"""Test helpers: readable ids, the flash-attention error rule, backend availability, .slim file reading."""
+"""Test helpers: readable ids, the flash-attention error rule, backend availability, .slim files read and forged
+by hand."""
 
 import importlib.util
 import json
 import struct
+import zlib
 
 import pytest
 import torch
@@ -50,12 +52,57 @@ def random_sparse(out: int, inp: int, sparsity: float, dtype=torch.float32, bloc
 
 
 SLIM_TRAILER = struct.Struct("<QQI4s")  # a version-2 .slim file's last 24 bytes (docs/slim-format.md §2)
+SLIM_START = 8  # b"SLIM" + uint32 version: a version-2 file's payloads start here
 
 
 def slim_index(data: bytes) -> tuple[int, dict]:
     """(index offset, index JSON) of a version-2 .slim file, read by hand from its trailer."""
     index_offset, index_nbytes, _, _ = SLIM_TRAILER.unpack_from(data, len(data) - SLIM_TRAILER.size)
     return index_offset, json.loads(data[index_offset:index_offset + index_nbytes])
+
+
+def slim_v2_index_file(payloads: bytes, index: object) -> bytes:
+    """A version-2 file: ``payloads`` from byte 8, then ``index`` as JSON, as given, with a valid index checksum."""
+    text = json.dumps(index).encode()
+    checked = struct.pack("<QQ", SLIM_START + len(payloads), len(text))
+    return (b"SLIM" + struct.pack("<I", 2) + payloads + text + checked
+            + struct.pack("<I4s", zlib.crc32(text + checked), b"SLIM"))
+
+
+def slim_v2_file(payloads: bytes, entries: list[dict], metadata: dict | None = None) -> bytes:
+    """A version-2 file around ``payloads`` (from byte 8) with these index entries and a valid index checksum."""
+    return slim_v2_index_file(payloads, {"tensors": entries, "metadata": {} if metadata is None else metadata})
+
+
+def rewrite_slim_index(data: bytes, entries: list[dict], metadata: dict | None = None) -> bytes:
+    """``data`` (a version-2 file) with another index whose checksum is valid, to test the checks behind it."""
+    index_offset, _ = slim_index(data)
+    return slim_v2_file(data[SLIM_START:index_offset], entries, metadata)
+
+
+def slim_v1_header_file(header: object, payloads: bytes) -> bytes:
+    """A version-1 file: the 20-byte prefix with a valid checksum, ``header`` as JSON, then ``payloads``, all as
+    given (offsets are not laid out)."""
+    text = json.dumps(header, separators=(",", ":")).encode()
+    start = struct.pack("<4sIQ", b"SLIM", 1, len(text))
+    return start + struct.pack("<I", zlib.crc32(start + text)) + text + payloads
+
+
+def slim_v1_file(entries: list[dict], payloads: list[bytes]) -> bytes:
+    """A version-1 file laid out by that version's rules: 20-byte prefix, header JSON, payloads to the end. The
+    offsets depend on the header's length, which depends on their digits: lay it out until the length is stable."""
+    entries = [{**e, "nbytes": len(p), "crc32": zlib.crc32(p)} for e, p in zip(entries, payloads, strict=True)]
+    header_nbytes = 0
+    while True:
+        offset = 20 + header_nbytes
+        for entry in entries:
+            entry["offset"] = offset
+            offset += entry["nbytes"]
+        header = json.dumps({"tensors": entries}, separators=(",", ":")).encode()
+        if len(header) == header_nbytes:
+            break
+        header_nbytes = len(header)
+    return slim_v1_header_file({"tensors": entries}, b"".join(payloads))
 
 
 def quantized(t: torch.Tensor, step: float | None) -> torch.Tensor:

@@ -370,3 +370,17 @@ def test_compress_and_decompress_hold_a_few_tensors_not_the_model(tmp_path):
     decompress = peak_rss_mib(["decompress", slim, "-o", tmp_path / "out"])
     imports = peak_rss_mib(["inspect", slim])
     assert compress - imports < 100 and decompress - imports < 100, (compress, decompress, imports)
+
+
+@pytest.mark.parametrize("command", ["decompress", "run"])
+def test_max_bytes_refuses_a_slim_file_that_decodes_to_more(files, tmp_path, capsys, command):
+    out = tmp_path / "o.safetensors"
+    argv = {"decompress": ["decompress", files["slim"], "-o", out], "run": ["run", files["slim"], "--arch", "digits"]}
+    err = refused([*argv[command], "--max-bytes", "19"], capsys, f"slimrate {command}")  # w: 5 float32 = 20 bytes
+    assert f": {files['slim']}: the index declares 20 bytes of decoded tensors" in err and "--max-bytes" in err
+    assert err.count(str(files["slim"])) == 1 and not out.exists()
+    err = refused([*argv[command], "--max-bytes", "5XB"], capsys, f"slimrate {command}")
+    assert "--max-bytes: expected bytes as an int or a size like '5GB'" in err
+    if command == "decompress":
+        for limit in ["20", "1KiB", "inf"]:
+            assert main([str(a) for a in argv[command]] + ["--max-bytes", limit]) == 0

@@ -1,10 +1,12 @@
 """runtime.load_state_into: streaming (name, tensor) pairs into a module, against the module built eagerly and
-loaded with torch's load_state_dict."""
+loaded with torch's load_state_dict; runtime.load's limit on what a .slim file may decode to."""
 
 import pytest
 import torch
 from torch import nn
 
+from slimrate import runtime, save_slim
+from slimrate.backslash import SlimFormatError
 from slimrate.runtime import load_state_into
 
 
@@ -128,3 +130,23 @@ def test_a_tensor_that_does_not_fit_is_named(name, value, match):
 def test_load_state_into_rejects_bad_arguments(model, items, strict, match):
     with pytest.raises(TypeError, match=match):
         load_state_into(model, items, strict=strict)
+
+
+def test_load_refuses_a_slim_file_that_decodes_past_max_bytes_before_building_the_model(tmp_path):
+    state = nn.Linear(4, 3).state_dict()
+    path = save_slim(state, tmp_path / "m.slim", step={})  # stored raw: 48 + 12 bytes decoded
+    built = []
+
+    def factory() -> nn.Module:
+        built.append(True)
+        return nn.Linear(4, 3)
+
+    with pytest.raises(SlimFormatError, match=f"^{path}: the index declares 60 bytes .* above the limit of 59 bytes"):
+        runtime.load(path, model_factory=factory, max_bytes=59, sparse=False)
+    assert built == []
+    with pytest.raises(SlimFormatError, match="above the limit of 59 bytes"):
+        runtime.read_tensors(path, max_bytes=59)  # the index is checked on the call, not at the first tensor
+    model = runtime.load(path, model_factory=factory, max_bytes=60, sparse=False)
+    torch.testing.assert_close(model.weight, state["weight"], rtol=0, atol=0)
+    with pytest.raises(TypeError, match="max_bytes"):
+        runtime.read_state_dict(state, max_bytes="1GB")

@@ -18,7 +18,17 @@ from slimrate.backslash import SlimFormatError, slim_report
 from slimrate.cli import main
 from slimrate.ops import extension_available
 
-from helpers import DTYPE_IDS, SLIM_TRAILER, assert_same_tensors, frequency_table, quantized, slim_index
+from helpers import (
+    DTYPE_IDS,
+    SLIM_TRAILER,
+    assert_same_tensors,
+    frequency_table,
+    quantized,
+    rewrite_slim_index,
+    slim_index,
+    slim_v1_file,
+    slim_v2_file,
+)
 
 if not extension_available():
     pytest.skip("slimrate._C is not built: the .slim coders (eg_encode, rans_encode) run in C++",
@@ -42,38 +52,6 @@ def small_model() -> nn.Module:
     model[2].register_buffer("scale", torch.tensor(0.37))
     model[2].register_buffer("empty", torch.empty(0, 4))
     return model
-
-
-def v2_file(payloads: bytes, entries: list[dict], metadata: dict | None = None) -> bytes:
-    """A version-2 file around ``payloads`` (from byte 8) with these index entries and a valid index checksum."""
-    index = json.dumps({"tensors": entries, "metadata": {} if metadata is None else metadata}).encode()
-    checked = struct.pack("<QQ", START + len(payloads), len(index))
-    return (b"SLIM" + struct.pack("<I", 2) + payloads + index + checked
-            + struct.pack("<I4s", zlib.crc32(index + checked), b"SLIM"))
-
-
-def rewrite_index(data: bytes, entries: list[dict], metadata: dict | None = None) -> bytes:
-    """``data`` (a version-2 file) with another index whose checksum is valid, to test the checks behind it."""
-    index_offset, _ = slim_index(data)
-    return v2_file(data[START:index_offset], entries, metadata)
-
-
-def v1_file(entries: list[dict], payloads: list[bytes]) -> bytes:
-    """A version-1 file laid out by that version's rules: 20-byte prefix, header JSON, payloads to the end. The
-    offsets depend on the header's length, which depends on their digits: lay it out until the length is stable."""
-    entries = [{**e, "nbytes": len(p), "crc32": zlib.crc32(p)} for e, p in zip(entries, payloads, strict=True)]
-    header_nbytes = 0
-    while True:
-        offset = 20 + header_nbytes
-        for entry in entries:
-            entry["offset"] = offset
-            offset += entry["nbytes"]
-        header = json.dumps({"tensors": entries}, separators=(",", ":")).encode()
-        if len(header) == header_nbytes:
-            break
-        header_nbytes = len(header)
-    start = struct.pack("<4sIQ", b"SLIM", 1, header_nbytes)
-    return start + struct.pack("<I", zlib.crc32(start + header)) + header + b"".join(payloads)
 
 
 def chunk_bytes(symbols: torch.Tensor, coder: str) -> bytes:
@@ -219,19 +197,19 @@ V1_PAYLOADS = {
 V1_RAW_N = "0700000000000000feffffffffffffff"
 
 
-def committed_v1_file(coder: str) -> bytes:
+def committed_slim_v1_file(coder: str) -> bytes:
     entries, payloads = [], []
     for name, t in V1_STATE.items():
         payload, fields = V1_PAYLOADS[coder][name] if name in V1_STEPS else (V1_RAW_N, {})
         entries.append({"name": name, "shape": list(t.shape), "dtype": str(t.dtype).removeprefix("torch."),
                         "coder": coder if name in V1_STEPS else "raw", "step": V1_STEPS.get(name), **fields})
         payloads.append(bytes.fromhex(payload))
-    return v1_file(entries, payloads)
+    return slim_v1_file(entries, payloads)
 
 
 @pytest.mark.parametrize("coder", CODERS)
 def test_version_1_files_still_load(tmp_path, coder):
-    (tmp_path / "v1.slim").write_bytes(committed_v1_file(coder))
+    (tmp_path / "v1.slim").write_bytes(committed_slim_v1_file(coder))
     want = {n: quantized(t, V1_STEPS.get(n)) for n, t in V1_STATE.items()}
     assert_same_tensors(load_slim(tmp_path / "v1.slim"), want)
     # The same tensors written now: each non-empty payload is version 1's, as its single chunk.
@@ -251,14 +229,14 @@ def test_random_version_1_files_load(tmp_path, coder):
         entries.append({"name": name, "shape": list(t.shape), "dtype": str(t.dtype).removeprefix("torch."),
                         "coder": coder, "step": STEP, **fields})
         payloads.append(payload)
-    (tmp_path / "v1.slim").write_bytes(v1_file(entries, payloads))
+    (tmp_path / "v1.slim").write_bytes(slim_v1_file(entries, payloads))
     assert_same_tensors(load_slim(tmp_path / "v1.slim"), {n: quantized(t, STEP) for n, t in state.items()})
 
 
 def fuzz_file(tmp_path, version: int, coder: str) -> tuple[bytes, list[int]]:
     """A small file of the given version and the boundaries of its sections."""
     if version == 1:
-        data = committed_v1_file(coder)
+        data = committed_slim_v1_file(coder)
         header_end = 20 + struct.unpack_from("<Q", data, 8)[0]
         return data, [0, 4, 8, 16, 20, header_end, len(data)]
     state = {"w": torch.randn(6, 7) * 0.05, "b": torch.randn(7), "n": torch.arange(3)}
@@ -306,12 +284,12 @@ def test_index_fields_are_checked_behind_a_valid_checksum(tmp_path, coder):
                ("chunk_nbytes", [-1]), ("chunk_nbytes", "3"), ("chunk_nbytes", [w["chunk_nbytes"][0] + 1])]
     bad = tmp_path / "bad.slim"
     for key, value in changes:
-        bad.write_bytes(rewrite_index(data, [{**w, key: value}, b]))
+        bad.write_bytes(rewrite_slim_index(data, [{**w, key: value}, b]))
         with pytest.raises(SlimFormatError):
             load_slim(bad)
     for entries, metadata, match in [([w, {**b, "name": "w"}], {}, "duplicate"), ([w, b], {"k": 1}, "metadata"),
                                      ([w, b], ["k"], "metadata"), ([w, {**b, "chunk_numel": 6}], {}, "fields")]:
-        bad.write_bytes(rewrite_index(data, entries, metadata))
+        bad.write_bytes(rewrite_slim_index(data, entries, metadata))
         with pytest.raises(SlimFormatError, match=match):
             load_slim(bad)
 
@@ -341,7 +319,7 @@ def forged_payload_file(tmp_path, coder: str, payload: bytes, **fields) -> None:
     (entry,) = index["tensors"]
     entry.update({"chunk_nbytes": [len(payload) - fields.get("table_nbytes", 0)], **fields}, offset=START,
                  nbytes=len(payload), crc32=zlib.crc32(payload))
-    (tmp_path / "bad.slim").write_bytes(v2_file(payload, [entry]))
+    (tmp_path / "bad.slim").write_bytes(slim_v2_file(payload, [entry]))
 
 
 def eg_bytes(values: list[int], signed: bool) -> bytes:
@@ -379,11 +357,12 @@ def test_a_rans_chunk_holding_another_count_raises_slim_format_error(tmp_path):
 
 
 def test_a_forged_huge_rans_shape_is_refused_before_allocation(tmp_path):
-    # The index (its checksum recomputed) claims 2^46 elements; the buffer says 16. Nothing that large is allocated.
+    # The index (its checksum recomputed) claims 2^46 elements; the buffer says 16. Nothing that large is allocated,
+    # even with no limit on the declared size.
     payload = ops.rans_encode(torch.zeros(16, dtype=torch.int32)).numpy().tobytes()
     forged_payload_file(tmp_path, "rans", payload, shape=[2**23, 2**23], chunk_numel=2**46)
     with pytest.raises(SlimFormatError, match="holds 16 symbols, not 70368744177664"):
-        load_slim(tmp_path / "bad.slim")
+        load_slim(tmp_path / "bad.slim", max_bytes=math.inf)
 
 
 @pytest.mark.parametrize(("kwargs", "match"), [
@@ -413,6 +392,27 @@ def test_save_slim_rejects_unquantizable_tensors(tmp_path):
         save_slim({"w": torch.tensor([[1e9, 0.0]])}, tmp_path / "m.slim", step=1e-3)
     with pytest.raises(ValueError, match="dtype"):
         save_slim({"c": torch.zeros(2, dtype=torch.complex64)}, tmp_path / "m.slim", step=STEP)
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(("dtype", "max_error"), [(torch.float16, 32.0), (torch.bfloat16, 1e38), (torch.float32, 1e38)],
+                         ids=lambda v: DTYPE_IDS.get(v, str(v)))
+def test_max_error_refuses_values_that_would_load_as_inf(tmp_path, dtype, max_error):
+    # float16: 65504 / Δ = 65504 / 64 = 1023.5 rounds to 1024 (ties to even) and 1024 · 64 = 65536 is inf in float16.
+    biggest = torch.finfo(dtype).max
+    w = torch.tensor([[0.5, -biggest], [biggest, 1.0]], dtype=dtype)
+    with pytest.raises(ValueError, match=r"^w: x: .*\bflat index 1\b"):  # -biggest, the first to overflow
+        save_slim({"w": w}, tmp_path / "m.slim", max_error=max_error)
+    assert list(tmp_path.iterdir()) == []
+    loaded = load_slim(save_slim({"w": w}, tmp_path / "m.slim", max_error=max_error / 2))["w"]
+    # |θ − θ̂| ≤ max_error plus half an ulp of θ̂'s dtype, which is at most |θ̂| · eps / 2.
+    assert (loaded.double() - w.double()).abs().max() <= max_error / 2 + biggest * torch.finfo(dtype).eps / 2
+
+
+def test_a_step_above_the_dtype_maximum_is_refused_on_save(tmp_path):
+    # Every value here quantizes to 0, but a file with this step is one the reader refuses.
+    with pytest.raises(ValueError, match="step for 'h': 100000 is above torch.float16's largest value 65504"):
+        save_slim({"h": torch.randn(2, 2, dtype=torch.float16)}, tmp_path / "m.slim", step=1e5)
     assert list(tmp_path.iterdir()) == []
 
 

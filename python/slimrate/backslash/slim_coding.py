@@ -51,11 +51,15 @@ def raw_payload(t: torch.Tensor) -> memoryview:
 
 
 def raw_to_tensor(data: memoryview, shape: list[int], dtype: str) -> torch.Tensor:
-    """A tensor of ``shape`` and dtype name ``dtype`` that owns a copy of ``data`` (a raw payload)."""
+    """A tensor of ``shape`` and dtype name ``dtype`` that owns a copy of ``data`` (a raw payload whose size the
+    index check matched to shape × dtype); SlimFormatError for a bool byte other than 0 or 1."""
     _check_little_endian()
     if not data:
         return torch.empty(shape, dtype=RAW_DTYPES[dtype])
-    return torch.frombuffer(bytearray(data), dtype=torch.uint8).view(RAW_DTYPES[dtype]).reshape(shape)
+    t = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+    if dtype == "bool" and int(t.max()) > 1:  # torch would keep the byte: a "bool" that is neither 0 nor 1
+        raise SlimFormatError(f"a bool payload holds byte {int(t.max())}; bools are stored as 0 or 1")
+    return t.view(RAW_DTYPES[dtype]).reshape(shape)
 
 
 def _as_buffer(data: memoryview) -> torch.Tensor:
@@ -97,4 +101,4 @@ def decode_payload(view: memoryview, entry: dict, numel: int, dtype: torch.dtype
         return ops.slim_decode(_as_buffer(view), layout, numel, entry["step"], entry["coder"], entry["chunk_numel"],
                                dtype)
     except ValueError as e:
-        raise SlimFormatError(f"tensor {entry['name']!r}: corrupt {entry['coder']} payload ({e})") from None
+        raise SlimFormatError(f"corrupt {entry['coder']} payload ({e})") from None

@@ -26,6 +26,8 @@ import math
 import struct
 import zlib
 
+import torch
+
 from slimrate.backslash.slim_coding import CODERS, QUANTIZABLE_DTYPES, RAW_DTYPES, SlimFormatError
 
 MAGIC = b"SLIM"
@@ -36,6 +38,7 @@ TRAILER = struct.Struct("<QQI4s")  # index_offset, index_nbytes, index_crc32, ma
 TRAILER_CHECKED = 16  # index_offset, index_nbytes: covered by index_crc32
 MAX_DIMS = 64
 MAX_NUMEL = 2**48  # far above any real tensor; keeps a forged shape from reaching an allocation
+MAX_CHUNK_NUMEL = 2**63 - 1  # the largest the writer takes (ops.slim_encode's int64 chunk_numel)
 ENTRY_KEYS = {"name", "shape", "dtype", "coder", "step", "offset", "nbytes", "crc32"}
 EG_KEYS = {"table_count", "table_nbytes"}
 CHUNK_KEYS = {"chunk_numel", "chunk_nbytes"}
@@ -128,41 +131,55 @@ def _is_int(value: object) -> bool:
 
 
 def _check_entry(entry: object, index: int, version: int) -> dict:
-    """Every field's type and range; a version-1 entry gets its single chunk's fields."""
+    """Every field's type (checked before the value is used as a key, compared or multiplied) and range; a
+    version-1 entry gets its single chunk's fields."""
     if not isinstance(entry, dict) or not isinstance(entry.get("name"), str):
         raise SlimFormatError(f"index tensor #{index}: expected an object with a str name")
-    where = f"index tensor {entry['name']!r}"
+    where = f"index tensor {entry['name']!r:.200}"
     coder = entry.get("coder")
-    if coder not in ("raw", *CODERS):
-        raise SlimFormatError(f"{where}: unknown coder {coder!r}")
+    if not (isinstance(coder, str) and coder in ("raw", *CODERS)):
+        raise SlimFormatError(f"{where}: unknown coder {coder!r:.80}")
     keys = ENTRY_KEYS | (EG_KEYS if coder == "eg" else set()) | (CHUNK_KEYS if version > 1 and coder in CODERS
                                                                   else set())
     if set(entry) != keys:
         raise SlimFormatError(f"{where}: fields {sorted(entry)}, expected {sorted(keys)}")
-    shape = entry["shape"]
-    if not (isinstance(shape, list) and len(shape) <= MAX_DIMS and all(_is_int(d) and d >= 0 for d in shape)):
-        raise SlimFormatError(f"{where}: bad shape {shape!r}")
-    if entry["dtype"] not in RAW_DTYPES:
-        raise SlimFormatError(f"{where}: unknown dtype {entry['dtype']!r}")
+    dtype = entry["dtype"]
+    if not (isinstance(dtype, str) and dtype in RAW_DTYPES):
+        raise SlimFormatError(f"{where}: unknown dtype {dtype!r:.80}")
     if not all(_is_int(entry[key]) and entry[key] >= 0 for key in ("offset", "nbytes", "crc32", *EG_KEYS & keys)):
         raise SlimFormatError(f"{where}: offset, sizes and checksum must be integers >= 0")
-    numel = math.prod(shape)
-    if numel > MAX_NUMEL:
-        raise SlimFormatError(f"{where}: shape {shape} has more than {MAX_NUMEL} elements")
+    numel = _numel(entry["shape"], where)
     step = entry["step"]
     if coder == "raw":
-        if step is not None or entry["nbytes"] != numel * RAW_DTYPES[entry["dtype"]].itemsize:
+        if step is not None or entry["nbytes"] != numel * RAW_DTYPES[dtype].itemsize:
             raise SlimFormatError(f"{where}: raw payload of {entry['nbytes']} bytes does not match "
-                                  f"shape {shape} × {entry['dtype']}")
+                                  f"shape {entry['shape']} × {dtype}")
         return entry
-    if not (entry["dtype"] in QUANTIZABLE_DTYPES and isinstance(step, float) and math.isfinite(step) and step > 0):
+    if not (dtype in QUANTIZABLE_DTYPES and isinstance(step, float) and math.isfinite(step) and step > 0):
         raise SlimFormatError(f"{where}: quantized tensors need a float dtype and a step > 0, got "
-                              f"{entry['dtype']}, {step!r}")
+                              f"{dtype}, {step!r:.80}")
+    if step > torch.finfo(RAW_DTYPES[dtype]).max:  # then every q ≠ 0 decodes to ±inf
+        raise SlimFormatError(f"{where}: step {step!r} is above {dtype}'s largest value "
+                              f"{torch.finfo(RAW_DTYPES[dtype]).max!r}")
     if version == 1:  # one chunk; v1 wrote an empty tensor's "rans" payload (8 bytes), which holds no symbol
         table_nbytes = entry.get("table_nbytes", 0)
+        if table_nbytes > entry["nbytes"]:
+            raise SlimFormatError(f"{where}: a table of {table_nbytes} bytes in a payload of {entry['nbytes']}")
         entry.update(chunk_numel=max(numel, 1), chunk_nbytes=[entry["nbytes"] - table_nbytes] if numel else [])
     _check_chunks(entry, numel, where, version)
     return entry
+
+
+def _numel(shape: object, where: str) -> int:
+    """The element count of a shape: a list of at most MAX_DIMS ints ≥ 0, each ≤ MAX_NUMEL, whose non-zero dims
+    multiply to ≤ MAX_NUMEL (so an empty shape like [2**63, 0] never reaches torch either)."""
+    if not (isinstance(shape, list) and len(shape) <= MAX_DIMS
+            and all(_is_int(d) and 0 <= d <= MAX_NUMEL for d in shape)):
+        raise SlimFormatError(f"{where}: bad shape {shape!r:.200}: expected a list of at most {MAX_DIMS} ints in "
+                              f"[0, {MAX_NUMEL}]")
+    if math.prod(d for d in shape if d) > MAX_NUMEL:
+        raise SlimFormatError(f"{where}: shape {shape} has more than {MAX_NUMEL} elements")
+    return math.prod(shape)
 
 
 def _check_chunks(entry: dict, numel: int, where: str, version: int) -> None:
@@ -170,8 +187,8 @@ def _check_chunks(entry: dict, numel: int, where: str, version: int) -> None:
     (≥ 1 bit per symbol). rANS codes a very skewed chunk in < 1 bit per symbol, so for "rans" only the index
     checksum and each chunk's own count vouch for the shape."""
     chunk_numel, chunk_nbytes, coder = entry["chunk_numel"], entry["chunk_nbytes"], entry["coder"]
-    if not (_is_int(chunk_numel) and chunk_numel >= 1):
-        raise SlimFormatError(f"{where}: chunk_numel {chunk_numel!r}, expected an int >= 1")
+    if not (_is_int(chunk_numel) and 1 <= chunk_numel <= MAX_CHUNK_NUMEL):
+        raise SlimFormatError(f"{where}: chunk_numel {chunk_numel!r:.80}, expected an int in [1, {MAX_CHUNK_NUMEL}]")
     if not (isinstance(chunk_nbytes, list) and all(_is_int(n) and n >= 0 for n in chunk_nbytes)):
         raise SlimFormatError(f"{where}: chunk_nbytes must be a list of integers >= 0")
     n_chunks = -(-numel // chunk_numel)

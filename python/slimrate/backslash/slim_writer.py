@@ -34,6 +34,23 @@ def _check_coder(coder: object) -> str:
     return coder
 
 
+def _check_decodes_finite(x: torch.Tensor, step: float) -> None:
+    """ValueError unless every θ̂ = round(θ/Δ)·Δ, rounded to x's dtype, is finite: θ near the dtype's largest value
+    can round up past it (float16 65504 with Δ = 64 decodes to 65536 = inf). round(θ/Δ) is monotone in θ, so x's
+    extremes decide, found by one reduction without a copy. It runs after ops.slim_encode, so where the op
+    refuses such a value itself, the op's message is the one raised."""
+    if x.numel() == 0:
+        return
+    lo, hi = torch.aminmax(x)
+    for value, find in ((float(lo), torch.argmin), (float(hi), torch.argmax)):
+        decoded = round(value / step) * step  # q·Δ in float64, as the decoder computes it
+        loaded = float(torch.tensor(decoded, dtype=torch.float64).to(x.dtype))  # then rounded once to x's dtype
+        if not math.isfinite(loaded):
+            raise ValueError(f"x: {value:g} at flat index {int(find(x))} quantizes to {decoded:g} with step {step:g}, "
+                             f"beyond {x.dtype}'s largest value {torch.finfo(x.dtype).max:g}, so it would load as "
+                             f"{loaded}; use a smaller step (or max_error) or a wider dtype")
+
+
 class SlimWriter:
     """A .slim file written one tensor at a time; use it as a context manager.
 
@@ -84,7 +101,9 @@ class SlimWriter:
         """Encode ``tensor`` and append its payload now.
 
         step: Δ > 0 to quantize (float dtypes only) and entropy-code with ``coder`` ("eg", "eg-signed",
-        "rans"); None to store the tensor's bytes losslessly ("raw"). Nothing is written when a check fails.
+        "rans"); None to store the tensor's bytes losslessly ("raw"). Nothing is written when a check fails:
+        ValueError naming the tensor for a step above the dtype's largest value, a value that is not finite or
+        whose q·Δ would not be finite in the tensor's dtype.
         """
         if self._file is None:
             raise ValueError("SlimWriter.add: the writer is not open; add tensors inside `with SlimWriter(path) as w:`")
@@ -102,8 +121,12 @@ class SlimWriter:
             if entry["dtype"] not in QUANTIZABLE_DTYPES:
                 raise ValueError(f"step for {name!r}: {tensor.dtype} is not a float dtype; only floats are quantized, "
                                  f"pass step=None to store it losslessly")
+            if step > torch.finfo(tensor.dtype).max:  # the reader refuses it: every q ≠ 0 would decode to ±inf
+                raise ValueError(f"step for {name!r}: {step:g} is above {tensor.dtype}'s largest value "
+                                 f"{torch.finfo(tensor.dtype).max:g}; use a smaller step or store it losslessly")
             try:
                 payload, fields = encode_payload(tensor, step, _check_coder(coder), self._chunk_numel)
+                _check_decodes_finite(tensor, step)
             except ValueError as e:
                 raise ValueError(f"{name}: {e}") from None
             entry.update(coder=coder, step=step, **fields)
@@ -170,7 +193,9 @@ def save_slim(model_or_state_dict: nn.Module | Mapping[str, torch.Tensor] | Iter
     one at a time (e.g. a generator reading a checkpoint), so memory holds one tensor, not the model.
     step: one Δ for every float tensor with ≥ 2 dims (others, e.g. biases, norms, int buffers, are stored
     losslessly), or a dict name → Δ: named float tensors are quantized (any rank), the rest stored losslessly.
-    max_error: instead of step, Δ = 2·max_error, so |θ − θ̂| ≤ max_error (plus half an ulp of θ's dtype).
+    max_error: instead of step, Δ = 2·max_error, so |θ − θ̂| ≤ max_error (plus half an ulp of θ's dtype); a value
+    whose θ̂ would round past its dtype's largest value (float16 65504 with max_error 32) raises ValueError
+    naming the tensor, before the file is written.
     coder: "eg" (frequency-sorted table + EG0 of ranks, the paper's Algorithm 2), "eg-signed" (signed EG0 of q,
     no table) or "rans". q = round(θ/Δ) and θ̂ = q·Δ are computed in float64; θ̂ is rounded once to θ's dtype.
     metadata: str → str pairs stored in the file (SlimFile.metadata()).

@@ -54,3 +54,22 @@ def positive_finite_float(text: str) -> float:
     if not (math.isfinite(value) and value > 0):
         raise argparse.ArgumentTypeError(f"expected a finite number > 0, got {text}")
     return value
+
+
+def byte_size(text: str) -> int:
+    """A size in bytes, read as slimrate.checkpoints.parse_size reads it: plain digits, or 500MB, 5GB, 2GiB; > 0."""
+    from slimrate.checkpoints import parse_size
+
+    try:
+        return parse_size(text, "size")
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e).removeprefix("size: ")) from None
+
+
+def byte_limit(text: str) -> float:
+    """A byte_size, or "inf" for no limit."""
+    return math.inf if text.strip().lower() == "inf" else byte_size(text)
+
+
+MAX_BYTES_HELP = ("refuse a .slim file whose tensors decode to more bytes than this: bytes, or 8GiB, 500MB, or inf "
+                  "(default: max(1 GiB, 256 × the file's size); raise it for a file you trust)")

@@ -18,11 +18,10 @@ from slimrate.checkpoints import (
     encode_model_files,
     iter_checkpoint,
     model_folder_files,
-    parse_size,
     write_checkpoint,
     write_model_files,
 )
-from slimrate.cli.arguments import add_command, positive_finite_float
+from slimrate.cli.arguments import MAX_BYTES_HELP, add_command, byte_limit, byte_size, positive_finite_float
 from slimrate.cli.errors import UsageError
 from slimrate.cli.paths import check_input_file, check_output_file, check_output_folder, naming_file
 
@@ -116,22 +115,16 @@ def run_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
-def shard_size(text: str) -> int:
-    try:
-        return parse_size(text)
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e).removeprefix("max_shard_size: ")) from None
-
-
 def add_decompress_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("slim", help="a .slim file")
     parser.add_argument("-o", "--output", required=True,
                         help="a folder, written as transformers saves a model (model.safetensors, or shards and "
                              "model.safetensors.index.json; the config and tokenizer files compress stored), or a "
                              "file ending in .safetensors (tensors only)")
-    parser.add_argument("--max-shard-size", type=shard_size,
+    parser.add_argument("--max-shard-size", type=byte_size,
                         help=f"largest shard of a folder output: bytes, or 500MB, 5GB, 2GiB (default "
                              f"{DEFAULT_MAX_SHARD_SIZE}, as transformers)")
+    parser.add_argument("--max-bytes", type=byte_limit, help=MAX_BYTES_HELP)
 
 
 def writes_one_file(args: argparse.Namespace) -> bool:
@@ -152,7 +145,7 @@ def check_decompress(args: argparse.Namespace) -> None:
 def run_decompress(args: argparse.Namespace) -> int:
     from slimrate.backslash import SlimFile
 
-    with naming_file(args.slim), SlimFile(args.slim) as slim:
+    with naming_file(args.slim), SlimFile(args.slim, max_bytes=args.max_bytes) as slim:
         metadata = slim.metadata()
         files = decode_model_files(metadata.pop(MODEL_FILES_KEY, "{}"))
         items = []

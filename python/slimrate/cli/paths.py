@@ -47,8 +47,12 @@ def check_output_folder(flag: str, output: str | os.PathLike) -> None:
 
 @contextmanager
 def naming_file(path: str | os.PathLike) -> Iterator[None]:
-    """Report a bad content of the input file ``path`` (ValueError, SafetensorError) as ``path: reason``."""
+    """Report a bad content of the input file ``path`` (ValueError, SafetensorError) as ``path: reason``; a reason
+    that starts with the path already (SlimFormatError's do) is not prefixed again."""
     try:
         yield
     except (ValueError, SafetensorError) as e:
-        raise UsageError(f"{path}: {one_line(e)}") from e
+        message = one_line(e)
+        if not message.startswith((f"{path}: ", f"{Path(path)}: ")):
+            message = f"{path}: {message}"
+        raise UsageError(message) from e

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from slimrate.cli.arguments import add_command, nonnegative_float, positive_int
+from slimrate.cli.arguments import MAX_BYTES_HELP, add_command, byte_limit, nonnegative_float, positive_int
 from slimrate.cli.errors import UsageError
 from slimrate.cli.paths import check_input_file, naming_file
 
@@ -37,6 +37,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="layers with at least this share of zeros are candidates for sparse kernels "
                              "(default 0.5)")
     parser.add_argument("--repeats", type=positive_int, default=50, help="timed calls per measurement (default 50)")
+    parser.add_argument("--max-bytes", type=byte_limit, help=MAX_BYTES_HELP)
 
 
 def check(args: argparse.Namespace) -> None:
@@ -58,9 +59,9 @@ def run(args: argparse.Namespace) -> int:
     from slimrate.sparse.linear import format_decisions
 
     with naming_file(args.model):  # a corrupt file, or weights that do not fit --arch
-        dense = runtime.load(args.model, model_factory=args.arch, sparse=False)
+        dense = runtime.load(args.model, model_factory=args.arch, sparse=False, max_bytes=args.max_bytes)
     sparse = runtime.load(args.model, model_factory=args.arch, sparse=True, min_sparsity=args.min_sparsity,
-                          batch_size=args.batch)
+                          batch_size=args.batch, max_bytes=args.max_bytes)
     print(format_decisions(sparse.sparsify_decisions))
     if args.bench:
         x = runtime.example_input(args.arch, dense, args.batch)

@@ -6,7 +6,9 @@ sparse, and measure its latency and weight memory.
     model = slimrate.runtime.load("model.slim", model_factory=lambda: MyNet())   # any nn.Module
 
 The weights stream in one tensor at a time (load_state_into), so a model built on the meta device ("hf:DIR"
-models are) never holds a second copy of itself.
+models are) never holds a second copy of itself. A .slim file whose index declares more decoded bytes than
+``max_bytes`` (default max(1 GiB, 256 × the file's size); docs/slim-format.md §9) is refused before anything is
+decoded.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from slimrate.backslash.slim_file import SlimFile, check_max_bytes
 from slimrate.models.loading import load_state_into
 from slimrate.runtime.hf import build_hf_model, hf_config_dir, hf_example, is_hf_factory
 from slimrate.sparse.linear import median_us, sparsify
@@ -80,51 +83,56 @@ def _checked_path(source: object) -> Path:
     return path
 
 
-def _slim_tensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
-    """The tensors of a .slim file, each decoded when it is asked for."""
-    from slimrate.backslash import SlimFile
-
-    with SlimFile(path) as file:
+def _slim_tensors(file: SlimFile) -> Iterator[tuple[str, torch.Tensor]]:
+    """The tensors of an open .slim file, each decoded when it is asked for; the file is closed after the last."""
+    with file:
         for name in file.keys():
             yield name, file.get_tensor(name)
 
 
-def read_tensors(source: str | os.PathLike | Mapping[str, torch.Tensor]) -> Iterator[tuple[str, torch.Tensor]]:
+def read_tensors(source: str | os.PathLike | Mapping[str, torch.Tensor], *,
+                 max_bytes: float | None = None) -> Iterator[tuple[str, torch.Tensor]]:
     """(name, tensor) pairs of a .slim file, a .safetensors file or model folder (sharded or not:
-    slimrate.checkpoints) or a mapping (no pickle files), one tensor at a time; the path is checked now, the file
-    read as the pairs are consumed."""
+    slimrate.checkpoints) or a mapping (no pickle files), one tensor at a time; the path and a .slim file's index
+    are checked now, the tensors read as the pairs are consumed.
+
+    max_bytes: the most bytes a .slim file's tensors may decode to (SlimFile; None: max(1 GiB, 256 × the file's
+    size), math.inf: no limit); safetensors tensors are the file's own bytes, so no such limit applies to them."""
+    check_max_bytes(max_bytes)
     if isinstance(source, Mapping):
         return iter(source.items())
     path = _checked_path(source)
     if path.suffix == ".slim":
-        return _slim_tensors(path)
+        return _slim_tensors(SlimFile(path, max_bytes=max_bytes))
     from slimrate.checkpoints import checkpoint_files, iter_checkpoint
 
     checkpoint_files(path)  # a missing or damaged checkpoint fails here, not at the first tensor
     return iter_checkpoint(path)
 
 
-def read_state_dict(source: str | os.PathLike | Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """A state dict from a .slim file, a .safetensors file or folder, or a mapping (no pickle files)."""
-    return dict(read_tensors(source))
+def read_state_dict(source: str | os.PathLike | Mapping[str, torch.Tensor], *,
+                    max_bytes: float | None = None) -> dict[str, torch.Tensor]:
+    """A state dict from a .slim file, a .safetensors file or folder, or a mapping (no pickle files); max_bytes
+    as in read_tensors."""
+    return dict(read_tensors(source, max_bytes=max_bytes))
 
 
-def _build(source, model_factory) -> tuple[nn.Module, Iterator[tuple[str, torch.Tensor]]]:
+def _build(source, model_factory, max_bytes) -> tuple[nn.Module, Iterator[tuple[str, torch.Tensor]]]:
     """The module model_factory builds, and the (name, tensor) pairs of source to load into it."""
     if is_hf_factory(model_factory):
         folder = hf_config_dir(model_factory)
-        tensors = read_tensors(source)
+        tensors = read_tensors(source, max_bytes=max_bytes)
         return build_hf_model(folder), tensors
     if isinstance(model_factory, str):
         if model_factory not in MODELS:
             raise ValueError(f"model_factory: expected one of {sorted(MODELS)}, hf:CONFIG_DIR or a callable, got "
                              f"{model_factory!r}")
-        state = read_state_dict(source)  # the built-ins are sized from the weights
+        state = read_state_dict(source, max_bytes=max_bytes)  # the built-ins are sized from the weights
         return MODELS[model_factory].build(state), iter(state.items())
     if not callable(model_factory):
         raise TypeError(f"model_factory: expected a name in {sorted(MODELS)}, hf:CONFIG_DIR or a callable, "
                         f"got {type(model_factory).__name__}")
-    tensors = read_tensors(source)
+    tensors = read_tensors(source, max_bytes=max_bytes)
     model = model_factory()
     if not isinstance(model, nn.Module):
         raise TypeError(f"model_factory: must return an nn.Module, returned {type(model).__name__}")
@@ -133,7 +141,7 @@ def _build(source, model_factory) -> tuple[nn.Module, Iterator[tuple[str, torch.
 
 def load(path: str | os.PathLike | Mapping[str, torch.Tensor], *, model_factory: str | Callable[[], nn.Module],
          device: str | torch.device = "cpu", sparse: bool = True, min_sparsity: float = 0.5, batch_size: int = 1,
-         measure: bool = True) -> nn.Module:
+         measure: bool = True, max_bytes: float | None = None) -> nn.Module:
     """Decode ``path`` into the module ``model_factory`` builds, in eval mode on ``device``.
 
     path: a .slim or .safetensors file, or a state dict.
@@ -142,10 +150,12 @@ def load(path: str | os.PathLike | Mapping[str, torch.Tensor], *, model_factory:
     checkpoint's dtype) or a callable returning the module (on the meta device or not).  The weights are loaded
     with load_state_into (strict).  sparse: swap nn.Linear layers that are ≥ min_sparsity zeros for
     SparseLinear where that is faster at ``batch_size`` (slimrate.sparse.sparsify; its decisions are kept as
-    ``model.sparsify_decisions``).
-    Raises ValueError naming the tensor when the weights do not fit the module (missing, extra, other shape).
+    ``model.sparsify_decisions``).  max_bytes: the most bytes a .slim file's tensors may decode to, checked
+    before anything is decoded (None: max(1 GiB, 256 × the file's size); math.inf: no limit).
+    Raises ValueError naming the tensor when the weights do not fit the module (missing, extra, other shape), and
+    SlimFormatError (a ValueError) naming the file when a .slim file is corrupt or declares more than max_bytes.
     """
-    model, tensors = _build(path, model_factory)
+    model, tensors = _build(path, model_factory, max_bytes)
     load_state_into(model, tensors)
     model.to(device).eval()
     model.sparsify_decisions = (
