@@ -1,4 +1,5 @@
-"""Test helpers: readable ids, the flash-attention error rule, backend availability, .slim file reading."""
+"""Test helpers: readable ids, the flash-attention error rule, backend availability, .slim file reading, bit-exact
+comparison of nested states (checkpoints, state dicts)."""
 
 import importlib.util
 import json
@@ -81,3 +82,19 @@ def frequency_table(q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     rank_of_value = torch.empty_like(order)
     rank_of_value[order] = torch.arange(order.numel())
     return values[order].to(torch.int32), rank_of_value[inverse].to(torch.int32)
+
+
+def assert_states_equal(a, b, where="state"):
+    """Nested dicts/lists of tensors and plain values are equal, tensors bit for bit."""
+    if isinstance(a, torch.Tensor):
+        assert torch.equal(a, b), f"{where}: max |diff| {(a.double() - b.double()).abs().max().item():.3g}"
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys(), f"{where}: keys {sorted(a)} vs {sorted(b)}"
+        for k in a:
+            assert_states_equal(a[k], b[k], f"{where}[{k!r}]")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), where
+        for i, (u, v) in enumerate(zip(a, b, strict=True)):
+            assert_states_equal(u, v, f"{where}[{i}]")
+    else:
+        assert a == b or (a != a and b != b), f"{where}: {a!r} vs {b!r}"  # NaN == NaN here
