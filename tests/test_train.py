@@ -2,13 +2,9 @@
 kill-and-resume in a real subprocess, and torchrun/DDP with two CPU processes."""
 
 import json
-import os
 import random
-import signal
 import socket
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -33,10 +29,9 @@ from slimrate.train import (
 )
 from slimrate.train.checkpoint import CHECKPOINT_FILES, write_manifest
 
-from helpers import assert_states_equal
+from helpers import assert_states_equal, finish_process, kill_after_checkpoint, start_process
 
 SCRIPT = Path(__file__).with_name("train_script.py")
-SUBPROCESS_TIMEOUT_S = 120
 
 
 def make_run(dropout: float = 0.1, optimizer: str = "adam", lr: float = 1e-2, seed: int = 0):
@@ -293,26 +288,6 @@ def test_resume_in_process_is_bit_identical_and_logs_each_step_once(tmp_path):
 
 # ---- real processes ----
 
-def _env():
-    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-
-
-def _start(args):
-    # Own session: on a timeout the whole group (torchrun and its workers) is killed.
-    return subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=_env(), text=True,
-                            start_new_session=True)
-
-
-def _finish(proc, what):
-    try:
-        out, _ = proc.communicate(timeout=SUBPROCESS_TIMEOUT_S)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, _ = proc.communicate()
-        pytest.fail(f"{what}: no result after {SUBPROCESS_TIMEOUT_S} s (killed); output:\n{out}")
-    assert proc.returncode == 0, f"{what}: exit code {proc.returncode}; output:\n{out}"
-
-
 def _free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -321,23 +296,11 @@ def _free_port():
 
 def test_run_killed_mid_way_and_resumed_ends_bit_identical(tmp_path):
     common = [sys.executable, str(SCRIPT), "--steps", "200", "--checkpoint-every", "20"]
-    reference = _start(common + ["--out", str(tmp_path / "whole")])
-    victim = _start(common + ["--out", str(tmp_path / "run"), "--step-delay", "0.03"])
-    deadline = time.monotonic() + SUBPROCESS_TIMEOUT_S
-    while True:
-        done = [s for s, _ in list_checkpoints(tmp_path / "run" / "checkpoints")]
-        if done and done[-1] >= 60:
-            break
-        if victim.poll() is not None or time.monotonic() > deadline:
-            os.killpg(victim.pid, signal.SIGKILL)
-            pytest.fail(f"the run ended or stalled before its step-60 checkpoint; output:\n{victim.communicate()[0]}")
-        time.sleep(0.02)
-    victim.send_signal(signal.SIGKILL)
-    victim.communicate()
-    assert victim.returncode == -signal.SIGKILL
-    assert list_checkpoints(tmp_path / "run" / "checkpoints")[-1][0] < 200, "the run finished before the kill"
-    _finish(_start(common + ["--out", str(tmp_path / "run"), "--resume"]), "resumed run")
-    _finish(reference, "uninterrupted run")
+    reference = start_process(common + ["--out", str(tmp_path / "whole")])
+    victim = start_process(common + ["--out", str(tmp_path / "run"), "--step-delay", "0.03"])
+    kill_after_checkpoint(victim, tmp_path / "run" / "checkpoints", 60, 200)
+    finish_process(start_process(common + ["--out", str(tmp_path / "run"), "--resume"]), "resumed run")
+    finish_process(reference, "uninterrupted run")
 
     assert_states_equal(load_file(str(tmp_path / "run" / "final-rank0.safetensors")),
                         load_file(str(tmp_path / "whole" / "final-rank0.safetensors")))
@@ -350,11 +313,11 @@ def test_run_killed_mid_way_and_resumed_ends_bit_identical(tmp_path):
 
 def test_torchrun_two_cpu_processes_match_one_process_with_the_same_global_batch(tmp_path):
     args = [str(SCRIPT), "--steps", "30", "--optimizer", "sgd", "--dropout", "0", "--global-batch", "32"]
-    ddp = _start([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
+    ddp = start_process([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
                   f"--master_port={_free_port()}"] + args + ["--out", str(tmp_path / "ddp")])
-    single = _start([sys.executable] + args + ["--out", str(tmp_path / "single")])
-    _finish(ddp, "torchrun --nproc_per_node=2")
-    _finish(single, "single process")
+    single = start_process([sys.executable] + args + ["--out", str(tmp_path / "single")])
+    finish_process(ddp, "torchrun --nproc_per_node=2")
+    finish_process(single, "single process")
 
     rank0, rank1 = (load_file(str(tmp_path / "ddp" / f"final-rank{r}.safetensors")) for r in (0, 1))
     assert_states_equal(rank0, rank1)  # DDP keeps the replicas identical
