@@ -338,7 +338,7 @@ def load_model(directory: str | Path) -> tuple[DMBModel, DMBConfig, dict[str, An
         model, config = _build_trained(record, state)
     except (KeyError, TypeError, ValueError, RuntimeError) as e:
         raise CheckpointError(f"{directory / RUN_FILE}: does not describe the model in {MODEL_FILE} "
-                              f"({type(e).__name__}: {e}); {fix}") from e
+                              f"({type(e).__name__}: {e})", fix) from e
     return model, config, record
 
 

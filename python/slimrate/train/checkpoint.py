@@ -47,7 +47,12 @@ _TENSOR, _TUPLE, _ITEMS = "__tensor__", "__tuple__", "__items__"
 
 class CheckpointError(ValueError):
     """A checkpoint (or another folder verified by its manifest, such as a DMB model) is incomplete, corrupt
-    or from an unknown format."""
+    or from an unknown format.  reason: the file and what is wrong with it; fix: what the user can do about it;
+    the message is both."""
+
+    def __init__(self, reason: str, fix: str = "") -> None:
+        super().__init__(f"{reason}; {fix}" if fix else reason)
+        self.reason, self.fix = reason, fix
 
 
 def checkpoint_dir(directory: str | os.PathLike, step: int) -> Path:
@@ -113,7 +118,7 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     step, match = manifest.get("step"), _STEP_DIR.match(path.name)
     if type(step) is not int or (match and int(match.group(1)) != step):
         raise CheckpointError(f"{path / MANIFEST_FILE}: step: expected the folder's step "
-                              f"({int(match.group(1)) if match else 'an int'}), got {step!r:.80}; {_CHECKPOINT_FIX}")
+                              f"({int(match.group(1)) if match else 'an int'}), got {step!r:.80}", _CHECKPOINT_FIX)
     tensors = read_tensors(path / TENSORS_FILE, _CHECKPOINT_FIX)
     return _decode(read_json(path / STATE_FILE, _CHECKPOINT_FIX), tensors, path / STATE_FILE)
 
@@ -136,43 +141,43 @@ def verify_manifest(folder: str | os.PathLike, format_name: str, version: int, f
     added to it is refused, so no file of the format goes unchecked); that each is present with that checksum;
     and with ``whole_folder``, that the folder holds nothing else (a training checkpoint's folder is its own; a
     DMB run folder also holds metrics and checkpoints).  Returns the manifest; raises ``CheckpointError`` naming
-    the file at fault and what is wrong, ending with ``fix`` (what the user can do about it)."""
+    the file at fault and what is wrong, with ``fix`` (what the user can do about it)."""
     folder = Path(folder)
     path = folder / MANIFEST_FILE
     if not path.is_file():
         raise CheckpointError(f"{folder}: no {MANIFEST_FILE}, so its files cannot be verified (a save that was "
-                              f"interrupted, or not a {format_name!r} folder); {fix}")
+                              f"interrupted, or not a {format_name!r} folder)", fix)
     manifest = read_json(path, fix)
     if not isinstance(manifest, dict):
-        raise CheckpointError(f"{path}: expected a JSON object, got {type(manifest).__name__}; {fix}")
+        raise CheckpointError(f"{path}: expected a JSON object, got {type(manifest).__name__}", fix)
     got_format, got_version = manifest.get("format"), manifest.get("version")
     if got_format != format_name or type(got_version) is not int or got_version != version:
         raise CheckpointError(f"{path}: expected format {format_name!r} version {version}, got {got_format!r:.80} "
-                              f"version {got_version!r:.80}; {fix}")
+                              f"version {got_version!r:.80}", fix)
     sums = manifest.get("sha256")
     expected = ", ".join(files)
     if not isinstance(sums, dict):
         raise CheckpointError(f'{path}: "sha256": expected an object file name → SHA-256 of {expected}, got '
-                              f"{sums!r:.80}; {fix}")
+                              f"{sums!r:.80}", fix)
     for name in files:
         if name not in sums:
-            raise CheckpointError(f"{path}: lists no SHA-256 for {name} (a {format_name!r} manifest lists {expected}); "
-                                  f"{fix}")
+            raise CheckpointError(f"{path}: lists no SHA-256 for {name} (a {format_name!r} manifest lists "
+                                  f"{expected})", fix)
         if not (isinstance(sums[name], str) and _SHA256_HEX.fullmatch(sums[name])):
             raise CheckpointError(f"{path}: the SHA-256 of {name}: expected 64 lowercase hex digits, got "
-                                  f"{sums[name]!r:.80}; {fix}")
+                                  f"{sums[name]!r:.80}", fix)
     added = sorted(set(sums) - set(files))
     if added:
         raise CheckpointError(f"{path}: lists {added[0]!r:.80}, which is not a file of a {format_name!r} folder (its "
-                              f"manifest lists exactly {expected}); {fix}")
+                              f"manifest lists exactly {expected})", fix)
     for name in files:
         if not (folder / name).is_file():
-            raise CheckpointError(f"{folder / name}: missing; {fix}")
+            raise CheckpointError(f"{folder / name}: missing", fix)
     if whole_folder:
         others = sorted(p.name for p in folder.iterdir() if p.name not in (*files, MANIFEST_FILE))
         if others:
             raise CheckpointError(f"{folder / others[0]}: not listed in {MANIFEST_FILE} (a {format_name!r} folder "
-                                  f"holds only {expected} and the manifest); {fix}")
+                                  f"holds only {expected} and the manifest)", fix)
     for name in files:
         try:
             got = _sha256(folder / name)
@@ -180,22 +185,22 @@ def verify_manifest(folder: str | os.PathLike, format_name: str, version: int, f
             raise _unreadable(folder / name, e, fix) from None
         if got != sums[name]:
             raise CheckpointError(f"{folder / name}: SHA-256 {got} does not match the manifest's {sums[name]}; "
-                                  f"the file is corrupt or was edited; {fix}")
+                                  f"the file is corrupt or was edited", fix)
     return manifest
 
 
 def read_json(path: Path, fix: str) -> Any:
     """The JSON value in the file ``path``; ``CheckpointError`` naming the file when it cannot be read, is empty,
-    is not UTF-8 or is not JSON (``fix`` ends the message)."""
+    is not UTF-8 or is not JSON (with ``fix``)."""
     data = _read_bytes(path, fix)
     if not data:
-        raise CheckpointError(f"{path}: empty (0 bytes), expected JSON; {fix}")
+        raise CheckpointError(f"{path}: empty (0 bytes), expected JSON", fix)
     try:
         return json.loads(data.decode("utf-8"))
     except UnicodeDecodeError as e:
-        raise CheckpointError(f"{path}: not UTF-8 text ({e}); {fix}") from None
+        raise CheckpointError(f"{path}: not UTF-8 text ({e})", fix) from None
     except (ValueError, RecursionError) as e:  # RecursionError: a deeply nested forgery
-        raise CheckpointError(f"{path}: not valid JSON ({e}); {fix}") from None
+        raise CheckpointError(f"{path}: not valid JSON ({e})", fix) from None
 
 
 def read_tensors(path: Path, fix: str) -> dict[str, torch.Tensor]:
@@ -207,9 +212,9 @@ def read_tensors(path: Path, fix: str) -> dict[str, torch.Tensor]:
     except OSError as e:
         raise _unreadable(path, e, fix) from None
     except ValueError as e:  # the header check's message names the file already
-        raise CheckpointError(f"{e}; {fix}") from None
+        raise CheckpointError(str(e), fix) from None
     except SafetensorError as e:
-        raise CheckpointError(f"{path}: not a valid safetensors file ({e}); {fix}") from None
+        raise CheckpointError(f"{path}: not a valid safetensors file ({e})", fix) from None
 
 
 class _TensorStore:
@@ -265,7 +270,7 @@ def _decode(obj: Any, tensors: dict[str, torch.Tensor], path: Path) -> Any:
     try:
         return _decode_value(obj, tensors)
     except (_Malformed, RecursionError) as e:
-        raise CheckpointError(f"{path}: {e}; {_CHECKPOINT_FIX}") from None
+        raise CheckpointError(f"{path}: {e}", _CHECKPOINT_FIX) from None
 
 
 def _decode_value(obj: Any, tensors: dict[str, torch.Tensor]) -> Any:
@@ -302,7 +307,7 @@ def _read_bytes(path: Path, fix: str) -> bytes:
 
 
 def _unreadable(path: Path, error: OSError, fix: str) -> CheckpointError:
-    return CheckpointError(f"{path}: cannot be read ({error.strerror or error}); {fix}")
+    return CheckpointError(f"{path}: cannot be read ({error.strerror or error})", fix)
 
 
 def _sha256(path: Path) -> str:

@@ -69,25 +69,26 @@ def resume_run(config, directory: Path, model, optimizer, scheduler, hooks: list
 
 
 def _newest_verified(found: list[tuple[int, Path]], info: DistributedInfo) -> tuple[Path, dict[str, Any]]:
-    """(path, state) of the newest of ``found`` that loads and holds a run's state; warns (rank 0) about each
-    newer one refused and about the fallback; CheckpointError listing them all when none does."""
-    refused = []
+    """(path, state) of the newest of ``found`` that loads and holds a run's state; when that is not the newest,
+    warns (rank 0) naming each newer one refused and why, and the one resumed from; CheckpointError listing them
+    all when none verifies."""
+    refused: list[CheckpointError] = []
     for step, path in reversed(found):
         try:
             state = load_checkpoint(path)
             _check_state(state, step, path / STATE_FILE)
         except CheckpointError as e:
-            refused.append(f"{path.name}: {e}")
-            if info.is_main:
-                warnings.warn(f"resume: refusing checkpoint {path}: {e}", stacklevel=5)
+            refused.append(e)
             continue
         if refused and info.is_main:
+            for error in refused:
+                warnings.warn(f"resume: refusing checkpoint {error.reason}", stacklevel=5)
             warnings.warn(f"resume: resuming from {path} (step {step}), the newest checkpoint that verifies",
                           stacklevel=5)
         return path, state
     raise CheckpointError(f"{found[0][1].parent}: none of its {len(found)} checkpoints verifies, so the run cannot "
-                          "resume:\n" + "\n".join(refused) + "\nrestore a checkpoint, or move the folder away to "
-                          "start from step 0")
+                          "resume:\n" + ";\n".join(e.reason for e in refused),
+                          "restore one, or move the folder away to start from step 0")
 
 
 def _check_state(state: Any, step: int, path: Path) -> None:
