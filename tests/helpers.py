@@ -1,9 +1,14 @@
 """Test helpers: readable ids, the flash-attention error rule, backend availability, .slim files read and forged
-by hand."""
+by hand, bit-exact comparison of nested states (checkpoints, state dicts), training runs in subprocesses (started,
+killed, finished)."""
 
 import importlib.util
 import json
+import os
+import signal
 import struct
+import subprocess
+import time
 import zlib
 
 import pytest
@@ -11,6 +16,7 @@ import torch
 
 from slimrate.ops import extension_available
 from slimrate.sparse import SparseMatrix
+from slimrate.train import list_checkpoints
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 DTYPE_IDS = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.float64: "fp64"}
@@ -128,3 +134,57 @@ def frequency_table(q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     rank_of_value = torch.empty_like(order)
     rank_of_value[order] = torch.arange(order.numel())
     return values[order].to(torch.int32), rank_of_value[inverse].to(torch.int32)
+
+
+def assert_states_equal(a, b, where="state"):
+    """Nested dicts/lists of tensors and plain values are equal, tensors bit for bit."""
+    if isinstance(a, torch.Tensor):
+        assert torch.equal(a, b), f"{where}: max |diff| {(a.double() - b.double()).abs().max().item():.3g}"
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys(), f"{where}: keys {sorted(a)} vs {sorted(b)}"
+        for k in a:
+            assert_states_equal(a[k], b[k], f"{where}[{k!r}]")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), where
+        for i, (u, v) in enumerate(zip(a, b, strict=True)):
+            assert_states_equal(u, v, f"{where}[{i}]")
+    else:
+        assert a == b or (a != a and b != b), f"{where}: {a!r} vs {b!r}"  # NaN == NaN here
+
+
+SUBPROCESS_TIMEOUT_S = 120
+
+
+def start_process(args: list[str]) -> subprocess.Popen:
+    """``args`` in a subprocess with one thread (bit-identical reductions) in its own session: on a timeout the
+    whole group (torchrun and its workers) is killed."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True,
+                            start_new_session=True)
+
+
+def finish_process(proc: subprocess.Popen, what: str) -> str:
+    """Wait for ``proc`` (killed after SUBPROCESS_TIMEOUT_S); fails unless it exits 0; returns its output."""
+    try:
+        out, _ = proc.communicate(timeout=SUBPROCESS_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, _ = proc.communicate()
+        pytest.fail(f"{what}: no result after {SUBPROCESS_TIMEOUT_S} s (killed); output:\n{out}")
+    assert proc.returncode == 0, f"{what}: exit code {proc.returncode}; output:\n{out}"
+    return out
+
+
+def kill_after_checkpoint(proc: subprocess.Popen, checkpoints, step: int, steps: int) -> None:
+    """SIGKILL the training run ``proc`` as soon as its folder ``checkpoints`` holds the checkpoint of ``step``,
+    checking that it was killed before its last checkpoint (of ``steps``)."""
+    deadline = time.monotonic() + SUBPROCESS_TIMEOUT_S
+    while not any(s >= step for s, _ in list_checkpoints(checkpoints)):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            os.killpg(proc.pid, signal.SIGKILL)
+            pytest.fail(f"the run ended or stalled before its step-{step} checkpoint; output:\n{proc.communicate()[0]}")
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate()
+    assert proc.returncode == -signal.SIGKILL
+    assert list_checkpoints(checkpoints)[-1][0] < steps, "the run finished before the kill"

@@ -367,15 +367,34 @@ def write_header(path: Path, header: dict, data: bytes = b"") -> Path:
     (lambda p: write_header(p, {"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
                                 "b": {"dtype": "F32", "shape": [2], "data_offsets": [4, 12]}}, bytes(12)),
      "tensors overlap or leave a hole"),
+    (lambda p: write_header(p, {"w": {"dtype": ["F32"], "shape": [2], "data_offsets": [0, 8]}}, bytes(8)),
+     "tensor 'w': expected dtype, shape and"),
+    (lambda p: write_header(p, {"w": {"dtype": {"F32": 1}, "shape": [2], "data_offsets": [0, 8]}}, bytes(8)),
+     "tensor 'w': expected dtype, shape and"),
+    (lambda p: write_header(p, {"w": {"dtype": "F32", "shape": [2**63, 0], "data_offsets": [0, 0]}}),
+     "tensor 'w': expected dtype, shape and"),
+    (lambda p: write_header(p, {"w": {"dtype": "F32", "shape": [0, 2**64], "data_offsets": [0, 0]}}),
+     "tensor 'w': expected dtype, shape and"),
     (lambda p: write_header(p, {"__metadata__": {"n": 1}}), "__metadata__ is not an object of strings"),
     (lambda p: write_header(p, {}), "no tensors, nothing to read"),
 ], ids=["short", "header-length", "not-object", "not-json", "entry-keys", "dtype", "offsets", "overlap",
-        "metadata", "no-tensors"])
+        "dtype-list", "dtype-object", "dim-beyond-int64", "dim-beyond-uint64", "metadata", "no-tensors"])
 def test_malformed_files_are_refused_naming_the_file(tmp_path, make, match):
     path = tmp_path / "m.safetensors"
     make(path)
     with pytest.raises(ValueError, match=f"{path}: .*{match}"):
         checkpoint_files(path)
+
+
+def test_a_file_damaged_after_its_header_check_is_refused_naming_it(tmp_path, monkeypatch):
+    """safetensors' own errors (here: the header the check passed is replaced before the tensor is read) come
+    back as ValueError naming the file, like every other read error."""
+    path = tmp_path / "m.safetensors"
+    save_file({"w": torch.randn(3)}, path)
+    monkeypatch.setattr(checkpoints, "safetensors_header", lambda file: (
+        path.write_bytes(b"\x02" + bytes(7) + b"[]"), checkpoints.Header({"w": {}}, {}))[1])
+    with pytest.raises(ValueError, match=f"{path}: not a valid safetensors file"):
+        list(iter_checkpoint(path))
 
 
 def test_sources_that_are_not_safetensors_are_refused(tmp_path):

@@ -1,6 +1,7 @@
 """The `slimrate` command line's error boundary: every bad flag value, input file and output path exits with
 status 2 and one line on stderr that names the command and the file or flag, never a traceback."""
 
+import argparse
 import json
 import os
 import subprocess
@@ -14,7 +15,8 @@ from safetensors.torch import save_file
 import slimrate
 from slimrate import save_slim
 from slimrate.checkpoints import INDEX_FILE, write_checkpoint
-from slimrate.cli import main
+from slimrate.cli import build_parser, main
+from slimrate.cli.errors import UsageError
 from slimrate.models.mlp import DigitsMLP
 
 GARBAGE = b"this is not a model file, just some text " * 4
@@ -243,6 +245,57 @@ def test_the_module_entry_point_prints_one_line_and_exits_2(files, tmp_path):
                           "b'SLIM'\n"
 
 
+# --- training commands: checkpoint options, damaged checkpoints on resume ------------------------------------------
+
+def commands(parser, path=()):
+    """(command path, its parser) for every sub-command of ``parser``, depth first."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                yield (*path, name), sub
+                yield from commands(sub, (*path, name))
+
+
+def test_every_command_that_resumes_has_the_same_checkpoint_options():
+    resumable = {name: sub for name, sub in commands(build_parser()) if "--resume" in sub._option_string_actions}
+    assert ("dmb", "train") in resumable
+    for name, sub in resumable.items():
+        for flag in ("--checkpoint-every", "--keep-checkpoints"):
+            assert flag in sub._option_string_actions, f"slimrate {' '.join(name)}: no {flag}"
+            with pytest.raises(UsageError, match=f"{flag}: expected an integer > 0, got 0"):
+                sub.parse_args([flag, "0"])
+
+
+def train_dmb_argv(out):
+    return ["dmb", "train", "--data", "digits", "--budget", "4", "--out", str(out), "--model", "tiny", "--batch", "4",
+            "--method", "sedd-uniform", "--checkpoint-every", "2", "--no-progress"]
+
+
+def test_resume_skips_a_damaged_checkpoint_saying_so_in_one_line_each(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(train_dmb_argv(out)) == 0
+    (out / "checkpoints" / "step-00000004" / "state.json").write_text("{}")
+    capsys.readouterr()
+    assert main(train_dmb_argv(out) + ["--resume"]) == 0
+    refusal, fallback = capsys.readouterr().err.splitlines()
+    assert refusal.startswith(f"slimrate dmb train: warning: resume: refusing checkpoint {out}/checkpoints/"
+                              "step-00000004/state.json: SHA-256 ")
+    assert fallback == (f"slimrate dmb train: warning: resume: resuming from {out}/checkpoints/step-00000002 (step 2), "
+                        "the newest checkpoint that verifies")
+
+
+def test_resume_with_no_checkpoint_that_verifies_is_one_line(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(train_dmb_argv(out)) == 0
+    for step in (2, 4):
+        (out / "checkpoints" / f"step-0000000{step}" / "manifest.json").write_text("[]")
+    capsys.readouterr()
+    err = refused(train_dmb_argv(out) + ["--resume"], capsys, "slimrate dmb train").splitlines()[-1]
+    assert f"{out}/checkpoints: none of its 2 checkpoints verifies, so the run cannot resume: {out}/checkpoints/" \
+           "step-00000004/manifest.json: expected a JSON object, got list; " in err
+    assert err.endswith("; restore one, or move the folder away to start from step 0")
+
+
 # --- checkpoint folders, several sources, output folders, inspect against stored dtypes ---------------------------
 
 SHARD2 = "model-00002-of-00003.safetensors"
@@ -340,7 +393,8 @@ def test_compress_and_decompress_a_transformers_folder(tmp_path):
 
 
 PEAK_RSS_SCRIPT = """import resource, sys
-from slimrate.cli import main
+from slimrate.cli import build_parser, main
+from slimrate.cli.errors import UsageError
 status = main(sys.argv[1:])
 print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024)  # Linux counts KiB
 sys.exit(status)"""

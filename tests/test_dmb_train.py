@@ -4,6 +4,8 @@ data loaders (text files, digits, CIFAR-10 pickles) and the model folder's manif
 import json
 import pickle
 import shutil
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,6 +14,11 @@ import torch
 from slimrate.cli import main
 from slimrate.dmb import DMBConfig, TokenData, load_model, load_token_data, read_cifar10_batch, train_dmb
 from slimrate.train import CheckpointError, list_checkpoints
+from slimrate.train.checkpoint import write_manifest
+
+from helpers import finish_process, kill_after_checkpoint, start_process
+
+SLOW_CLI = Path(__file__).with_name("slow_cli.py")
 
 TINY = {"model": "tiny", "seq_len": 16, "batch": 8, "eval_sequences": 4, "eval_samples": 2, "p0_samples": 4,
         "p0_steps": 3, "matrix_steps": 2, "log_every": 1, "progress": False}
@@ -54,6 +61,42 @@ def test_train_resumes_bit_identically_after_a_crash(tmp_path, monkeypatch, meth
     for name, tensor in expected.items():
         assert torch.equal(tensor, got[name]), name
     assert resumed["final_eval"] == manifest["final_eval"]
+
+
+def test_cli_run_killed_with_sigkill_and_resumed_ends_bit_identical(tmp_path):
+    """`slimrate dmb train` in a subprocess, killed after its step-10 checkpoint of 30 and resumed with --resume,
+    ends with the weights and the bound of an uninterrupted run (here in-process, while the victim runs)."""
+    torch.set_num_threads(1)  # as the subprocesses (start_process): bit-identical needs the same thread count
+    train = [sys.executable, str(SLOW_CLI), "0.1", "dmb", "train", "--data", "text8", "--seq-len", "16", "--model",
+             "tiny", "--batch", "4", "--budget", "30", "--checkpoint-every", "5", "--no-progress", "--out",
+             str(tmp_path / "run")]
+    victim = start_process(train)
+    whole = train_dmb(DMBConfig(out_dir=str(tmp_path / "whole"), data="text8", seq_len=16, model="tiny", batch=4,
+                                steps=30, checkpoint_every=5, progress=False))
+    kill_after_checkpoint(victim, tmp_path / "run" / "checkpoints", 10, 30)
+    finish_process(start_process(train[:2] + ["0"] + train[3:] + ["--resume"]), "resumed run")
+    expected, (got, _, record) = load_model(tmp_path / "whole")[0].state_dict(), load_model(tmp_path / "run")
+    for name, tensor in expected.items():
+        assert torch.equal(tensor, got.state_dict()[name]), name
+    assert record["final_eval"] == whole["final_eval"]
+
+
+def test_cli_keeps_the_checkpoints_it_is_asked_to(tmp_path):
+    out = tmp_path / "run"
+    assert main(["dmb", "train", "--data", "digits", "--budget", "5", "--out", str(out), "--model", "tiny",
+                 "--batch", "4", "--method", "sedd-uniform", "--checkpoint-every", "2", "--keep-checkpoints", "3",
+                 "--no-progress"]) == 0
+    assert [step for step, _ in list_checkpoints(out / "checkpoints")] == [2, 4, 5]
+
+
+@pytest.mark.parametrize("setting, message", [
+    (dict(checkpoint_every=-1), "checkpoint_every: expected an int >= 0, got -1"),
+    (dict(keep_checkpoints=0), "keep_checkpoints: expected an int >= 1, got 0"),
+    (dict(keep_checkpoints=True), "keep_checkpoints: expected an int >= 1, got True"),
+])
+def test_config_rejects_bad_checkpoint_settings(tmp_path, setting, message):
+    with pytest.raises(ValueError, match=message):
+        DMBConfig(out_dir=str(tmp_path), **setting)
 
 
 def test_config_rejects_a_frozen_q_for_the_baselines(tmp_path):
@@ -110,6 +153,10 @@ def test_cli_samples_digits_as_a_png_grid(tmp_path, capsys):
     (["dmb", "train", "--data", "digits", "--budget", "2", "--out", "x", "--method", "d3pm"], "invalid choice"),
     (["dmb", "train", "--budget", "2", "--out", "x", "--method", "sedd-absorb", "--no-learn-q"],
      "only --method dmb learns Q"),
+    (["dmb", "train", "--budget", "2", "--out", "x", "--checkpoint-every", "0"],
+     "--checkpoint-every: expected an integer > 0, got 0"),
+    (["dmb", "train", "--budget", "2", "--out", "x", "--keep-checkpoints", "0"],
+     "--keep-checkpoints: expected an integer > 0, got 0"),
 ])
 def test_cli_rejects_bad_inputs(argv, message, capsys):
     assert main(argv) == 2
@@ -143,10 +190,20 @@ def edit_a_setting(folder):
     (folder / "dmb.json").write_text(json.dumps(record))
 
 
-def set_manifest_version(folder, version):
+def edit_manifest(folder, edit):
     manifest = json.loads((folder / "manifest.json").read_text())
-    manifest["version"] = version
+    edit(manifest)
     (folder / "manifest.json").write_text(json.dumps(manifest))
+
+
+def set_manifest_version(folder, version):
+    edit_manifest(folder, lambda m: m.update(version=version))
+
+
+def forge(folder, name, data):
+    """Replace the file ``name`` and recompute the manifest, as someone forging a run folder would."""
+    (folder / name).write_bytes(data)
+    write_manifest(folder, "slimrate-dmb", 2, ("model.safetensors", "dmb.json"))
 
 
 @pytest.mark.parametrize("tamper, message", [
@@ -156,7 +213,22 @@ def set_manifest_version(folder, version):
     (lambda folder: (folder / "dmb.json").unlink(), r"dmb\.json: missing"),
     (lambda folder: set_manifest_version(folder, 1), r"expected format 'slimrate-dmb' version 2, got 'slimrate-dmb' "
                                                      r"version 1"),
-], ids=["weights", "settings", "no-manifest", "no-settings", "old-version"])
+    (lambda folder: (folder / "manifest.json").write_bytes(b""), r"manifest\.json: empty \(0 bytes\)"),
+    (lambda folder: (folder / "manifest.json").write_text("[]"), r"manifest\.json: expected a JSON object, got list"),
+    (lambda folder: edit_manifest(folder, lambda m: m["sha256"].pop("dmb.json")), r"lists no SHA-256 for dmb\.json"),
+    (lambda folder: edit_manifest(folder, lambda m: m["sha256"].update({"metrics.jsonl": "0" * 64})),
+     r"lists 'metrics\.jsonl', which is not a file of a 'slimrate-dmb' folder"),
+    (lambda folder: forge(folder, "dmb.json", b"{\"config\": "), r"dmb\.json: not valid JSON"),
+    (lambda folder: forge(folder, "dmb.json", b"[1, 2]"), r"dmb\.json: does not describe the model in "
+                                                         r"model\.safetensors \(TypeError"),
+    (lambda folder: forge(folder, "dmb.json", json.dumps(
+        {k: v for k, v in json.loads((folder / "dmb.json").read_text()).items() if k != "noise"}).encode()),
+     r"dmb\.json: does not describe the model in model\.safetensors \(KeyError: 'noise'\)"),
+    (lambda folder: forge(folder, "model.safetensors", b"\x10" + bytes(7) + b"{}"),
+     r"model\.safetensors: not a valid safetensors file"),
+], ids=["weights", "settings", "no-manifest", "no-settings", "old-version", "empty-manifest", "manifest-list",
+        "unlisted-settings", "listed-extra", "settings-not-json", "settings-list", "settings-no-noise",
+        "weights-not-safetensors"])
 def test_load_model_refuses_a_tampered_folder(trained_folder, tmp_path, tamper, message):
     folder = tmp_path / "run"
     shutil.copytree(trained_folder, folder)

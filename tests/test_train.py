@@ -1,13 +1,10 @@
 """The shared training loop: hooks and their order, logging, checkpoints (atomic, checked, resumable),
 kill-and-resume in a real subprocess, and torchrun/DDP with two CPU processes."""
 
-import os
+import json
 import random
-import signal
 import socket
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -26,14 +23,15 @@ from slimrate.train import (
     load_checkpoint,
     read_jsonl,
     rng_state,
-    save_checkpoint,
     seed_everything,
     set_rng_state,
     train,
 )
+from slimrate.train.checkpoint import CHECKPOINT_FILES, write_manifest
+
+from helpers import assert_states_equal, finish_process, kill_after_checkpoint, start_process
 
 SCRIPT = Path(__file__).with_name("train_script.py")
-SUBPROCESS_TIMEOUT_S = 120
 
 
 def make_run(dropout: float = 0.1, optimizer: str = "adam", lr: float = 1e-2, seed: int = 0):
@@ -54,22 +52,6 @@ def make_run(dropout: float = 0.1, optimizer: str = "adam", lr: float = 1e-2, se
         return F.mse_loss(net(batch[0]), batch[1])
 
     return model, opt, loss_fn, get_batch
-
-
-def assert_states_equal(a, b, where="state"):
-    """Nested dicts/lists of tensors and plain values are equal, tensors bit for bit."""
-    if isinstance(a, torch.Tensor):
-        assert torch.equal(a, b), f"{where}: max |diff| {(a.double() - b.double()).abs().max().item():.3g}"
-    elif isinstance(a, dict):
-        assert a.keys() == b.keys(), f"{where}: keys {sorted(a)} vs {sorted(b)}"
-        for k in a:
-            assert_states_equal(a[k], b[k], f"{where}[{k!r}]")
-    elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b), where
-        for i, (u, v) in enumerate(zip(a, b, strict=True)):
-            assert_states_equal(u, v, f"{where}[{i}]")
-    else:
-        assert a == b or (a != a and b != b), f"{where}: {a!r} vs {b!r}"  # NaN == NaN here
 
 
 def run_resumable(out_dir, steps, **config):
@@ -194,6 +176,8 @@ def test_seed_everything_and_rng_state_round_trip():
     (dict(steps=5, autocast_dtype=torch.float16), "float16 needs gradient scaling"),
     (dict(steps=5, resume=True), "out_dir: resume need"),
     (dict(steps=5, checkpoint_every=2), "out_dir: checkpoint_every need"),
+    (dict(steps=5, out_dir="x", checkpoint_every=-1), "checkpoint_every: expected an int >= 0"),
+    (dict(steps=5, out_dir="x", keep_checkpoints=0), "keep_checkpoints: expected an int >= 1"),
 ])
 def test_config_rejects_bad_values(config, message):
     with pytest.raises(ValueError, match=message):
@@ -208,40 +192,73 @@ def test_wandb_without_the_package_names_the_install_command(tmp_path):
     assert not (tmp_path / "metrics.jsonl").exists()  # failed before any work
 
 
-# ---- checkpoints ----
+# ---- checkpoints and resume (the checkpoint format itself: test_train_checkpoint.py) ----
 
-def test_checkpoint_round_trips_tied_tensors_int_keys_and_tuples(tmp_path):
-    shared = torch.randn(4, 3)
-    state = {"a": shared, "tied": shared, "view": shared[1:], "ids": {0: torch.randn(2), 7: [1, 2.5, None]},
-             "tuple": (3, (True, "x")), "empty": torch.empty(0), "nan": float("nan")}
-    loaded = load_checkpoint(save_checkpoint(tmp_path, 3, state))
-    assert_states_equal(loaded, state)
-
-
-def test_only_complete_checkpoints_are_picked_and_the_newest_k_kept(tmp_path):
-    for step in (10, 20, 30):
-        save_checkpoint(tmp_path, step, {"w": torch.randn(3)}, keep=2)
-    assert [s for s, _ in list_checkpoints(tmp_path)] == [20, 30]
-    (tmp_path / ".tmp-step-00000040-123").mkdir()  # a save interrupted before its rename
-    (tmp_path / "step-00000050").mkdir()  # a folder without its manifest
-    assert latest_checkpoint(tmp_path).name == "step-00000030"
-    save_checkpoint(tmp_path, 40, {"w": torch.randn(3)}, keep=2)
-    assert not (tmp_path / ".tmp-step-00000040-123").exists()  # stale temp folders are cleaned
+def damage_checkpoint(folder, how):
+    """Make the checkpoint ``folder`` fail verification in one of several ways."""
+    if how == "manifest-deleted":
+        (folder / "manifest.json").unlink()
+    elif how == "file-added":
+        (folder / "notes.txt").write_text("added by hand")
+    else:  # a flipped byte in tensors.safetensors or state.json
+        data = bytearray((folder / how).read_bytes())
+        data[len(data) // 2] ^= 0x01
+        (folder / how).write_bytes(bytes(data))
 
 
-@pytest.mark.parametrize("victim", ["tensors.safetensors", "state.json"])
-def test_corrupt_checkpoint_fails_its_checksum(tmp_path, victim):
+@pytest.mark.parametrize("how", ["tensors.safetensors", "state.json", "manifest-deleted", "file-added"])
+def test_resume_falls_back_to_the_newest_checkpoint_that_verifies_and_says_so(tmp_path, how):
+    whole = run_resumable(tmp_path / "whole", 12, checkpoint_every=2)
+    run_resumable(tmp_path / "cut", 8, checkpoint_every=2)  # keeps two by default: steps 6 and 8
+    newest = latest_checkpoint(tmp_path / "cut" / "checkpoints")
+    damage_checkpoint(newest, how)
+    with pytest.warns(UserWarning) as warned:
+        resumed = run_resumable(tmp_path / "cut", 12, checkpoint_every=2, resume=True)
+    messages = [str(w.message) for w in warned]
+    assert len(messages) == 2 and messages[0].startswith(f"resume: refusing checkpoint {newest}")
+    assert messages[1] == (f"resume: resuming from {newest.with_name('step-00000006')} (step 6), the newest "
+                           "checkpoint that verifies")
+    for a, b in zip(whole, resumed, strict=True):  # model, optimizer, scheduler, RateConstraint
+        assert_states_equal(a.state_dict(), b.state_dict())
+    assert [s for s, _ in list_checkpoints(tmp_path / "cut" / "checkpoints")] == [10, 12]  # step 8 saved anew
+
+
+def test_resume_raises_listing_every_checkpoint_when_none_verifies(tmp_path):
+    run_resumable(tmp_path, 4, checkpoint_every=2)
+    for _, path in list_checkpoints(tmp_path / "checkpoints"):
+        damage_checkpoint(path, "state.json")
     model, opt, loss_fn, get_batch = make_run()
-    cfg = TrainConfig(steps=4, out_dir=str(tmp_path), checkpoint_every=2, progress=False, tensorboard=False)
-    train(model, opt, loss_fn, get_batch, cfg)
-    path = latest_checkpoint(tmp_path / "checkpoints") / victim
-    data = bytearray(path.read_bytes())
-    data[len(data) // 2] ^= 0x01
-    path.write_bytes(bytes(data))
-    resumed = TrainConfig(steps=8, out_dir=str(tmp_path), checkpoint_every=2, resume=True, progress=False,
-                          tensorboard=False)
-    with pytest.raises(CheckpointError, match=f"{victim}: SHA-256 .* does not match the manifest"):
-        train(*make_run()[:2], loss_fn, get_batch, resumed)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    config = TrainConfig(steps=6, out_dir=str(tmp_path), checkpoint_every=2, resume=True, progress=False)
+    with pytest.raises(CheckpointError, match=r"none of its 2 checkpoints verifies, so the run cannot resume:\n"
+                                              r".*step-00000004/state\.json: SHA-256 .*;\n"
+                                              r".*step-00000002/state\.json: SHA-256 .*; "
+                                              r"restore one, or move the folder away to start from step 0"):
+        train(model, opt, loss_fn, get_batch, config)
+    assert_states_equal(model.state_dict(), before)  # nothing trained
+
+
+def test_resume_refuses_a_state_without_the_runs_keys(tmp_path):
+    """A state.json that verifies (checksums recomputed) but lacks the model is refused like a damaged one."""
+    run_resumable(tmp_path, 2, checkpoint_every=2)
+    folder = latest_checkpoint(tmp_path / "checkpoints")
+    state = json.loads((folder / "state.json").read_text())
+    del state["model"]
+    (folder / "state.json").write_text(json.dumps(state))
+    write_manifest(folder, "slimrate-checkpoint", 1, CHECKPOINT_FILES, step=2)
+    with pytest.raises(CheckpointError, match=r"none of its 1 checkpoints verifies, so the run cannot resume:\n"
+                                              r".*step-00000002/state\.json: 'model': expected dict, got None"):
+        run_resumable(tmp_path, 4, checkpoint_every=2, resume=True)
+
+
+def test_resume_with_another_model_names_the_checkpoint(tmp_path):
+    run_resumable(tmp_path, 2, checkpoint_every=2)
+    model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 1))
+    _, _, loss_fn, get_batch = make_run()
+    config = TrainConfig(steps=4, out_dir=str(tmp_path), checkpoint_every=2, resume=True, progress=False)
+    with pytest.raises(ValueError, match=r"(?s)step-00000002: does not fit this run \(RuntimeError: Error\(s\) in "
+                                         r"loading state_dict.*resume with the model, optimizer"):
+        train(model, torch.optim.Adam(model.parameters()), loss_fn, get_batch, config)
 
 
 def test_fresh_run_refuses_an_out_dir_with_checkpoints(tmp_path):
@@ -271,26 +288,6 @@ def test_resume_in_process_is_bit_identical_and_logs_each_step_once(tmp_path):
 
 # ---- real processes ----
 
-def _env():
-    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-
-
-def _start(args):
-    # Own session: on a timeout the whole group (torchrun and its workers) is killed.
-    return subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=_env(), text=True,
-                            start_new_session=True)
-
-
-def _finish(proc, what):
-    try:
-        out, _ = proc.communicate(timeout=SUBPROCESS_TIMEOUT_S)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, _ = proc.communicate()
-        pytest.fail(f"{what}: no result after {SUBPROCESS_TIMEOUT_S} s (killed); output:\n{out}")
-    assert proc.returncode == 0, f"{what}: exit code {proc.returncode}; output:\n{out}"
-
-
 def _free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -299,23 +296,11 @@ def _free_port():
 
 def test_run_killed_mid_way_and_resumed_ends_bit_identical(tmp_path):
     common = [sys.executable, str(SCRIPT), "--steps", "200", "--checkpoint-every", "20"]
-    reference = _start(common + ["--out", str(tmp_path / "whole")])
-    victim = _start(common + ["--out", str(tmp_path / "run"), "--step-delay", "0.03"])
-    deadline = time.monotonic() + SUBPROCESS_TIMEOUT_S
-    while True:
-        done = [s for s, _ in list_checkpoints(tmp_path / "run" / "checkpoints")]
-        if done and done[-1] >= 60:
-            break
-        if victim.poll() is not None or time.monotonic() > deadline:
-            os.killpg(victim.pid, signal.SIGKILL)
-            pytest.fail(f"the run ended or stalled before its step-60 checkpoint; output:\n{victim.communicate()[0]}")
-        time.sleep(0.02)
-    victim.send_signal(signal.SIGKILL)
-    victim.communicate()
-    assert victim.returncode == -signal.SIGKILL
-    assert list_checkpoints(tmp_path / "run" / "checkpoints")[-1][0] < 200, "the run finished before the kill"
-    _finish(_start(common + ["--out", str(tmp_path / "run"), "--resume"]), "resumed run")
-    _finish(reference, "uninterrupted run")
+    reference = start_process(common + ["--out", str(tmp_path / "whole")])
+    victim = start_process(common + ["--out", str(tmp_path / "run"), "--step-delay", "0.03"])
+    kill_after_checkpoint(victim, tmp_path / "run" / "checkpoints", 60, 200)
+    finish_process(start_process(common + ["--out", str(tmp_path / "run"), "--resume"]), "resumed run")
+    finish_process(reference, "uninterrupted run")
 
     assert_states_equal(load_file(str(tmp_path / "run" / "final-rank0.safetensors")),
                         load_file(str(tmp_path / "whole" / "final-rank0.safetensors")))
@@ -328,11 +313,11 @@ def test_run_killed_mid_way_and_resumed_ends_bit_identical(tmp_path):
 
 def test_torchrun_two_cpu_processes_match_one_process_with_the_same_global_batch(tmp_path):
     args = [str(SCRIPT), "--steps", "30", "--optimizer", "sgd", "--dropout", "0", "--global-batch", "32"]
-    ddp = _start([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
+    ddp = start_process([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
                   f"--master_port={_free_port()}"] + args + ["--out", str(tmp_path / "ddp")])
-    single = _start([sys.executable] + args + ["--out", str(tmp_path / "single")])
-    _finish(ddp, "torchrun --nproc_per_node=2")
-    _finish(single, "single process")
+    single = start_process([sys.executable] + args + ["--out", str(tmp_path / "single")])
+    finish_process(ddp, "torchrun --nproc_per_node=2")
+    finish_process(single, "single process")
 
     rank0, rank1 = (load_file(str(tmp_path / "ddp" / f"final-rank{r}.safetensors")) for r in (0, 1))
     assert_states_equal(rank0, rank1)  # DDP keeps the replicas identical

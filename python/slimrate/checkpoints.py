@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import BinaryIO, NamedTuple
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
 from slimrate.files import StagedWrites, write_bytes_atomic
 
@@ -35,6 +35,7 @@ SAFETENSORS_DTYPES = {
     "U8": torch.uint8, "BOOL": torch.bool}
 DTYPE_CODES = {dtype: code for code, dtype in SAFETENSORS_DTYPES.items()}
 METADATA_KEY = "__metadata__"  # the header key of the file's metadata, so no tensor may have this name
+MAX_COUNT = 2**63 - 1  # the largest dimension or offset: torch sizes are int64
 MAX_HEADER_NBYTES = 100_000_000  # safetensors refuses larger headers (MAX_HEADER_SIZE in its Rust crate)
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -63,12 +64,14 @@ def _header_error(file: Path, reason: str) -> ValueError:
 
 
 def _is_count(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+    """An int in [0, 2^63): a dimension torch can hold (int64), also when another dimension is 0."""
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= MAX_COUNT
 
 
-def _read_header(file: Path) -> Header:
-    """The header of the safetensors file ``file``, checked as safetensors checks it (dtypes, shapes, offsets that
-    tile the data, the file's length), so that ``safe_open`` then reads it; ValueError naming the file otherwise."""
+def safetensors_header(file: Path) -> Header:
+    """The header of the safetensors file ``file``, checked as safetensors checks it (dtypes, shapes that torch can
+    hold, offsets that tile the data, the file's length) before anything is allocated, so that ``safe_open`` then
+    reads it; ValueError naming the file otherwise."""
     size = file.stat().st_size
     with open(file, "rb") as f:
         prefix = f.read(8)
@@ -88,10 +91,11 @@ def _read_header(file: Path) -> Header:
         raise _header_error(file, f"{METADATA_KEY} is not an object of strings")
     for name, entry in header.items():
         if not (isinstance(entry, dict) and entry.keys() == {"dtype", "shape", "data_offsets"}
-                and entry["dtype"] in SAFETENSORS_DTYPES and isinstance(entry["shape"], list)
+                and isinstance(entry["dtype"], str) and entry["dtype"] in SAFETENSORS_DTYPES
+                and isinstance(entry["shape"], list)
                 and all(_is_count(d) for d in entry["shape"]) and isinstance(entry["data_offsets"], list)
                 and len(entry["data_offsets"]) == 2 and all(_is_count(o) for o in entry["data_offsets"])):
-            raise _header_error(file, f"tensor {name!r}: expected dtype, shape and data_offsets, got {entry!r}")
+            raise _header_error(file, f"tensor {name!r}: expected dtype, shape and data_offsets, got {entry!r:.200}")
         begin, end = entry["data_offsets"]
         if end - begin != math.prod(entry["shape"]) * SAFETENSORS_DTYPES[entry["dtype"]].itemsize:
             raise _header_error(file, f"tensor {name!r}: data_offsets {entry['data_offsets']} do not hold "
@@ -135,7 +139,7 @@ def _index_headers(index: Path) -> dict[Path, Header]:
         if not file.is_file():
             raise ValueError(f"{file}: missing; {index.name} names it for {len(names)} tensors "
                              f"({min(names)!r}, ...); copy or download it again")
-        headers[file] = header = _read_header(file)
+        headers[file] = header = safetensors_header(file)
         missing, unlisted = sorted(names - header.tensors.keys()), sorted(header.tensors.keys() - names)
         if missing:
             raise ValueError(f"{index}: names tensor {missing[0]!r} in {shard}, which does not hold it "
@@ -149,7 +153,7 @@ def _index_headers(index: Path) -> dict[Path, Header]:
 def _source_headers(path: Path) -> dict[Path, Header]:
     if path.is_dir():  # in from_pretrained's order of preference
         if (path / SINGLE_FILE).is_file():
-            return {path / SINGLE_FILE: _read_header(path / SINGLE_FILE)}
+            return {path / SINGLE_FILE: safetensors_header(path / SINGLE_FILE)}
         if (path / INDEX_FILE).is_file():
             return _index_headers(path / INDEX_FILE)
         files = sorted(path.glob("*.safetensors"))
@@ -157,14 +161,14 @@ def _source_headers(path: Path) -> dict[Path, Header]:
             pickles = sorted(p.name for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES)
             raise ValueError(f"{path}: no .safetensors files in the folder" +
                              (f"; {pickles[0]}: {PICKLE_FIX}" if pickles else ""))
-        return {file: _read_header(file) for file in files}
+        return {file: safetensors_header(file) for file in files}
     if path.name.endswith(".safetensors.index.json"):
         return _index_headers(path)
     if path.suffix in PICKLE_SUFFIXES:
         raise ValueError(f"{path}: {PICKLE_FIX}")
     if not path.is_file():
         raise ValueError(f"{path}: no such file or folder (expected a .safetensors file or a model folder)")
-    return {path: _read_header(path)}
+    return {path: safetensors_header(path)}
 
 
 def _checkpoint_headers(src: Source) -> dict[Path, Header]:
@@ -212,8 +216,11 @@ def _load_tensor(file: Path, name: str) -> torch.Tensor:
     # One safe_open per tensor: its memory map goes with the tensor. A map kept open over a whole file keeps every
     # page read so far resident: measured on a 385 MB file of 16 MB bf16 tensors, RSS grew by 500 MB that way and
     # by 68 MB this way (a tensor and a copy of it).
-    with safe_open(file, framework="pt") as f:
-        return f.get_tensor(name)
+    try:
+        with safe_open(file, framework="pt") as f:
+            return f.get_tensor(name)
+    except SafetensorError as e:  # the file changed since its header was checked
+        raise _header_error(file, str(e)) from None
 
 
 def checkpoint_metadata(src: Source) -> dict[str, str]:

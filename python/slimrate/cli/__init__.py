@@ -2,12 +2,14 @@
 
 Each module adds one command group: per sub-command, its arguments, a check of their values and paths that runs
 before any work, and the run. main is the one place where expected failures (errors.EXPECTED_ERRORS) become one
-line on stderr and exit status 2.
+line on stderr and exit status 2, and where warnings (e.g. a damaged checkpoint skipped on resume) become one line
+too.
 """
 
 from __future__ import annotations
 
 import sys
+import warnings
 
 from slimrate.cli import demo, dmb, model_files, qlora, run, schedules, study
 from slimrate.cli.arguments import Parser
@@ -26,18 +28,25 @@ def build_parser() -> Parser:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the command in argv (default sys.argv[1:]); returns the exit status: 0, or 2 for a bad command line,
-    input file or output path, reported as one line `slimrate <command>: <message>` on stderr. --help prints the
-    help and raises argparse's SystemExit(0)."""
+    input file or output path, reported as one line `slimrate <command>: <message>` on stderr. Warnings are one
+    line `slimrate <command>: warning: <message>` each. --help prints the help and raises argparse's
+    SystemExit(0)."""
     parser = build_parser()
     prog = parser.prog
-    try:
-        args = parser.parse_args(argv)
-        prog = args.prog
-        args.check(args)
-        return args.run(args)
-    except EXPECTED_ERRORS as e:
-        print(f"{e.prog if isinstance(e, UsageError) and e.prog else prog}: {one_line(e)}", file=sys.stderr)
-        return 2
+
+    def show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+        print(f"{prog}: warning: {one_line(message)}", file=sys.stderr)
+
+    with warnings.catch_warnings():
+        warnings.showwarning = show_warning
+        try:
+            args = parser.parse_args(argv)
+            prog = args.prog
+            args.check(args)
+            return args.run(args)
+        except EXPECTED_ERRORS as e:
+            print(f"{e.prog if isinstance(e, UsageError) and e.prog else prog}: {one_line(e)}", file=sys.stderr)
+            return 2
 
 
 __all__ = ["build_parser", "main"]

@@ -49,7 +49,13 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--learn-q", action=argparse.BooleanOptionalAction, default=True,
                         help="DMB: matrix learning and p̂_0 re-estimation (--no-learn-q keeps Q at its init)")
     parser.add_argument("--seed", type=int, default=defaults.seed)
-    parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
+    parser.add_argument("--checkpoint-every", type=positive_int, default=defaults.checkpoint_every, metavar="N",
+                        help="checkpoint every N steps and at the end (default %(default)s)")
+    parser.add_argument("--keep-checkpoints", type=positive_int, default=defaults.keep_checkpoints, metavar="K",
+                        help="keep the newest K checkpoints (default %(default)s)")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue from the newest checkpoint in --out that verifies (an older one when the "
+                             "newest is damaged, with a warning)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -67,6 +73,7 @@ def run_train(args: argparse.Namespace) -> int:
     manifest = train_dmb(DMBConfig(out_dir=args.out, data=args.data, method=args.method, steps=args.budget,
                                    batch=args.batch, seq_len=args.seq_len, model=args.model, lr=args.lr,
                                    schedule=args.schedule, eval_every=args.eval_every, seed=args.seed,
+                                   checkpoint_every=args.checkpoint_every, keep_checkpoints=args.keep_checkpoints,
                                    resume=args.resume, progress=not args.no_progress,
                                    scale_by_sigma=args.scale_by_sigma, learn_q=args.learn_q))
     final = manifest["final_eval"]

@@ -22,7 +22,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 from torch import nn
 
@@ -37,7 +36,14 @@ from slimrate.dmb.sampler import estimate_p0, reverse_sample
 from slimrate.files import write_bytes_atomic, write_text_atomic
 from slimrate.schedules import UBA
 from slimrate.train import TrainConfig, latest_checkpoint, train
-from slimrate.train.checkpoint import verify_manifest, write_manifest
+from slimrate.train.checkpoint import (
+    DEFAULT_KEEP,
+    CheckpointError,
+    read_json,
+    read_tensors,
+    verify_manifest,
+    write_manifest,
+)
 from slimrate.train.loop import CHECKPOINTS_DIR
 
 METHODS = ("dmb", "sedd-absorb", "sedd-uniform")
@@ -60,6 +66,8 @@ class DMBConfig:
     sequences × ``p0_steps`` Euler steps, then ``matrix_steps`` of AdamW(``matrix_lr``,
     ``matrix_weight_decay``) on the matrix loss (official code: 1e-3, 1e-2, clip 1).
     eval_every: bound on ``eval_sequences`` × ``eval_samples`` times every k steps (0: at the end only).
+    checkpoint_every: a checkpoint of the run every k steps and at the end (0: none), the newest
+    ``keep_checkpoints`` kept; resume: continue from the newest one that verifies (docs/training.md §3).
     scale_by_sigma: the network's σ̄-scaled output (``ScoreNetConfig``); None = the official codes' choice
     (SEDD-absorb yes, DMB's example script and SEDD-uniform no).
     learn_q: DMB only; False keeps Q at its ``init`` and p̂_0 = μ̂ (no outer loop): the control that shows
@@ -90,6 +98,7 @@ class DMBConfig:
     eval_sequences: int = 64
     eval_samples: int = 4
     checkpoint_every: int = 500
+    keep_checkpoints: int = DEFAULT_KEEP
     log_every: int = 50
     seed: int = 0
     resume: bool = False
@@ -107,11 +116,12 @@ class DMBConfig:
                              "nothing there (leave it True)")
         if self.init not in RATE_INITS:
             raise ValueError(f"init: expected one of {RATE_INITS}, got {self.init!r}")
-        for name in ("steps", "batch", "seq_len", "outer_every", "matrix_steps", "p0_samples", "p0_steps",
-                     "eval_sequences", "log_every"):
+        for name, low in (("steps", 1), ("batch", 1), ("seq_len", 1), ("outer_every", 1), ("matrix_steps", 1),
+                          ("p0_samples", 1), ("p0_steps", 1), ("eval_sequences", 1), ("log_every", 1),
+                          ("checkpoint_every", 0), ("keep_checkpoints", 1)):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name}: expected an int >= 1, got {value!r}")
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ValueError(f"{name}: expected an int >= {low}, got {value!r}")
         if self.eval_samples < 2:
             raise ValueError(f"eval_samples: expected >= 2 (the standard error needs two), got {self.eval_samples}")
         if not 0 <= self.ema < 1:
@@ -291,8 +301,9 @@ def train_dmb(config: DMBConfig) -> dict[str, Any]:
     x_eval = data.eval_subset(config.eval_sequences)
     loop_config = TrainConfig(steps=config.steps, out_dir=str(out), eval_every=config.eval_every,
                               log_every=config.log_every, checkpoint_every=config.checkpoint_every,
-                              resume=config.resume, max_grad_norm=config.grad_clip, seed=config.seed,
-                              progress=config.progress, desc=f"dmb {config.method}")
+                              keep_checkpoints=config.keep_checkpoints, resume=config.resume,
+                              max_grad_norm=config.grad_clip, seed=config.seed, progress=config.progress,
+                              desc=f"dmb {config.method}")
     result = train(model, optimizer, lambda m, x0: m(x0), data.batch_fn(config.batch, config.seed), loop_config,
                    scheduler=scheduler, evaluate=BoundEvaluator(ema, x_eval, config.eval_samples), hooks=hooks)
     with ema.applied():
@@ -315,19 +326,30 @@ def save_model(out: Path, model: DMBModel, config: DMBConfig, data: TokenData, f
 
 def load_model(directory: str | Path) -> tuple[DMBModel, DMBConfig, dict[str, Any]]:
     """The trained model of a run folder, its config and run record (dmb.json), after checking both files
-    against the folder's manifest (``CheckpointError`` if either is missing, corrupt or edited)."""
+    against the folder's manifest; ``CheckpointError`` naming the file if either is missing, corrupt, edited or
+    not one this slimrate can build a model from."""
     directory = Path(directory)
-    verify_manifest(directory, FORMAT, VERSION, (MODEL_FILE, RUN_FILE),
-                    fix="pass the --out folder of a finished `slimrate dmb train` run of this slimrate version, "
-                        "or train it again")
-    record = json.loads((directory / RUN_FILE).read_text())
+    fix = "pass the --out folder of a finished `slimrate dmb train` run of this slimrate version, or train it again"
+    verify_manifest(directory, FORMAT, VERSION, (MODEL_FILE, RUN_FILE), fix)
+    record = read_json(directory / RUN_FILE, fix)
+    state = read_tensors(directory / MODEL_FILE, fix)
+    # Verified, yet perhaps not written by this code: a missing or ill-typed field, weights that do not fit.
+    try:
+        model, config = _build_trained(record, state)
+    except (KeyError, TypeError, ValueError, RuntimeError) as e:
+        raise CheckpointError(f"{directory / RUN_FILE}: does not describe the model in {MODEL_FILE} "
+                              f"({type(e).__name__}: {e})", fix) from e
+    return model, config, record
+
+
+def _build_trained(record: dict[str, Any], state: dict[str, torch.Tensor]) -> tuple[DMBModel, DMBConfig]:
+    """The model and config that dmb.json's ``record`` describes, with the weights ``state``, in eval mode."""
     unknown = set(record["config"]) - {f.name for f in dataclasses.fields(DMBConfig)}
     if unknown:
-        raise ValueError(f"{directory / RUN_FILE}: settings {sorted(unknown)} are unknown to this slimrate; the run "
-                         "was written by another version")
+        raise ValueError(f"settings {sorted(unknown)} are unknown to this slimrate; the run was written by another "
+                         "version")
     config = DMBConfig(**{**record["config"], "resume": False})
     noise = noise_from_dict(record["noise"])
-    state = load_safetensors((directory / MODEL_FILE).read_bytes())
     V, L = record["net"]["vocab_size"], record["net"]["seq_len"]
     if config.method == "dmb":
         rates = RateMatrix(state["rates.perm"], torch.relu(state["rates.raw"]))
@@ -338,4 +360,4 @@ def load_model(directory: str | Path) -> tuple[DMBModel, DMBConfig, dict[str, An
     model = DMBModel(ScoreNet(ScoreNetConfig(**record["net"])), rates, state["p0_hat"], noise)
     model.load_state_dict(state)
     model.eval()
-    return model, config, record
+    return model, config

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import math
 import time
-import warnings
 from collections.abc import Callable, Iterable
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
@@ -22,10 +21,11 @@ import torch.distributed as dist
 from torch import nn
 from tqdm import tqdm
 
-from slimrate.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from slimrate.train.distributed import DistributedInfo, gather_objects, init_distributed, sum_across_ranks
+from slimrate.train.checkpoint import DEFAULT_KEEP
+from slimrate.train.distributed import DistributedInfo, init_distributed, sum_across_ranks
 from slimrate.train.metrics import MetricsLogger, check_wandb_installed
-from slimrate.train.rng import rng_state, seed_everything, set_rng_state
+from slimrate.train.resume import resume_run, save_run
+from slimrate.train.rng import seed_everything
 
 CHECKPOINTS_DIR = "checkpoints"
 AUTOCAST_DTYPES = (None, torch.bfloat16)
@@ -39,8 +39,10 @@ class TrainConfig:
     and ``checkpoints/`` go; None writes nothing.  eval_every: evaluate every k steps (0: only at the
     end; the end always).  log_every: a training log record (mean loss since the last one, lr,
     samples/s) every k steps and at the end.  checkpoint_every: save every k steps and at the end (0:
-    never), keeping the newest ``keep_checkpoints``.  resume: continue from the newest checkpoint in
-    out_dir when there is one (else start afresh).  max_grad_norm: clip the gradients' total 2-norm.
+    never), keeping the newest ``keep_checkpoints`` (default 2, so a damaged newest one leaves another).
+    resume: continue from the newest checkpoint in out_dir that verifies, when there is one (else start
+    afresh); ``slimrate.train.resume`` says what happens to the ones that do not.
+    max_grad_norm: clip the gradients' total 2-norm.
     autocast_dtype: None or torch.bfloat16 (CPU and CUDA; float16 would need loss scaling).
     seed: seeds torch, random and numpy at a fresh start (rank r uses seed + r).
     """
@@ -50,7 +52,7 @@ class TrainConfig:
     eval_every: int = 0
     log_every: int = 10
     checkpoint_every: int = 0
-    keep_checkpoints: int = 1
+    keep_checkpoints: int = DEFAULT_KEEP
     resume: bool = False
     max_grad_norm: float | None = None
     autocast_dtype: torch.dtype | None = None
@@ -134,7 +136,7 @@ def _train(model, optimizer, loss_fn, get_batch, config, scheduler, evaluate, ho
         raise ValueError(f"model: expected on {info.device} (rank {info.rank}, LOCAL_RANK {info.local_rank}), "
                          f"got {device}; move it with model.to(init_distributed()[0].device) first")
     checkpoints = Path(config.out_dir) / CHECKPOINTS_DIR if config.out_dir else None
-    start = _resume(config, checkpoints, model, optimizer, scheduler, hooks, info) if checkpoints else 0
+    start = resume_run(config, checkpoints, model, optimizer, scheduler, hooks, info) if checkpoints else 0
     if start == 0:
         seed_everything(config.seed + info.rank)
     model.train()
@@ -177,7 +179,7 @@ def _train(model, optimizer, loss_fn, get_batch, config, scheduler, evaluate, ho
             if evaluate is not None and config.eval_every and done % config.eval_every == 0 and done < config.steps:
                 _log_eval(logger, done, _evaluate(evaluate, model, autocast))
             if config.checkpoint_every and (done % config.checkpoint_every == 0 or done == config.steps):
-                _save(checkpoints, done, config, model, optimizer, scheduler, hooks, info)
+                save_run(checkpoints, done, config, model, optimizer, scheduler, hooks, info)
         if evaluate is not None:
             result.eval = _evaluate(evaluate, model, autocast)
             _log_eval(logger, result.step, result.eval)
@@ -255,53 +257,3 @@ def _evaluate(evaluate, model: nn.Module, autocast) -> dict[str, float]:
 def _log_eval(logger: MetricsLogger | None, step: int, metrics: dict[str, float]) -> None:
     if logger:
         logger.log(step, {f"eval/{name}": value for name, value in metrics.items()})
-
-
-def _save(directory: Path, step: int, config: TrainConfig, model, optimizer, scheduler, hooks, info) -> None:
-    rng = gather_objects(rng_state(), info)  # a collective: every rank takes part, rank 0 writes
-    if not info.is_main:
-        return
-    state = {"step": step, "world_size": info.world_size, "config": config.to_json(), "rng": rng,
-             "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-             "scheduler": scheduler.state_dict() if scheduler is not None else None,
-             "hooks": [h.state_dict() for h in _stateful(hooks)]}
-    save_checkpoint(directory, step, state, keep=config.keep_checkpoints)
-
-
-def _stateful(hooks: list[Any]) -> list[Any]:
-    """The hooks that are checkpointed: those with state_dict and load_state_dict (stateless ones, e.g.
-    a logging hook, may be added or dropped on resume)."""
-    return [h for h in hooks if hasattr(h, "state_dict") and hasattr(h, "load_state_dict")]
-
-
-def _resume(config: TrainConfig, directory: Path, model, optimizer, scheduler, hooks, info) -> int:
-    """Load the newest checkpoint when resuming; returns the step to start from."""
-    latest = latest_checkpoint(directory)
-    if latest is None:
-        return 0
-    if not config.resume:
-        raise ValueError(f"out_dir: {config.out_dir} already holds checkpoints (newest: {latest.name}); pass "
-                         "resume=True to continue that run, or choose an empty out_dir")
-    state = load_checkpoint(latest)
-    model.load_state_dict(state["model"])
-    optimizer.load_state_dict(state["optimizer"])
-    if (state["scheduler"] is None) != (scheduler is None):
-        raise ValueError(f"scheduler: the checkpoint {latest} was saved {'without' if scheduler else 'with'} one; "
-                         "resume with the same setup")
-    if scheduler is not None:
-        scheduler.load_state_dict(state["scheduler"])
-    stateful = _stateful(hooks)
-    if len(state["hooks"]) != len(stateful):
-        raise ValueError(f"hooks: the checkpoint {latest} holds the states of {len(state['hooks'])} hooks, this run "
-                         f"has {len(stateful)} hooks with a state_dict; resume with the same hooks, in the same order")
-    for hook, hook_state in zip(stateful, state["hooks"], strict=True):
-        hook.load_state_dict(hook_state)
-    step = int(state["step"])
-    if len(state["rng"]) == info.world_size:
-        set_rng_state(state["rng"][info.rank])
-    else:
-        warnings.warn(f"the checkpoint was saved by {len(state['rng'])} processes, this run has "
-                      f"{info.world_size}: random streams are re-seeded, so the run is not bit-identical "
-                      "to an uninterrupted one", stacklevel=3)
-        seed_everything(config.seed + info.rank + step)
-    return step
