@@ -52,6 +52,27 @@ class Worker:
         self.cases, self.done, self.deadline = cases, 0, time.monotonic() + timeout
         self.conn.send(cases)
 
+    def busy(self) -> bool:
+        return self.done < len(self.cases)
+
+    def next_result(self, ready: list, timeout: float) -> dict | None:
+        """The current case's result; a "crash" or "hang" result when the worker died or ran past its deadline
+        (it is then dead); None while the case runs."""
+        family, index = self.cases[self.done]
+        lost = {"family": family, "index": index, "exception": "", "growth": 0, "seconds": 0.0}
+        if self.conn in ready:
+            try:
+                result = self.conn.recv()
+            except (EOFError, OSError):
+                self.process.join(10)
+                return {**lost, "outcome": "crash", "message": f"worker exit code {self.process.exitcode}"}
+            self.done, self.deadline = self.done + 1, time.monotonic() + timeout
+            return result
+        if time.monotonic() > self.deadline and not self.conn.poll():  # poll: it may have answered since the wait
+            self.stop(kill=True)
+            return {**lost, "outcome": "hang", "message": f"no result within {timeout:g} s"}
+        return None
+
     def stop(self, kill: bool) -> None:
         if kill:
             self.process.kill()
@@ -61,47 +82,38 @@ class Worker:
 
 
 def run_fuzz(seed: int, counts: dict[str, int], workers: int = 2, timeout: float = 10.0, max_bytes: int = 8 << 20,
-             cap_bytes: int = 1 << 30, batch: int = 100) -> list[dict]:
+             cap_bytes: int = 1 << 30, batch: int = 100, progress: int = 0) -> list[dict]:
     """Cases 0..counts[family]-1 of each family under ``seed``, on ``workers`` processes: one result per case
-    (family, index, outcome, exception, message, growth, seconds)."""
+    (family, index, outcome, exception, message, growth, seconds). A worker that crashed or hung is replaced and
+    the rest of its batch goes back in the queue. progress > 0: a line on stderr every ``progress`` cases."""
     todo = [[(family, i) for i in range(start, min(start + batch, n))]
             for family, n in counts.items() for start in range(0, n, batch)]
     todo.reverse()  # popped from the end: families in order
-    results = []
+    results, start, total = [], time.monotonic(), sum(counts.values())
     with tempfile.TemporaryDirectory(dir=SCRATCH) as tmp:
         folders = [Path(tmp) / str(w) for w in range(workers)]
         for f in folders:
             f.mkdir()
         pool = [Worker(seed, max_bytes, cap_bytes, str(f)) for f in folders]
-        while todo or any(w.done < len(w.cases) for w in pool):
+        while todo or any(w.busy() for w in pool):
             for w in pool:
-                if w.done == len(w.cases) and todo:
+                if not w.busy() and todo:
                     w.give(todo.pop(), timeout)
-            busy = [w for w in pool if w.done < len(w.cases)]
+            busy = [w for w in pool if w.busy()]
             ready = wait([w.conn for w in busy], max(0.0, min(w.deadline for w in busy) - time.monotonic()))
             for k, w in enumerate(pool):
-                if w not in busy:
+                result = w.next_result(ready, timeout) if w in busy else None
+                if result is None:
                     continue
-                family, index = w.cases[w.done]
-                lost = None
-                if w.conn in ready:
-                    try:
-                        results.append(w.conn.recv())
-                        w.done, w.deadline = w.done + 1, time.monotonic() + timeout
-                        continue
-                    except (EOFError, OSError):
-                        w.process.join(10)
-                        lost = {"outcome": "crash", "message": f"worker exit code {w.process.exitcode}"}
-                elif time.monotonic() > w.deadline and not w.conn.poll():  # poll: it may have answered since
-                    lost = {"outcome": "hang", "message": f"no result within {timeout:g} s"}
-                    w.stop(kill=True)
-                if lost:
-                    results.append({"family": family, "index": index, "exception": "", "growth": 0,
-                                    "seconds": 0.0, **lost})
-                    rest = w.cases[w.done + 1:]
+                results.append(result)
+                if result["outcome"] in ("crash", "hang"):
                     pool[k] = Worker(seed, max_bytes, cap_bytes, str(folders[k]))
-                    if rest:
-                        todo.append(rest)
+                    if w.cases[w.done + 1:]:
+                        todo.append(w.cases[w.done + 1:])
+                if progress and len(results) % progress == 0:
+                    failed = sum(r["outcome"] in FAILURES for r in results)
+                    print(f"{len(results)}/{total} cases, {failed} failed, "
+                          f"{len(results) / (time.monotonic() - start):.0f} cases/s", file=sys.stderr, flush=True)
         for w in pool:
             w.stop(kill=False)
     return results
@@ -212,7 +224,8 @@ def main(argv=None) -> int:
         p.error(f"--mix: families are {FAMILIES}, got {sorted(weights)}")
     counts = {f: round(args.cases * w / sum(weights.values())) for f, w in weights.items()}
     start = time.perf_counter()
-    results = run_fuzz(args.seed, counts, args.workers, args.timeout, args.max_bytes, args.memory_cap_mb << 20)
+    results = run_fuzz(args.seed, counts, args.workers, args.timeout, args.max_bytes, args.memory_cap_mb << 20,
+                       progress=10000)
     summary = summarize(results, args.seed, time.perf_counter() - start, args.workers, args.max_bytes)
     if args.save_failures:
         summary["saved"] = [str(p) for p in save_failures(summary, args.save_failures, 3)]
