@@ -1,11 +1,11 @@
-"""Seeded fuzzing of the .slim reader and the coder ops: ``python tools/fuzz_slim.py --cases 140000``.
+"""Seeded fuzzing of the .slim reader and the coder ops: ``python tools/fuzz_slim.py --cases 140000`` (Linux).
 
 Cases come from four families (tools/fuzz_slim_cases.py) and run in a pool of worker processes
 (tools/fuzz_slim_worker.py), each with its address space capped; a worker that dies is a "crash", one that
 spends more than --timeout seconds on a case is killed (a "hang"); both are respawned and go on with the
 rest of their batch. The run writes OUT.json and OUT.md: per family the outcomes and a histogram of exception
-types, and for each failure its reproducer, replayed with ``--case FAMILY:INDEX --seed SEED``; with
---save-failures DIR the first inputs of each kind of failure are saved there, replayed with ``--replay FILE``.
+types, and the failures grouped by kind, each kind with the reproducer of its first case, run again here with
+``--case FAMILY:INDEX --seed SEED``; --save-failures DIR saves that case's input, run again with ``--replay FILE``.
 """
 
 from __future__ import annotations
@@ -121,7 +121,8 @@ def run_fuzz(seed: int, counts: dict[str, int], workers: int = 2, timeout: float
 
 def summarize(results: list[dict], seed: int, seconds: float, workers: int, max_bytes: int) -> dict:
     """The run's figures: machine, per-family outcomes and exception types, failures by kind (family, outcome,
-    exception type) with a count and the first reproducer, and the first MAX_LISTED failures."""
+    exception type, message without names and numbers) with a count and the first reproducer, and the first
+    MAX_LISTED failures."""
     families, kinds = {}, {}
     for family in dict.fromkeys(r["family"] for r in results):
         mine = [r for r in results if r["family"] == family]
@@ -133,7 +134,8 @@ def summarize(results: list[dict], seed: int, seconds: float, workers: int, max_
     failures = sorted(({k: r[k] for k in ("family", "index", "outcome", "exception", "message")} | {"seed": seed}
                        for r in results if r["outcome"] in FAILURES), key=lambda x: (x["family"], x["index"]))
     for x in failures:
-        kind = kinds.setdefault((x["family"], x["outcome"], x["exception"]), {"count": 0, "first": x})
+        reason = re.sub(r"'[^']*'|\d+", "#", x["message"].split("\n")[0])[:80]  # names and numbers blanked
+        kind = kinds.setdefault((x["family"], x["outcome"], x["exception"], reason), {"count": 0, "first": x})
         kind["count"] += 1
     cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                 if line.startswith("model name")), platform.processor())
@@ -171,19 +173,15 @@ def markdown(summary: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def save_failures(summary: dict, folder: Path, per_kind: int) -> list[Path]:
-    """The inputs of the first ``per_kind`` listed failures of each kind (family, outcome, exception type), as
-    FAMILY-SEED-INDEX.slim (a .slim file) or .json (an op call)."""
+def save_failures(summary: dict, folder: Path) -> list[Path]:
+    """The input of the first failure of each kind, as FAMILY-SEED-INDEX.slim (a .slim file) or .json (an op
+    call)."""
     folder.mkdir(parents=True, exist_ok=True)
-    files, seen, saved = seed_files(), Counter(), []
-    for x in summary["failures"]:
-        kind = (x["family"], x["outcome"], x["exception"])
-        if seen[kind] < per_kind:
-            seen[kind] += 1
-            case = make_case(x["family"], x["seed"], x["index"], files)
-            path = folder / f"{x['family']}-{x['seed']}-{x['index']}.{'json' if x['family'] == 'stream' else 'slim'}"
-            path.write_bytes(case.data)
-            saved.append(path)
+    files, saved = seed_files(), []
+    for x in (kind["first"] for kind in summary["failure_kinds"]):
+        path = folder / f"{x['family']}-{x['seed']}-{x['index']}.{'json' if x['family'] == 'stream' else 'slim'}"
+        path.write_bytes(make_case(x["family"], x["seed"], x["index"], files).data)
+        saved.append(path)
     return saved
 
 
@@ -206,7 +204,7 @@ def main(argv=None) -> int:
     p.add_argument("--max-bytes", type=int, default=8 << 20, help="load_slim's max_bytes where it takes one")
     p.add_argument("--memory-cap-mb", type=int, default=1024, help="address space each worker may add")
     p.add_argument("-o", "--output", default="bench/results/fuzz", help="writes OUTPUT.json and OUTPUT.md")
-    p.add_argument("--save-failures", type=Path, help="folder for the first failing inputs of each kind")
+    p.add_argument("--save-failures", type=Path, help="folder for the first failing input of each kind")
     p.add_argument("--case", help="FAMILY:INDEX: run that case of --seed here and print the outcome")
     p.add_argument("--replay", type=Path, help="a saved FAMILY-SEED-INDEX.slim/.json: run it here")
     args = p.parse_args(argv)
@@ -228,7 +226,7 @@ def main(argv=None) -> int:
                        progress=10000)
     summary = summarize(results, args.seed, time.perf_counter() - start, args.workers, args.max_bytes)
     if args.save_failures:
-        summary["saved"] = [str(p) for p in save_failures(summary, args.save_failures, 3)]
+        summary["saved"] = [str(p) for p in save_failures(summary, args.save_failures)]
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
     Path(args.output + ".json").write_text(json.dumps(summary, indent=1) + "\n")
     Path(args.output + ".md").write_text(markdown(summary))
