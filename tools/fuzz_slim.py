@@ -32,7 +32,6 @@ from fuzz_slim_worker import DOCUMENTED, FAILURES, LOADER_HAS_MAX_BYTES, load_se
 START_TIMEOUT = 300.0  # seconds for a worker to import torch and build its seed files on a loaded machine
 # Each case is written to a file: on tmpfs that takes ~40 µs, on this machine's disk ~4 ms (measured).
 SCRATCH = "/dev/shm" if os.path.isdir("/dev/shm") else None
-MAX_LISTED = 1000  # failures listed one by one in the JSON summary
 
 
 class Worker:
@@ -121,8 +120,8 @@ def run_fuzz(seed: int, counts: dict[str, int], workers: int = 2, timeout: float
 
 def summarize(results: list[dict], seed: int, seconds: float, workers: int, max_bytes: int) -> dict:
     """The run's figures: machine, per-family outcomes and exception types, failures by kind (family, outcome,
-    exception type, message without names and numbers) with a count and the first reproducer, and the first
-    MAX_LISTED failures."""
+    exception type, message without names and numbers) with a count and the first case, and every failed case as
+    [family, index, outcome, exception] (replayed with --seed SEED --case FAMILY:INDEX)."""
     families, kinds = {}, {}
     for family in dict.fromkeys(r["family"] for r in results):
         mine = [r for r in results if r["family"] == family]
@@ -131,11 +130,12 @@ def summarize(results: list[dict], seed: int, seconds: float, workers: int, max_
                             "exceptions": dict(Counter(r["exception"] for r in mine if r["exception"]).most_common()),
                             "max_rss_growth_mib": round(max(r["growth"] for r in mine) / 2**20, 1),
                             "ms_per_case": round(1000 * sum(r["seconds"] for r in mine) / len(mine), 2)}
-    failures = sorted(({k: r[k] for k in ("family", "index", "outcome", "exception", "message")} | {"seed": seed}
-                       for r in results if r["outcome"] in FAILURES), key=lambda x: (x["family"], x["index"]))
+    failures = sorted((r | {"seed": seed} for r in results if r["outcome"] in FAILURES),
+                      key=lambda x: (x["family"], x["index"]))
     for x in failures:
-        reason = re.sub(r"'[^']*'|\d+", "#", x["message"].split("\n")[0])[:80]  # names and numbers blanked
-        kind = kinds.setdefault((x["family"], x["outcome"], x["exception"], reason), {"count": 0, "first": x})
+        reason = re.sub(r"'[^']*'|-?\binf\b|\d+", "#", x["message"].split("\n")[0])[:80]  # names, numbers blanked
+        kind = kinds.setdefault((x["family"], x["outcome"], x["exception"], reason), {"count": 0, "first": {
+            k: x[k] for k in ("family", "index", "seed", "outcome", "exception", "message")}})
         kind["count"] += 1
     cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                 if line.startswith("model name")), platform.processor())
@@ -146,7 +146,8 @@ def summarize(results: list[dict], seed: int, seconds: float, workers: int, max_
             "load_average": [round(x, 2) for x in os.getloadavg()], "commit": commit, "torch": torch.__version__,
             "max_bytes": max_bytes, "loader_takes_max_bytes": LOADER_HAS_MAX_BYTES,
             "documented": {f: [t.__name__ for t in types] for f, types in DOCUMENTED.items()},
-            "families": families, "failure_kinds": list(kinds.values()), "failures": failures[:MAX_LISTED]}
+            "families": families, "failure_kinds": list(kinds.values()),
+            "failures": [[x["family"], x["index"], x["outcome"], x["exception"]] for x in failures]}
 
 
 def markdown(summary: dict) -> str:

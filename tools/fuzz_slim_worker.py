@@ -29,7 +29,9 @@ DOCUMENTED = {**{family: (SlimFormatError,) for family in SLIM_FAMILIES}, "strea
 TYPE_EDIT_DOCUMENTED = (ValueError, TypeError)
 FAILURES = ("crash", "hang", "blowup", "error", "corruption", "wrong")
 OVERHEAD = 64 << 20  # RSS a case may add beyond its decoded data: the interpreter, torch's allocator, mmap pages
-WORK_FACTOR = 5  # output + a chunk of int32 symbols + the "eg" table (≤ one int32 per element): ≤ 5 × a 2-byte output
+# Decoding holds the output, a chunk of int32 symbols and the "eg" table (≤ one int32 per element): for a 2-byte
+# dtype, at most 5 × the output.
+WORK_FACTOR = 5
 ITEMSIZE = {"float64": 8, "float32": 4, "float16": 2, "bfloat16": 2, "int64": 8, "int32": 4, "int16": 2, "int8": 1,
             "uint8": 1, "bool": 1}
 LOADER_HAS_MAX_BYTES = "max_bytes" in inspect.signature(load_slim).parameters
@@ -139,7 +141,7 @@ def measured_case(case: Case, folder: Path, max_bytes: int, seed_tensors: dict) 
     if growth > OVERHEAD and outcome in ("loaded", "refused", "error"):
         bound = OVERHEAD + WORK_FACTOR * min(declared_bytes(case), max_bytes)
         if growth > bound:
-            outcome, message = "blowup", f"peak RSS grew by {growth >> 20} MiB, bound {bound >> 20} MiB; {message}"
+            outcome, message = "blowup", f"peak RSS grew by {growth >> 20} MiB, bound {bound >> 20} MiB. {message}"
     return {"family": case.family, "index": case.index, "outcome": outcome, "exception": exception,
             "message": message, "growth": growth, "seconds": seconds}
 
