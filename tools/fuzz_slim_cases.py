@@ -89,10 +89,16 @@ def _edit_entry(rng, doc):
     return doc
 
 
+def _sizes(entry: dict) -> list[int]:
+    """The entry's chunk sizes when they are a list of ints (an earlier edit may have made them anything)."""
+    sizes = entry.get("chunk_nbytes")
+    return sizes if isinstance(sizes, list) and all(type(n) is int for n in sizes) else []
+
+
 def _tweak_int(rng, doc):
     """An integer field (offset, sizes, checksum, chunk fields) moved by a little or a lot."""
-    e = _entry(rng, doc)
-    ints = [k for k in e or {} if type(e[k]) is int] + (["chunk_nbytes"] if e and e.get("chunk_nbytes") else [])
+    e = _entry(rng, doc) or {}
+    ints = [k for k in e if type(e[k]) is int] + (["chunk_nbytes"] if _sizes(e) else [])
     if not ints:
         return doc
     key = rng.choice(ints)
@@ -114,7 +120,7 @@ def _edit_list(rng, doc):
         entries.insert(rng.randrange(len(entries) + 1), copy.deepcopy(e))
     elif kind == 2:
         entries.remove(e)
-    elif kind == 3 and isinstance(e.get("chunk_nbytes"), list):
+    elif kind == 3 and _sizes(e):
         sizes = e["chunk_nbytes"]
         e["chunk_nbytes"] = rng.choice([sizes[::-1], sizes + [0], sizes[:-1], [sum(sizes)], sizes * 2])
     elif e:
