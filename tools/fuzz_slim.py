@@ -186,11 +186,11 @@ def save_failures(summary: dict, folder: Path) -> list[Path]:
     return saved
 
 
-def replay(case) -> int:
+def replay(case, max_bytes: int) -> int:
     """Run one case here, without a memory cap or time limit, and print its outcome."""
     files = seed_files()
     with tempfile.TemporaryDirectory(dir=SCRATCH) as tmp:
-        outcome, message, exception = run_case(case, Path(tmp), 8 << 20, load_seed_tensors(files, Path(tmp)))
+        outcome, message, exception = run_case(case, Path(tmp), max_bytes, load_seed_tensors(files, Path(tmp)))
     print(f"{case.family} case {case.index} (seed {case.seed}, from {case.origin}): {outcome} {exception} {message}")
     return 1 if outcome in FAILURES else 0
 
@@ -217,7 +217,7 @@ def main(argv=None) -> int:
         case = make_case(m.group(1), int(m.group(2) or args.seed), int(m.group(3)), seed_files())
         if args.replay:
             case.data = args.replay.read_bytes()
-        return replay(case)
+        return replay(case, args.max_bytes)
     weights = {f: float(w) for f, w in (item.split("=") for item in args.mix.split(","))}
     if not set(weights) <= set(FAMILIES):
         p.error(f"--mix: families are {FAMILIES}, got {sorted(weights)}")
@@ -227,7 +227,7 @@ def main(argv=None) -> int:
                        progress=10000)
     summary = summarize(results, args.seed, time.perf_counter() - start, args.workers, args.max_bytes)
     if args.save_failures:
-        summary["saved"] = [str(p) for p in save_failures(summary, args.save_failures)]
+        summary["saved"] = [str(path) for path in save_failures(summary, args.save_failures)]
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
     Path(args.output + ".json").write_text(json.dumps(summary, indent=1) + "\n")
     Path(args.output + ".md").write_text(markdown(summary))
