@@ -16,7 +16,7 @@ test: $(BUILD_STAMP)
 	$(VPY) -m pytest -q tests
 
 # The seeded fuzzer of the .slim reader and the coder ops (README "Reliability"): 140,000 cases, 105,000 of them
-# .slim files, in 2 worker processes, about 2.5 minutes on 2 cores. Writes bench/results/fuzz.{json,md} and the
+# .slim files, in 2 worker processes, 2.5–3.5 minutes on 2 cores. Writes bench/results/fuzz.{json,md} and the
 # first failing input of each kind to build/fuzz-failures/ (tools/fuzz_slim.py --replay FILE runs one again);
 # fails when any case failed.
 fuzz: $(BUILD_STAMP)
