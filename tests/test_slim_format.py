@@ -233,6 +233,17 @@ def test_random_version_1_files_load(tmp_path, coder):
     assert_same_tensors(load_slim(tmp_path / "v1.slim"), {n: quantized(t, STEP) for n, t in state.items()})
 
 
+@pytest.mark.parametrize("coder", CODERS)
+def test_version_1_empty_shape_over_a_payload_is_refused(tmp_path, coder):
+    """A version-1 entry whose shape says "no elements" but whose payload holds symbols: the bytes would be
+    silently ignored, so the file is refused (version 2's chunk sizes catch the same edit)."""
+    payload, fields = independent_payload(torch.arange(-3, 9, dtype=torch.int32), coder)
+    entry = {"name": "w", "shape": [0, 4], "dtype": "float32", "coder": coder, "step": 0.5, **fields}
+    (tmp_path / "v1.slim").write_bytes(slim_v1_file([entry], [payload]))
+    with pytest.raises(SlimFormatError, match="an empty tensor with a payload"):
+        load_slim(tmp_path / "v1.slim")
+
+
 def fuzz_file(tmp_path, version: int, coder: str) -> tuple[bytes, list[int]]:
     """A small file of the given version and the boundaries of its sections."""
     if version == 1:

@@ -42,6 +42,7 @@ MAX_CHUNK_NUMEL = 2**63 - 1  # the largest the writer takes (ops.slim_encode's i
 ENTRY_KEYS = {"name", "shape", "dtype", "coder", "step", "offset", "nbytes", "crc32"}
 EG_KEYS = {"table_count", "table_nbytes"}
 CHUNK_KEYS = {"chunk_numel", "chunk_nbytes"}
+V1_EMPTY_RANS_NBYTES = 8  # version 1 wrote a "rans" buffer of no symbols for an empty tensor
 
 
 def start_bytes() -> bytes:
@@ -161,10 +162,14 @@ def _check_entry(entry: object, index: int, version: int) -> dict:
     if step > torch.finfo(RAW_DTYPES[dtype]).max:  # then every q ≠ 0 decodes to ±inf
         raise SlimFormatError(f"{where}: step {step!r} is above {dtype}'s largest value "
                               f"{torch.finfo(RAW_DTYPES[dtype]).max!r}")
-    if version == 1:  # one chunk; v1 wrote an empty tensor's "rans" payload (8 bytes), which holds no symbol
+    if version == 1:  # one chunk
         table_nbytes = entry.get("table_nbytes", 0)
         if table_nbytes > entry["nbytes"]:
             raise SlimFormatError(f"{where}: a table of {table_nbytes} bytes in a payload of {entry['nbytes']}")
+        empty_nbytes = V1_EMPTY_RANS_NBYTES if coder == "rans" else 0
+        if numel == 0 and entry["nbytes"] != empty_nbytes:
+            raise SlimFormatError(f"{where}: an empty tensor with a payload of {entry['nbytes']} bytes; version 1 "
+                                  f"wrote {empty_nbytes} for an empty {coder} tensor")
         entry.update(chunk_numel=max(numel, 1), chunk_nbytes=[entry["nbytes"] - table_nbytes] if numel else [])
     _check_chunks(entry, numel, where, version)
     return entry
