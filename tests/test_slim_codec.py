@@ -203,8 +203,9 @@ def test_decode_rejects_bad_arguments():
         decode(payload.int(), layout)
     with pytest.raises(TypeError, match="layout: expected int64"):
         decode(payload, layout.int())
-    with pytest.raises(ValueError, match=r"numel: expected an int in \[0, "):
-        decode(payload, layout, numel=-1)
+    for numel in (-1, 2**63):
+        with pytest.raises(ValueError, match=r"numel: expected an int in \[0, 9223372036854775807\], got"):
+            decode(payload, layout, numel=numel)
     with pytest.raises(TypeError, match="dtype: expected float32"):
         decode(payload, layout, dtype=torch.int32)
     with pytest.raises(ValueError, match="coder: expected one of"):

@@ -104,7 +104,7 @@ def eg_decode(buf: torch.Tensor, count: int, k: int = 0, signed: bool = True, *,
     is not a symbol eg_encode writes — never reads outside buf.
     """
     _stream("buf", buf, torch.uint8)
-    count = int_arg("count", count, 0)
+    count = int_arg("count", count, 0, INT64_MAX)
     k = int_arg("k", k, 0, MAX_EG_ORDER)
     signed = bool_arg("signed", signed)
     return pick_backend("eg_decode", backend, _CPU)(buf, count, k, signed)
@@ -130,7 +130,7 @@ def rans_decode(buf: torch.Tensor, count: int, *, backend: str | None = None) ->
     corrupt header or stream; a corrupted payload may also decode to other symbols, never out of bounds.
     """
     _stream("buf", buf, torch.uint8)
-    count = int_arg("count", count, 0)
+    count = int_arg("count", count, 0, INT64_MAX)
     return pick_backend("rans_decode", backend, _CPU)(buf, count)
 
 
