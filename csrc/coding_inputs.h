@@ -31,6 +31,16 @@ inline bool is_slim_float(at::ScalarType st) {
   return st == at::kFloat || st == at::kDouble || st == at::kBFloat16 || st == at::kHalf;
 }
 
+// The dtype's name as Python writes it ("float16"), for messages.
+inline const char* slim_dtype_name(at::ScalarType st) {
+  switch (st) {
+    case at::kFloat: return "float32";
+    case at::kDouble: return "float64";
+    case at::kBFloat16: return "bfloat16";
+    default: return "float16";
+  }
+}
+
 inline void check_slim_scalars(double step, int64_t chunk_numel) {
   TORCH_CHECK_VALUE(std::isfinite(step) && step > 0, "step: expected a finite value > 0, got ", step);
   TORCH_CHECK_VALUE(chunk_numel >= 1, "chunk_numel: expected an int >= 1, got ", chunk_numel);

@@ -1,8 +1,9 @@
 """Test helpers: readable ids, the flash-attention error rule, backend availability, .slim files read and forged
-by hand, bit-exact comparison of nested states (checkpoints, state dicts), training runs in subprocesses (started,
-killed, finished)."""
+by hand, hand-made rANS buffers, bit-exact comparison of nested states (checkpoints, state dicts), training runs in
+subprocesses (started, killed, finished), the environment of a child Python."""
 
 import importlib.util
+import itertools
 import json
 import os
 import signal
@@ -10,10 +11,12 @@ import struct
 import subprocess
 import time
 import zlib
+from pathlib import Path
 
 import pytest
 import torch
 
+import slimrate
 from slimrate.ops import extension_available
 from slimrate.sparse import SparseMatrix
 from slimrate.train import list_checkpoints
@@ -188,3 +191,39 @@ def kill_after_checkpoint(proc: subprocess.Popen, checkpoints, step: int, steps:
     proc.communicate()
     assert proc.returncode == -signal.SIGKILL
     assert list_checkpoints(checkpoints)[-1][0] < steps, "the run finished before the kill"
+
+
+def varint(v: int) -> bytes:
+    """Unsigned LEB128, as the rANS header writes counts and table entries (docs/slim-format.md §7)."""
+    out = bytearray()
+    while v >= 0x80:
+        out.append(v & 0x7F | 0x80)
+        v >>= 7
+    return bytes(out + bytes([v]))
+
+
+def rans_buffer(symbols: list[int], alphabet: list[int], freq: list[int], scale_bits: int,
+                count: int | None = None) -> torch.Tensor:
+    """A mode-0 rANS buffer of ``symbols`` with the given table, written in plain Python from the layout of
+    docs/slim-format.md §7 (an encoder independent of the C++ one); ``count``: the header's, when forged."""
+    state, stream = 1 << 23, bytearray()
+    start = [0, *itertools.accumulate(freq)]
+    index = {a: j for j, a in enumerate(alphabet)}
+    for s in reversed(symbols):
+        j = index[s]
+        while state >= freq[j] << (31 - scale_bits):
+            stream.append(state & 0xFF)
+            state >>= 8
+        state = ((state // freq[j]) << scale_bits) + state % freq[j] + start[j]
+    zigzag = 2 * alphabet[0] if alphabet[0] >= 0 else -2 * alphabet[0] - 1
+    header = (bytes([0]) + varint(len(symbols) if count is None else count) + bytes([scale_bits])
+              + varint(len(alphabet)) + varint(zigzag)
+              + b"".join(varint(b - a - 1) for a, b in itertools.pairwise(alphabet))
+              + b"".join(varint(f - 1) for f in freq))
+    return torch.tensor(list(header + state.to_bytes(4, "little") + stream[::-1]), dtype=torch.uint8)
+
+
+def env_with_this_slimrate() -> dict[str, str]:
+    """The environment for a child Python that imports the slimrate under test."""
+    return {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(slimrate.__file__).parents[1]),
+                                                         os.environ.get("PYTHONPATH", "")])}

@@ -19,6 +19,8 @@ from slimrate.cli import build_parser, main
 from slimrate.cli.errors import UsageError
 from slimrate.models.mlp import DigitsMLP
 
+from helpers import env_with_this_slimrate
+
 GARBAGE = b"this is not a model file, just some text " * 4
 
 
@@ -229,12 +231,6 @@ def test_a_bug_keeps_its_traceback(files, monkeypatch):
     monkeypatch.setattr("slimrate.cli.model_files.run_inspect", broken)
     with pytest.raises(TypeError, match="a bug"):
         main(["inspect", str(files["slim"])])
-
-
-def env_with_this_slimrate() -> dict[str, str]:
-    """The environment for a child Python that imports the slimrate under test."""
-    return {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(slimrate.__file__).parents[1]),
-                                                         os.environ.get("PYTHONPATH", "")])}
 
 
 def test_the_module_entry_point_prints_one_line_and_exits_2(files, tmp_path):

@@ -10,7 +10,7 @@ from slimrate import ops
 from slimrate.backslash.metrics import symbol_entropy_bits
 from slimrate.ops import reference
 
-from helpers import skip_unless_backend
+from helpers import rans_buffer, skip_unless_backend, varint
 
 INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1
 EG_ORDERS = [0, 1, 3, 7, 31]
@@ -170,6 +170,40 @@ def assert_byte_flips_never_crash(decode, buf, count, flips_per_try, tries, seed
         assert out.shape == (count,)
 
 
+@pytest.mark.parametrize("backend", ["native", "reference"])
+def test_eg_decode_refuses_a_count_below_the_streams(backend):
+    skip_unless_backend(backend, "cpu")
+    # EG0 of [3, 0, 0] is 00100 1 1 + one bit of padding: the last code lies where padding would be for count 2
+    buf = ops.eg_encode(torch.tensor([3, 0, 0], dtype=torch.int32), 0, False)
+    assert buf.tolist() == [0b00100110]
+    with pytest.raises(ValueError, match="buf: trailing bytes or non-zero padding bits after the last code"):
+        ops.eg_decode(buf, 2, 0, False, backend=backend)
+    for k in (0, 3):
+        s = gaussian_symbols(300, 20.0)
+        buf = ops.eg_encode(s, k, True)
+        for count in (s.numel() - 1, 0):
+            with pytest.raises(ValueError, match="buf: trailing bytes or non-zero padding"):
+                ops.eg_decode(buf, count, k, True, backend=backend)
+
+
+@pytest.mark.parametrize("backend", ["native", "reference"])
+def test_eg_decode_refuses_trailing_bytes_and_padding_bits(backend):
+    skip_unless_backend(backend, "cpu")
+    s = torch.tensor([5, -2, 0, 7], dtype=torch.int32)
+    buf = ops.eg_encode(s, 1, True)
+    padding = 8 * buf.numel() - ops.eg_code_length(s, 1, True)
+    assert padding == 4
+    assert_equal_symbols(ops.eg_decode(buf, s.numel(), 1, True, backend=backend), s)
+    padded = [torch.cat([buf, torch.zeros(1, dtype=torch.uint8)]), torch.cat([buf, buf[:1]])]
+    for bit in range(padding):  # each padding bit set
+        dirty = buf.clone()
+        dirty[-1] |= 1 << bit
+        padded.append(dirty)
+    for bad in padded:
+        with pytest.raises(ValueError, match="buf: trailing bytes or non-zero padding bits"):
+            ops.eg_decode(bad, s.numel(), 1, True, backend=backend)
+
+
 def test_eg_decode_survives_random_byte_flips():
     skip_unless_backend("native", "cpu")
     s = gaussian_symbols(500, 10.0)
@@ -217,6 +251,91 @@ def test_rans_decode_survives_random_byte_flips():
                                   flips_per_try=2, tries=3000, seed=2)
 
 
+def count_bound_bits(freq: list[int], scale_bits: int) -> float:
+    """λ of csrc/kernels/entropy_rans.h (rans_count_fits): every valid stream of n symbols after its state has
+    B bytes with n·λ < 8·(B + 1)."""
+    return scale_bits - math.log2(max(freq)) - math.log2(1 + 2.0 ** (scale_bits - 23))
+
+
+def test_python_rans_buffers_decode():
+    skip_unless_backend("native", "cpu")
+    s = [3, -1, 3, 3, 8, -1, 3, 0] * 50
+    buf = rans_buffer(s, [-1, 0, 3, 8], [9, 2, 17, 4], 5)
+    assert_equal_symbols(ops.rans_decode(buf, len(s)), torch.tensor(s, dtype=torch.int32))
+    assert torch.equal(ops.rans_encode(torch.zeros(7, dtype=torch.int32)), rans_buffer([0] * 7, [0], [1 << 16], 16))
+
+
+# (scale_bits, largest frequency): the densest stream of a table repeats its most frequent symbol
+DENSE_TABLES = [(1, 1), (4, 15), (8, 3), (12, 100), (16, 4000), (16, 65_535), (20, 5000), (23, 2**16), (23, 2**22)]
+
+
+def table_with_largest(scale_bits: int, fmax: int) -> list[int]:
+    """Frequencies summing to 2^scale_bits, the first fmax and none larger."""
+    rest = (1 << scale_bits) - fmax
+    k = -(-rest // fmax)
+    return [fmax] + [rest // k + (i < rest % k) for i in range(k)]
+
+
+@pytest.mark.parametrize("scale_bits,fmax", DENSE_TABLES)
+def test_rans_count_bound_admits_the_densest_streams(scale_bits, fmax):
+    skip_unless_backend("native", "cpu")
+    freq = table_with_largest(scale_bits, fmax)
+    assert sum(freq) == 1 << scale_bits and max(freq) == fmax
+    alphabet = list(range(len(freq)))
+    lam = count_bound_bits(freq, scale_bits)
+    tightest = 0.0
+    for n in (len(freq), 3 * len(freq), 2000):  # a table has no more symbols than the stream
+        buf = rans_buffer([0] * n, alphabet, freq, scale_bits)
+        assert_equal_symbols(ops.rans_decode(buf, n), torch.zeros(n, dtype=torch.int32))
+        stream_bytes = buf.numel() - ops.rans_header_size(buf) - 4
+        assert n * lam < 8 * (stream_bytes + 1)
+        tightest = max(tightest, n * lam / (8 * (stream_bytes + 1)))
+    if lam > 1:  # the bound is close to what the densest streams reach: it could not be much tighter
+        assert tightest > 0.85, tightest
+
+
+def test_rans_decode_refuses_a_count_the_stream_cannot_hold():
+    skip_unless_backend("native", "cpu")
+    s = gaussian_symbols(1000, 10.0).tolist()
+    alphabet = sorted(set(s))
+    freq = [max(1, round(s.count(a) / len(s) * 4096)) for a in alphabet]
+    freq[freq.index(max(freq))] += 4096 - sum(freq)
+    buf = rans_buffer(s, alphabet, freq, 12)
+    assert_equal_symbols(ops.rans_decode(buf, len(s)), torch.tensor(s, dtype=torch.int32))
+    stream_bytes = buf.numel() - ops.rans_header_size(buf) - 4
+    beyond = math.ceil((8 * (stream_bytes + 1) + 1) / count_bound_bits(freq, 12)) + 1
+    for count in (beyond, 2**62):
+        forged = rans_buffer(s, alphabet, freq, 12, count=count)
+        with pytest.raises(ValueError, match="buf: the rANS stream is too short for its count"):
+            ops.rans_decode(forged, count)
+
+
+@pytest.mark.parametrize("count", [2**40, 2**62])
+def test_rans_decode_checks_the_whole_header_before_allocating(count):
+    skip_unless_backend("native", "cpu")
+    head = bytes([0]) + varint(count)
+    cases = [
+        ("truncated rANS buffer", head),  # 7 or 10 bytes: the count and nothing after it
+        ("corrupt rANS header", bytes([7]) + varint(count) + bytes(8)),  # mode 7
+        ("corrupt rANS header", head + bytes([8, 2, 2, 0, 99, 99])),  # frequencies summing to 200, not 2^8
+        ("truncated rANS buffer", head + bytes([8, 2, 2, 0, 99, 155])),  # no state
+        ("truncated rANS buffer", bytes([1]) + varint(count) + bytes(12)),  # raw: 3 symbols, not count
+    ]
+    for match, data in cases:
+        with pytest.raises(ValueError, match=f"buf: {match}"):
+            ops.rans_decode(torch.tensor(list(data), dtype=torch.uint8), count)
+    with pytest.raises(ValueError, match="buf: corrupt rANS stream"):  # raw with a byte too many
+        ops.rans_decode(torch.tensor([1, 2] + [0] * 9, dtype=torch.uint8), 2)
+
+
+def test_rans_decode_refuses_a_count_no_tensor_holds():
+    skip_unless_backend("native", "cpu")
+    # one repeated symbol costs no stream bytes: the header may state any count, the tensor's size is the limit
+    buf = rans_buffer([0] * 5, [0], [1 << 16], 16, count=2**62)
+    with pytest.raises(ValueError, match="count: 4611686018427387904 int32 symbols exceed the largest tensor"):
+        ops.rans_decode(buf, 2**62)
+
+
 def test_rans_decode_rejects_a_wrong_count():
     skip_unless_backend("native", "cpu")
     s = gaussian_symbols(100, 3.0)
@@ -261,6 +380,9 @@ def test_decoders_reject_bad_arguments():
         ops.eg_decode(buf, -1)
     with pytest.raises(ValueError, match="count"):
         ops.rans_decode(buf, -1)
+    for decode in (ops.eg_decode, ops.rans_decode):  # beyond int64: the face refuses, not the schema
+        with pytest.raises(ValueError, match=r"count: expected an int in \[0, 9223372036854775807\], got 922337"):
+            decode(buf, 2**63)
     with pytest.raises(ValueError, match="k: expected"):
         ops.eg_decode(buf, 1, k=32)
     with pytest.raises(ValueError, match="eg_encode has no 'triton' backend"):

@@ -6,6 +6,10 @@ bytes do not depend on the thread count; bad values, arguments, layouts and payl
 TypeError, and corrupted payloads never crash the decoder.
 """
 
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 from torch.fx.experimental.symbolic_shapes import ShapeEnv
@@ -13,7 +17,7 @@ from torch.fx.experimental.symbolic_shapes import ShapeEnv
 from slimrate import ops
 from slimrate.ops.coding import DEFAULT_CHUNK_NUMEL, SLIM_CODERS
 
-from helpers import DTYPE_IDS, frequency_table, skip_unless_backend
+from helpers import DTYPE_IDS, env_with_this_slimrate, frequency_table, rans_buffer, skip_unless_backend, varint
 
 STEP = 0.002
 DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
@@ -170,6 +174,138 @@ def test_encode_refuses_a_quotient_just_below_int32_max_plus_rounding():
     assert ops.slim_decode(payload, layout, 2, 1.0, "eg-signed", 1, torch.float64).tolist() == [0.0, 2.0**31 - 2]
 
 
+# ---- values whose q·step overflows the dtype -------------------------------------------------------
+
+def overflows(x: torch.Tensor, step: float) -> torch.Tensor:
+    """Where round(x/step)·step, in float64 and rounded once to x's dtype as torch rounds it, is not finite."""
+    return ~(torch.round(x.double() / step) * step).to(x.dtype).isfinite()
+
+
+# (dtype, value, step): the largest finite value of each dtype with a step that rounds its q·step past it;
+# float16 at step 48 gives q·step = 65520, the midpoint between 65504 and 2^16, which rounds to even: inf.
+OVERFLOWING = [(torch.float16, 65504.0, 2.0**15), (torch.float16, 65504.0, 48.0),
+               (torch.bfloat16, torch.finfo(torch.bfloat16).max, 2.0**127),
+               (torch.float32, torch.finfo(torch.float32).max, 2.0**127),
+               (torch.float64, torch.finfo(torch.float64).max, 2.0**1023)]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("coder", SLIM_CODERS)
+@pytest.mark.parametrize("dtype,value,step", OVERFLOWING, ids=["fp16-step2^15", "fp16-step48", "bf16", "fp32", "fp64"])
+def test_encode_refuses_values_whose_reconstruction_overflows(dtype, value, step, coder, backend):
+    x = torch.tensor([0.0, 1.0, -2.0, value, 3.0, -value], dtype=dtype).reshape(2, 3)
+    assert overflows(x, step).tolist() == [[False, False, False], [True, False, True]]
+    name = str(dtype).removeprefix("torch.")
+    with pytest.raises(ValueError, match=rf"x: .* at flat index 3 quantizes to q = \d+ and q·step = .* overflows "
+                                         rf"{name} \(step .*\); use a smaller step, or coder \"raw\""):
+        ops.slim_encode(x, step, coder, 2, backend=backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=DTYPE_IDS.get)
+def test_encode_refuses_exactly_the_values_whose_reconstruction_overflows(dtype, backend):
+    top = torch.finfo(dtype).max
+    x = (torch.rand(400, dtype=torch.float64) * 0.06 + 0.94) * top * torch.sign(torch.randn(400))
+    x = x.to(dtype)
+    for step in (top / 3000, top / 1000.5, top / 200.3, top / 7.7, top / 2.5):
+        bad = overflows(x, step)
+        if bool(bad.any()):
+            with pytest.raises(ValueError, match=f"at flat index {int(bad.nonzero()[0])} quantizes"):
+                ops.slim_encode(x, step, "rans", 64, backend=backend)
+        else:
+            out = ops.slim_decode(*ops.slim_encode(x, step, "rans", 64, backend=backend), x.numel(), step, "rans", 64,
+                                  dtype, backend=backend)
+            assert_same_bits(out, (torch.round(x.double() / step) * step).to(dtype))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("coder", SLIM_CODERS)
+def test_decode_refuses_a_step_that_overflows_the_dtype(coder, backend):
+    x = torch.tensor([1.0, 2.0, 0.0, -70000.0, 5.0], dtype=torch.float32)  # q = x at step 1
+    payload, layout = ops.slim_encode(x, 1.0, coder, 2)
+    with pytest.raises(ValueError, match=r"payload: chunk 1 of 3 \(bytes \[.*\)\): symbol 1: q = -70000 times step 1 "
+                                         "overflows float16"):
+        ops.slim_decode(payload, layout, x.numel(), 1.0, coder, 2, torch.float16, backend=backend)
+    with pytest.raises(ValueError, match="chunk 0 of 3 .*symbol 1: q = 2 times step 2e\\+38 overflows float32"):
+        ops.slim_decode(payload, layout, x.numel(), 2e38, coder, 2, torch.float32, backend=backend)
+
+
+# ---- counts and headers --------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_decode_refuses_a_count_below_the_streams(backend):
+    # eg-signed q = [1, 0]: 011 1 and 4 bits of padding, so one symbol fits before what would be padding
+    payload, layout = ops.slim_encode(torch.tensor([1.0, 0.0]), 1.0, "eg-signed", 2)
+    assert payload.tolist() == [0b01110000]
+    with pytest.raises(ValueError, match=r"payload: chunk 0 of 1 .*trailing bytes or non-zero padding bits"):
+        ops.slim_decode(payload, layout, 1, 1.0, "eg-signed", 2, torch.float32, backend=backend)
+    # eg q = [1, 0, 0]: the table [0, 1] is 1 011 (4 bits), the ranks [1, 0, 0] are 010 1 1 (5 bits)
+    payload, layout = ops.slim_encode(torch.tensor([1.0, 0.0, 0.0]), 1.0, "eg", 3)
+    assert layout.tolist() == [2, 1, 1] and payload.tolist() == [0b10110000, 0b01011000]
+    with pytest.raises(ValueError, match=r"payload: chunk 0 of 1 .*trailing bytes or non-zero padding bits"):
+        ops.slim_decode(payload, layout, 2, 1.0, "eg", 3, torch.float32, backend=backend)
+    with pytest.raises(ValueError, match="payload: the eg table: .*trailing bytes or non-zero padding bits"):
+        ops.slim_decode(payload, torch.tensor([1, 1, 1]), 3, 1.0, "eg", 3, torch.float32, backend=backend)
+
+
+def rans_payload(chunk: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A "rans" payload and layout of one chunk."""
+    return chunk, torch.tensor([0, 0, chunk.numel()])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_rans_headers_are_checked_before_the_output_is_allocated(backend):
+    numel = 2**61  # 2^63 bytes of float32: only a refusal before the allocation passes
+    head = bytes([0]) + varint(numel)
+    s = weights(500).div(STEP).round().int().tolist()
+    alphabet = sorted(set(s))
+    freq = [s.count(a) for a in alphabet]
+    freq[0] += 512 - len(s)  # 2^9 in all
+    cases = {
+        "truncated rANS buffer": torch.tensor(list(head), dtype=torch.uint8),
+        "corrupt rANS header": torch.tensor(list(head + bytes([8, 2, 2, 0, 99, 99, 0, 0, 128, 0])), dtype=torch.uint8),
+        "the rANS stream is too short for its count": rans_buffer(s, alphabet, freq, 9, count=numel),
+    }
+    for match, chunk in cases.items():
+        with pytest.raises(ValueError, match=f"payload: chunk 0 of 1 .*{match}"):
+            ops.slim_decode(*rans_payload(chunk), numel, STEP, "rans", numel, torch.float32, backend=backend)
+
+
+def test_decode_refuses_a_numel_no_tensor_holds():
+    # one repeated symbol: a valid rANS chunk of any count in a few bytes
+    chunk = rans_buffer([0] * 3, [0], [1 << 16], 16, count=2**62)
+    with pytest.raises(ValueError, match="numel: 4611686018427387904 elements of float32 exceed the largest tensor"):
+        ops.slim_decode(*rans_payload(chunk), 2**62, STEP, "rans", 2**62, torch.float32)
+
+
+DECODE_PEAK_SCRIPT = """import sys, torch
+from slimrate import ops
+
+
+def peak_kib():  # VmHWM: this process's own peak (ru_maxrss would include the parent's, inherited at exec)
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
+
+
+n, chunk = int(sys.argv[1]), torch.tensor([int(b) for b in sys.argv[2:]], dtype=torch.uint8)
+before = peak_kib()
+out = ops.slim_decode(chunk, torch.tensor([0, 0, chunk.numel()]), n, 0.01, "rans", n, torch.float32)
+print((peak_kib() - before) // 1024)
+assert not out.any()"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads VmHWM from Linux's /proc")
+def test_decode_costs_the_output_and_a_bounded_scratch():
+    n = 1 << 24  # 64 MiB of float32 zeros from a 15-byte chunk; an int32 scratch of the chunk would double it
+    chunk = ops.slim_encode(torch.zeros(16), 0.01, "rans", 16)[0]
+    chunk = torch.cat([chunk[:1], torch.tensor(list(varint(n)), dtype=torch.uint8), chunk[2:]])
+    done = subprocess.run([sys.executable, "-c", DECODE_PEAK_SCRIPT, str(n), *map(str, chunk.tolist())],
+                          capture_output=True, text=True, env=env_with_this_slimrate(), timeout=300)
+    assert done.returncode == 0, done.stderr
+    growth_mib = int(done.stdout.split()[-1])
+    assert growth_mib < 64 + 16, f"decoding 64 MiB grew the peak RSS by {growth_mib} MiB"
+
+
 # ---- bad arguments --------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("kwargs,error,match", [
@@ -203,8 +339,9 @@ def test_decode_rejects_bad_arguments():
         decode(payload.int(), layout)
     with pytest.raises(TypeError, match="layout: expected int64"):
         decode(payload, layout.int())
-    with pytest.raises(ValueError, match=r"numel: expected an int in \[0, "):
-        decode(payload, layout, numel=-1)
+    for numel in (-1, 2**63):
+        with pytest.raises(ValueError, match=r"numel: expected an int in \[0, 9223372036854775807\], got"):
+            decode(payload, layout, numel=numel)
     with pytest.raises(TypeError, match="dtype: expected float32"):
         decode(payload, layout, dtype=torch.int32)
     with pytest.raises(ValueError, match="coder: expected one of"):

@@ -19,6 +19,9 @@ namespace {
 
 // 64 Ki symbols per task, as in rate_cpu.cpp: ≥ 8 KiB of output each, few enough tasks to schedule.
 constexpr int64_t kChunk = int64_t{1} << 16;
+// The most int32 symbols whose byte size an int64 holds (at::empty fails beyond it): a header of one repeated
+// symbol may state any count in a few bytes.
+constexpr int64_t kMaxInt32Symbols = INT64_MAX / 4;
 
 void check_order(int64_t k) {
   TORCH_CHECK_VALUE(k >= 0 && k <= kEgMaxOrder, "k: expected an order in [0, ", kEgMaxOrder, "], got ", k);
@@ -103,8 +106,9 @@ at::Tensor eg_decode_cpu(const at::Tensor& buf_in, int64_t count, int64_t k, boo
   int64_t where = 0;
   EgStatus st = eg_decode_stream(buf.const_data_ptr<uint8_t>(), buf.numel(), count, static_cast<int>(k),
                                  is_signed, out.mutable_data_ptr<int32_t>(), &where);
-  TORCH_CHECK_VALUE(st == EgStatus::kOk, "buf: ", eg_status_reason(st, is_signed), " at symbol ", where, " of ",
-                    count);
+  TORCH_CHECK_VALUE(st != EgStatus::kTrailing, "buf: ", eg_status_reason(st, is_signed), "; ", count,
+                    " codes read from ", buf.numel(), " bytes");
+  TORCH_CHECK_VALUE(st == EgStatus::kOk, "buf: ", eg_status_reason(st, is_signed), " at symbol ", where, " of ", count);
   return out;
 }
 
@@ -120,16 +124,21 @@ at::Tensor rans_encode_cpu(const at::Tensor& symbols_in) {
 at::Tensor rans_decode_cpu(const at::Tensor& buf_in, int64_t count) {
   at::Tensor buf = checked_1d(buf_in, "buf", at::kByte);
   TORCH_CHECK_VALUE(count >= 0, "count: expected >= 0, got ", count);
-  // The header's count must equal `count` (checked before any allocation of `count` symbols).
-  ByteReader head{buf.const_data_ptr<uint8_t>(), buf.const_data_ptr<uint8_t>() + buf.numel()};
-  head.byte();
-  uint64_t stored = head.varint();
-  TORCH_CHECK_VALUE(head.ok, "buf: truncated rANS header (", buf.numel(), " bytes)");
-  TORCH_CHECK_VALUE(stored == static_cast<uint64_t>(count), "count: the buffer holds ", stored,
+  // The whole header and the stream's length are checked before `count` symbols are allocated.
+  RansDecoder decoder;
+  RansStatus st = decoder.open(buf.const_data_ptr<uint8_t>(), buf.numel(), count);
+  TORCH_CHECK_VALUE(st != RansStatus::kCountMismatch, "count: the buffer holds ", decoder.stored_count(),
                     " symbols, got count=", count);
+  TORCH_CHECK_VALUE(st == RansStatus::kOk, "buf: ", rans_status_reason(st), " (", buf.numel(), " bytes, count ",
+                    count, ")");
+  TORCH_CHECK_VALUE(count <= kMaxInt32Symbols, "count: ", count, " int32 symbols exceed the largest tensor (",
+                    kMaxInt32Symbols, ")");
   at::Tensor out = at::empty({count}, at::dtype(at::kInt));
-  RansStatus st = rans_decode_stream(buf.const_data_ptr<uint8_t>(), buf.numel(), count, out.mutable_data_ptr<int32_t>());
-  TORCH_CHECK_VALUE(st == RansStatus::kOk, "buf: ", rans_status_reason(st), " (", buf.numel(), " bytes)");
+  int32_t* o = out.mutable_data_ptr<int32_t>();
+  st = decoder.decode(count, o);
+  if (st == RansStatus::kOk) st = decoder.finish();
+  TORCH_CHECK_VALUE(st == RansStatus::kOk, "buf: ", rans_status_reason(st), " (", buf.numel(), " bytes, count ",
+                    count, ")");
   return out;
 }
 

@@ -1,5 +1,6 @@
 // Torch-free exp-Golomb coder (docs/slim-format.md §6): order-k codes, MSB-first bit order, the
-// last byte zero-padded.  The code of u ≥ 0 is w = u + 2^k written in nbits = ⌊log2 w⌋+1 bits,
+// last byte zero-padded; a decoder refuses any bit after the last code but that padding.  The code of
+// u ≥ 0 is w = u + 2^k written in nbits = ⌊log2 w⌋+1 bits,
 // preceded by nbits−1−k zeros (the same bits as EG0 of ⌊u/2^k⌋ followed by the k low bits of u),
 // so len(u) = 2·nbits − 1 − k.  Signed symbols are zig-zag mapped first: u = 2s (s ≥ 0),
 // u = −2s − 1 (s < 0); INT32_MIN (u = 2^32 − 1) is not coded.  Words are 64-bit, so
@@ -103,12 +104,15 @@ inline int64_t eg_encode_span(const int32_t* symbols, int64_t n, int k, bool is_
   return w.finish();
 }
 
-enum class EgStatus { kOk, kTruncated, kLongPrefix, kOutOfRange };
+enum class EgStatus { kOk, kTruncated, kLongPrefix, kOutOfRange, kTrailing };
 
 // What a decoder error means, for messages.
 inline const char* eg_status_reason(EgStatus st, bool is_signed) {
   switch (st) {
     case EgStatus::kTruncated: return "ran out of bits (truncated input or wrong count)";
+    case EgStatus::kTrailing:
+      return "trailing bytes or non-zero padding bits after the last code (a padded stream or a count below the "
+             "stream's)";
     case EgStatus::kLongPrefix: return "corrupt exp-Golomb stream (a prefix of more than 32 zeros)";
     case EgStatus::kOutOfRange:
       return is_signed ? "corrupt exp-Golomb stream (the decoded value is not an int32 symbol eg_encode writes "
@@ -122,7 +126,7 @@ inline const char* eg_status_reason(EgStatus st, bool is_signed) {
 // MSB-first reader that never reads past buf[size).
 class BitReader {
  public:
-  BitReader(const uint8_t* buf, int64_t size) : start_(buf), p_(buf), end_(buf + size) {}
+  BitReader(const uint8_t* buf, int64_t size) : p_(buf), end_(buf + size) {}
 
   // Loads bytes until ≥ 57 bits are pending or the input ends.
   void refill() {
@@ -132,8 +136,8 @@ class BitReader {
     }
   }
   int avail() const { return avail_; }
-  // Bits taken so far.
-  int64_t bits_read() const { return 8 * (p_ - start_) - avail_; }
+  // True when every bit not taken yet is a zero bit of the last byte: no byte follows and the padding is zeros.
+  bool at_padding() const { return p_ == end_ && avail_ < 8 && bits_ == 0; }
   // Leading zeros among the pending bits (64 when all pending bits are zero).
   int leading_zeros() const { return bits_ == 0 ? 64 : __builtin_clzll(bits_); }
   // Takes n ≤ 57 bits; the caller checked n ≤ avail().
@@ -146,7 +150,6 @@ class BitReader {
   }
 
  private:
-  const uint8_t* start_;
   const uint8_t* p_;
   const uint8_t* end_;
   uint64_t bits_ = 0;  // pending bits, left-aligned
@@ -169,36 +172,67 @@ inline uint64_t read_long_code(BitReader& r, int zeros, int k) {
   return word;
 }
 
-// Decodes exactly `count` symbols into out; on failure returns the status and *where = symbol index.
-// *bits_used (when given): the length of the codes read, so a caller can refuse bytes after them.
-inline EgStatus eg_decode_stream(const uint8_t* buf, int64_t size, int64_t count, int k, bool is_signed,
-                                 int32_t* out, int64_t* where, int64_t* bits_used = nullptr) {
-  const uint64_t max_u = eg_max_u(is_signed);
-  BitReader r(buf, size);
-  for (int64_t i = 0; i < count; ++i) {
-    *where = i;
-    r.refill();
-    int zeros = r.leading_zeros();
-    // A valid code has at most 32 leading zeros (nbits ≤ 33); after refill() ≥ 57 bits are pending
-    // unless the input ended, so more zeros than pending bits means the input ran out.
-    if (zeros >= r.avail()) return r.avail() > 32 ? EgStatus::kLongPrefix : EgStatus::kTruncated;
-    if (zeros > 32) return EgStatus::kLongPrefix;
-    uint64_t word;
-    int len = 2 * zeros + 1 + k;
-    if (len <= r.avail()) {  // the usual case: the whole code is pending
-      word = r.take(len);
-    } else {
-      word = read_long_code(r, zeros, k);
-      if (word == 0) return EgStatus::kTruncated;
+// Decodes an eg_encode stream in pieces: decode() gives the next symbols, finish() checks that the stream ends
+// right after them (no byte follows the last code, the padding bits are zeros), so a decoder that reads the
+// stream to its end reads exactly the count the encoder wrote.
+class EgDecoder {
+ public:
+  EgDecoder(const uint8_t* buf, int64_t size, int k, bool is_signed) : r_(buf, size), k_(k), is_signed_(is_signed) {}
+
+  // The next n symbols into out; on failure returns the status and *where = the failing symbol's index in [0, n).
+  EgStatus decode(int64_t n, int32_t* out, int64_t* where) {
+    const uint64_t max_u = eg_max_u(is_signed_);
+    const int k = k_;
+    const bool is_signed = is_signed_;
+    BitReader r = r_;  // a local copy stays in registers: the stores to out could alias a member
+    for (int64_t i = 0; i < n; ++i) {
+      // *where only on failure: a store per symbol is not free (the byte loads may alias it)
+      auto fail = [&](EgStatus st) {
+        *where = i;
+        return st;
+      };
+      r.refill();
+      int zeros = r.leading_zeros();
+      // A valid code has at most 32 leading zeros (nbits ≤ 33); after refill() ≥ 57 bits are pending
+      // unless the input ended, so more zeros than pending bits means the input ran out.
+      if (zeros >= r.avail()) return fail(r.avail() > 32 ? EgStatus::kLongPrefix : EgStatus::kTruncated);
+      if (zeros > 32) return fail(EgStatus::kLongPrefix);
+      uint64_t word;
+      int len = 2 * zeros + 1 + k;
+      if (len <= r.avail()) {  // the usual case: the whole code is pending
+        word = r.take(len);
+      } else {
+        word = read_long_code(r, zeros, k);
+        if (word == 0) return fail(EgStatus::kTruncated);
+      }
+      uint64_t u = word - (uint64_t{1} << k);
+      if (u > max_u) return fail(EgStatus::kOutOfRange);
+      out[i] = is_signed ? static_cast<int32_t>((u & 1) ? -static_cast<int64_t>(u >> 1) - 1
+                                                        : static_cast<int64_t>(u >> 1))
+                         : static_cast<int32_t>(u);
     }
-    uint64_t u = word - (uint64_t{1} << k);
-    if (u > max_u) return EgStatus::kOutOfRange;
-    out[i] = is_signed ? static_cast<int32_t>((u & 1) ? -static_cast<int64_t>(u >> 1) - 1
-                                                      : static_cast<int64_t>(u >> 1))
-                       : static_cast<int32_t>(u);
+    r_ = r;
+    return EgStatus::kOk;
   }
-  if (bits_used) *bits_used = r.bits_read();
-  return EgStatus::kOk;
+
+  // kOk when the codes decoded so far end the stream.
+  EgStatus finish() const { return r_.at_padding() ? EgStatus::kOk : EgStatus::kTrailing; }
+
+ private:
+  BitReader r_;
+  int k_;
+  bool is_signed_;
+};
+
+// Decodes exactly the `count` symbols that fill buf (EgDecoder, then its finish()) into out; on failure returns
+// the status and *where = the failing symbol's index (count when bits follow the last code).
+inline EgStatus eg_decode_stream(const uint8_t* buf, int64_t size, int64_t count, int k, bool is_signed,
+                                 int32_t* out, int64_t* where) {
+  EgDecoder d(buf, size, k, is_signed);
+  EgStatus st = d.decode(count, out, where);
+  if (st != EgStatus::kOk) return st;
+  *where = count;
+  return d.finish();
 }
 
 }  // namespace slimrate

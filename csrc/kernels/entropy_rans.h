@@ -12,7 +12,8 @@
 //   mode 1: count int32 little-endian (when more than half the symbols are distinct the header would
 //           cost more than the symbols, or the alphabet exceeds kRansMaxAlphabet).
 // A decoder consumes exactly the bytes the encoder wrote and ends in state L, so any truncation is
-// detected; every header field is range-checked before it sizes an allocation or an index.
+// detected; every header field is range-checked before it sizes an allocation or an index, and the whole
+// header and the stream's length are checked before `count` symbols are (RansDecoder::open).
 #pragma once
 #include <algorithm>
 #include <cmath>
@@ -33,7 +34,7 @@ constexpr int64_t kRansMaxAlphabet = int64_t{1} << (kRansMaxScaleBits - 1);
 // Dense symbol→index tables are used when the value range is at most this (else binary search).
 constexpr int64_t kRansDenseRange = int64_t{1} << 24;
 
-enum class RansStatus { kOk, kTruncated, kBadHeader, kCountMismatch, kBadStream };
+enum class RansStatus { kOk, kTruncated, kBadHeader, kCountMismatch, kTooShort, kBadStream };
 
 // What a decoder error means, for messages.
 inline const char* rans_status_reason(RansStatus st) {
@@ -41,6 +42,8 @@ inline const char* rans_status_reason(RansStatus st) {
     case RansStatus::kTruncated: return "truncated rANS buffer";
     case RansStatus::kBadHeader: return "corrupt rANS header (bad alphabet or frequencies)";
     case RansStatus::kCountMismatch: return "the rANS buffer holds another number of symbols";
+    case RansStatus::kTooShort:
+      return "the rANS stream is too short for its count of symbols with its frequency table (a wrong count)";
     case RansStatus::kBadStream: return "corrupt rANS stream (wrong final state or trailing bytes)";
     default: return "ok";
   }
@@ -300,53 +303,113 @@ inline RansStatus read_model(ByteReader& r, int64_t count, RansModel& model) {
   return RansStatus::kOk;
 }
 
-// Decodes exactly `count` symbols of a rans_encode_stream buffer into out.
-inline RansStatus rans_decode_stream(const uint8_t* buf, int64_t size, int64_t count, int32_t* out) {
-  ByteReader r{buf, buf + size};
-  uint8_t mode = r.byte();
-  uint64_t n = r.varint();
-  if (!r.ok) return RansStatus::kTruncated;
-  if (mode > 1) return RansStatus::kBadHeader;
-  if (n != uint64_t(count)) return RansStatus::kCountMismatch;
-  if (mode == 1) {
-    if (r.left() < 4 * count) return RansStatus::kTruncated;
-    if (r.left() > 4 * count) return RansStatus::kBadStream;
-    for (int64_t i = 0; i < count; ++i) {
-      uint32_t u = 0;
-      for (int b = 0; b < 4; ++b) u |= uint32_t(r.p[4 * i + b]) << (8 * b);
-      out[i] = static_cast<int32_t>(u);
+// Whether `stream_bytes` bytes after the state can hold `count` symbols of `model` (mode 0).  Every valid stream
+// passes: the decoder's state y stays in [L, 2^31); a step with frequency f gives x' + 1 ≤ f·(⌊y/2^S⌋ + 1)
+// ≤ y·ρ_f, ρ_f = (f/2^S)·(1 + 2^(S−23)) (as y ≥ 2^23), and k bytes read after it give y' < (x' + 1)·256^k.
+// Over the stream, L = y_count < y_0·ρ^count·256^B < 2^31·ρ^count·2^(8B) with ρ = ρ of the largest frequency,
+// i.e. count·λ < 8·(B + 1) with λ = −log2 ρ = S − log2(max freq) − log2(1 + 2^(S−23)) bits per symbol.  A
+// table with one dominant symbol has λ ≤ 0: no bound (a stream of one repeated symbol needs no bytes at all).
+inline bool rans_count_fits(const RansModel& model, int64_t count, int64_t stream_bytes) {
+  if (model.freq.empty()) return count == 0;
+  const int s = model.scale_bits;
+  const double fmax = *std::max_element(model.freq.begin(), model.freq.end());
+  // a margin far above log2's rounding error, so that the test errs towards accepting
+  const double lambda = s - std::log2(fmax) - std::log2(1.0 + std::ldexp(1.0, s - 23)) - 1e-9;
+  return lambda <= 0 || double(count) * lambda < 8.0 * (double(stream_bytes) + 1.0) * (1.0 + 1e-12) + 1.0;
+}
+
+// Decodes a rans_encode_stream buffer of exactly `count` symbols, in pieces.  open() reads and checks the whole
+// header (mode, count, table, state) and the stream's length (mode 1: exactly 4·count bytes; mode 0: what
+// rans_count_fits asks) allocating no more than the buffer's size, so a caller can refuse a buffer before it
+// allocates `count` symbols.  decode() gives the next symbols; finish() checks that every byte was read and the
+// state is L, so a truncated, padded or miscounted buffer is always an error.
+class RansDecoder {
+ public:
+  RansStatus open(const uint8_t* buf, int64_t size, int64_t count) {
+    ByteReader r{buf, buf + size};
+    mode_ = r.byte();
+    stored_count_ = r.varint();
+    if (!r.ok) return RansStatus::kTruncated;
+    if (mode_ > 1) return RansStatus::kBadHeader;
+    if (stored_count_ != uint64_t(count)) return RansStatus::kCountMismatch;
+    if (mode_ == 1) {
+      if (r.left() / 4 < count) return RansStatus::kTruncated;  // 4·count may overflow; left/4 cannot
+      if (r.left() != 4 * count) return RansStatus::kBadStream;
+    } else {
+      RansStatus st = read_model(r, count, model_);
+      if (st != RansStatus::kOk) return st;
+      if (r.left() < 4) return RansStatus::kTruncated;
+      for (int b = 0; b < 4; ++b) x_ |= uint32_t(r.p[b]) << (8 * b);
+      r.p += 4;
+      // x < 2^31 keeps freq·(x >> sb) + slot below 2^31 at every step: no overflow on corrupt input.
+      if (x_ < kRansL || x_ >= (kRansL << 8)) return RansStatus::kBadStream;
+      if (!rans_count_fits(model_, count, r.left())) return RansStatus::kTooShort;
     }
+    p_ = r.p;
+    end_ = r.end;
     return RansStatus::kOk;
   }
-  RansModel model;
-  RansStatus st = read_model(r, count, model);
-  if (st != RansStatus::kOk) return st;
-  if (r.left() < 4) return RansStatus::kTruncated;
-  uint32_t x = 0;
-  for (int b = 0; b < 4; ++b) x |= uint32_t(r.p[b]) << (8 * b);
-  r.p += 4;
-  // x < 2^31 keeps freq·(x >> sb) + slot below 2^31 at every step: no overflow on corrupt input.
-  if (x < kRansL || x >= (kRansL << 8)) return RansStatus::kBadStream;
-  const int sb = model.scale_bits;
-  const uint32_t mask = (uint32_t{1} << sb) - 1;
-  std::vector<uint32_t> slot_symbol(size_t{1} << sb);
-  for (size_t j = 0; j < model.freq.size(); ++j)
-    std::fill_n(slot_symbol.begin() + model.start[j], model.freq[j], static_cast<uint32_t>(j));
-  const uint8_t* p = r.p;
-  const uint8_t* end = r.end;
-  for (int64_t i = 0; i < count; ++i) {
-    uint32_t slot = x & mask;
-    uint32_t j = slot_symbol[slot];
-    out[i] = model.alphabet[j];
-    x = model.freq[j] * (x >> sb) + slot - model.start[j];
-    while (x < kRansL) {
-      if (p >= end) return RansStatus::kTruncated;
-      x = (x << 8) | *p++;
+
+  // The count the header states (for messages).
+  uint64_t stored_count() const { return stored_count_; }
+
+  // The next n symbols into out; the calls together ask for the `count` given to open(), which succeeded.
+  RansStatus decode(int64_t n, int32_t* out) {
+    if (mode_ == 1) {
+      if ((end_ - p_) / 4 < n) return RansStatus::kTruncated;
+      for (int64_t i = 0; i < n; ++i) {
+        uint32_t u = 0;
+        for (int b = 0; b < 4; ++b) u |= uint32_t(p_[4 * i + b]) << (8 * b);
+        out[i] = static_cast<int32_t>(u);
+      }
+      p_ += 4 * n;
+      return RansStatus::kOk;
     }
+    if (n > 0 && slot_symbol_.empty()) {
+      slot_symbol_.resize(size_t{1} << model_.scale_bits);
+      for (size_t j = 0; j < model_.freq.size(); ++j)
+        std::fill_n(slot_symbol_.begin() + model_.start[j], model_.freq[j], static_cast<uint32_t>(j));
+    }
+    // locals, not members, in the loop: the stores to out could alias them and force reloads
+    const int sb = model_.scale_bits;
+    const uint32_t mask = (uint32_t{1} << sb) - 1;
+    const uint32_t* slot_symbol = slot_symbol_.data();
+    const int32_t* alphabet = model_.alphabet.data();
+    const uint32_t* freq = model_.freq.data();
+    const uint32_t* start = model_.start.data();
+    const uint8_t* p = p_;
+    const uint8_t* const end = end_;
+    uint32_t x = x_;
+    for (int64_t i = 0; i < n; ++i) {
+      uint32_t slot = x & mask;
+      uint32_t j = slot_symbol[slot];
+      out[i] = alphabet[j];
+      x = freq[j] * (x >> sb) + slot - start[j];
+      while (x < kRansL) {
+        if (p >= end) return RansStatus::kTruncated;
+        x = (x << 8) | *p++;
+      }
+    }
+    p_ = p;
+    x_ = x;
+    return RansStatus::kOk;
   }
-  if (p != end) return RansStatus::kBadStream;  // bytes left over: not a buffer rans_encode wrote
-  if (x != kRansL) return RansStatus::kBadStream;
-  return RansStatus::kOk;
-}
+
+  // kOk when the symbols decoded so far used every byte and left the state at L.
+  RansStatus finish() const {
+    if (p_ != end_) return RansStatus::kBadStream;  // bytes left over: not a buffer rans_encode wrote
+    if (mode_ == 0 && x_ != kRansL) return RansStatus::kBadStream;
+    return RansStatus::kOk;
+  }
+
+ private:
+  uint8_t mode_ = 0;
+  uint64_t stored_count_ = 0;
+  RansModel model_;
+  std::vector<uint32_t> slot_symbol_;  // slot → alphabet index, built by the first decode()
+  const uint8_t* p_ = nullptr;
+  const uint8_t* end_ = nullptr;
+  uint32_t x_ = 0;
+};
 
 }  // namespace slimrate

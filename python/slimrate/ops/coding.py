@@ -97,14 +97,15 @@ def eg_encode(symbols: torch.Tensor, k: int = 0, signed: bool = True, *, backend
 
 def eg_decode(buf: torch.Tensor, count: int, k: int = 0, signed: bool = True, *,
               backend: str | None = None) -> torch.Tensor:
-    """Decode exactly ``count`` symbols of an ``eg_encode(…, k, signed)`` stream; bits after them are ignored.
+    """Decode the ``count`` symbols of an ``eg_encode(…, k, signed)`` stream, which must fill buf exactly.
 
     buf: (nbytes,) uint8 on the CPU.  Returns (count,) int32.  Sequential (one stream has no chunk
-    offsets).  Raises ValueError when the bits run out, a prefix has more than 32 zeros, or a value
-    is not a symbol eg_encode writes — never reads outside buf.
+    offsets).  Raises ValueError when the bits run out, a prefix has more than 32 zeros, a value
+    is not a symbol eg_encode writes, or bits follow the last code other than its byte's zero padding
+    (a padded stream, or a count below the stream's) — never reads outside buf.
     """
     _stream("buf", buf, torch.uint8)
-    count = int_arg("count", count, 0)
+    count = int_arg("count", count, 0, INT64_MAX)
     k = int_arg("k", k, 0, MAX_EG_ORDER)
     signed = bool_arg("signed", signed)
     return pick_backend("eg_decode", backend, _CPU)(buf, count, k, signed)
@@ -126,11 +127,13 @@ def rans_encode(symbols: torch.Tensor, *, backend: str | None = None) -> torch.T
 def rans_decode(buf: torch.Tensor, count: int, *, backend: str | None = None) -> torch.Tensor:
     """Decode a ``rans_encode`` buffer of ``count`` symbols into (count,) int32.
 
-    Raises ValueError for a count other than the buffer's, a truncated buffer (always detected) or a
-    corrupt header or stream; a corrupted payload may also decode to other symbols, never out of bounds.
+    Raises ValueError for a count other than the buffer's, a truncated or padded buffer (always detected), a
+    corrupt header or stream, or a stream too short for its count with its frequency table; the header and the
+    stream's length are checked before the output is allocated.  A corrupted payload may also decode to other
+    symbols, never out of bounds.
     """
     _stream("buf", buf, torch.uint8)
-    count = int_arg("count", count, 0)
+    count = int_arg("count", count, 0, INT64_MAX)
     return pick_backend("rans_decode", backend, _CPU)(buf, count)
 
 
@@ -153,7 +156,9 @@ def slim_encode(x: torch.Tensor, step: float, coder: str, chunk_numel: int = DEF
     table fields 0 but for "eg").  One chunk (chunk_numel ≥ numel) gives v1's payload.  The bytes depend only
     on the arguments, not on the thread count.  The native backend quantizes, checks and counts in one pass per
     chunk without a float64 copy, and codes the chunks in parallel.  Raises ValueError naming the flat index of
-    the first element that is not finite or has |x/step| ≥ 2^31 − 1.
+    the first element that is not finite, has |x/step| ≥ 2^31 − 1, or whose q·step (float64, rounded once to x's
+    dtype, as slim_decode computes it) overflows x's dtype — e.g. float16 65504 with step 2^15 — so the decoded
+    tensor is always finite and within step/2 of x plus half an ulp of its dtype.
     """
     check_tensor("x", x, dtypes=FLOAT_DTYPES, device=_CPU)
     step = finite_number("step", step, positive=True)
@@ -170,8 +175,10 @@ def slim_decode(payload: torch.Tensor, layout: torch.Tensor, numel: int, step: f
     payload (nbytes,) uint8 and layout int64 on the CPU, as slim_encode returned them; numel ≥ 0, step, coder and
     chunk_numel as they were encoded.  The native backend decodes the chunks in parallel straight into dtype.
     Raises ValueError for every inconsistency of payload, layout and numel (layout length, table or chunk sizes,
-    trailing bytes, a corrupt or truncated chunk, a rank outside the table), never reading out of bounds or
-    allocating more than numel symbols.
+    trailing bytes or non-zero padding, a corrupt or truncated chunk, a rank outside the table, a q·step that
+    overflows dtype), never reading out of bounds.  Every size is checked against the payload before the output
+    is allocated (each rANS chunk's whole header too); it decodes 2^16 symbols at a time, so it needs the output
+    and 256 KiB of scratch per thread.
     """
     _stream("payload", payload, torch.uint8)
     _stream("layout", layout, torch.int64)

@@ -76,7 +76,8 @@ def eg_encode(symbols: torch.Tensor, k: int = 0, signed: bool = True) -> torch.T
 
 
 def eg_decode(buf: torch.Tensor, count: int, k: int = 0, signed: bool = True) -> torch.Tensor:
-    """Decode ``count`` symbols; ValueError when bits run out, a prefix has > 32 zeros, or u is out of range."""
+    """Decode ``count`` symbols; ValueError when bits run out, a prefix has > 32 zeros, u is out of range, or
+    anything but the last byte's zero padding follows the last code."""
     bits = "".join(format(b, "08b") for b in buf.tolist())
     max_u = 2**32 - 2 if signed else 2**31 - 1
     out, pos = [], 0
@@ -94,12 +95,33 @@ def eg_decode(buf: torch.Tensor, count: int, k: int = 0, signed: bool = True) ->
             raise ValueError(f"buf: corrupt exp-Golomb stream at symbol {i} (value out of range)")
         out.append((-(u >> 1) - 1 if u & 1 else u >> 1) if signed else u)
         pos = end
+    if len(bits) - pos >= 8 or "1" in bits[pos:]:
+        raise ValueError("buf: trailing bytes or non-zero padding bits after the last code (a padded stream or a "
+                         f"count below the stream's); {count} codes read from {buf.numel()} bytes")
     return torch.tensor(out, dtype=torch.int32)
 
 
 # ---- a tensor's .slim payload (docs/slim-format.md): ops.quantize, then the coders chunk by chunk ----
 # The coders are the native ops (eg_encode's own reference is above; rANS has none): what is checked here is
 # the chunking, the table and the quantization around them.
+
+def _quantize_finitely(x: torch.Tensor, step: float) -> torch.Tensor:
+    """ops.quantize of x flattened, refusing the first element (flat order) that has no symbol or whose q·step,
+    rounded to x's dtype as slim_decode rounds it, is not finite."""
+    flat = x.reshape(-1)
+    y = flat.double() / step
+    has_symbol = y.abs() < coding.INT32_MAX
+    q = torch.round(torch.where(has_symbol, y, 0)).to(torch.int32)
+    bad = (~has_symbol | ~coding.dequantize(q, step, x.dtype).isfinite()).nonzero()
+    if bad.numel():
+        i = int(bad[0])
+        coding.quantize(flat[:i + 1], step)  # raises when flat[i] has no symbol
+        dtype = str(x.dtype).removeprefix("torch.")
+        raise ValueError(f"x: {float(flat[i]):g} at flat index {i} quantizes to q = {int(q[i])} and q·step = "
+                         f"{int(q[i]) * step:g} overflows {dtype} (step {step:g}); use a smaller step, or coder "
+                         '"raw" to store the tensor losslessly')
+    return q
+
 
 def _eg_table(q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(table, ranks): the distinct values of q by descending count, ties by smaller value; each q's rank."""
@@ -112,7 +134,7 @@ def _eg_table(q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def slim_encode(x: torch.Tensor, step: float, coder: str, chunk_numel: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(payload uint8, layout int64 [table_count, table_nbytes, chunk_nbytes...]) of x's symbols in chunks."""
-    q = coding.quantize(x.reshape(-1), step)
+    q = _quantize_finitely(x, step)
     table = torch.empty(0, dtype=torch.int32)
     if coder == "eg":
         table, q = _eg_table(q)  # q now holds ranks
@@ -125,34 +147,44 @@ def slim_encode(x: torch.Tensor, step: float, coder: str, chunk_numel: int) -> t
     return torch.cat([head, *chunks]), torch.tensor(layout, dtype=torch.int64)
 
 
-def _decode_eg(buf: torch.Tensor, count: int, signed: bool) -> torch.Tensor:
-    """eg_decode of exactly ``count`` codes that fill ``buf`` (no bytes after them)."""
-    s = coding.eg_decode(buf, count, 0, signed, backend="native")
-    end = -(-coding.eg_code_length(s, 0, signed, backend="native") // 8)
-    if end != buf.numel():
-        raise ValueError(f"its {count} codes end in byte {end} (trailing bytes)")
-    return s
+def _dequantize_finitely(q: torch.Tensor, step: float, dtype: torch.dtype) -> torch.Tensor:
+    """ops.dequantize, refusing the first symbol whose q·step overflows dtype."""
+    out = coding.dequantize(q, step, dtype)
+    bad = (~out.isfinite()).nonzero()
+    if bad.numel():
+        i = int(bad[0])
+        raise ValueError(f"symbol {i}: q = {int(q[i])} times step {step:g} overflows "
+                         f"{str(dtype).removeprefix('torch.')} (a step or symbol no encoder writes for this dtype)")
+    return out
 
 
 def slim_decode(payload: torch.Tensor, layout: torch.Tensor, numel: int, step: float, coder: str,
                 chunk_numel: int, dtype: torch.dtype) -> torch.Tensor:
     """x̂ (numel,) of dtype from slim_encode's payload and layout (checked by ops.coding.check_slim_layout)."""
     table_count, table_nbytes, *sizes = layout.tolist()
-    table = _decode_eg(payload[:table_nbytes], table_count, True) if coder == "eg" else None
-    symbols, start = [], table_nbytes
+    table = None
+    if coder == "eg":
+        try:
+            table = coding.eg_decode(payload[:table_nbytes], table_count, 0, True, backend="native")
+        except ValueError as e:
+            raise ValueError(f"payload: the eg table: {e}") from None
+    values, start = [], table_nbytes
     for c, size in enumerate(sizes):
         part, n = payload[start:start + size], min(chunk_numel, numel - c * chunk_numel)
         try:
-            s = coding.rans_decode(part, n, backend="native") if coder == "rans" else _decode_eg(part, n, coder != "eg")
+            if coder == "rans":
+                s = coding.rans_decode(part, n, backend="native")
+            else:
+                s = coding.eg_decode(part, n, 0, coder == "eg-signed", backend="native")
             if coder == "eg":
                 if s.numel() and int(s.max()) >= table.numel():
                     raise ValueError(f"rank {int(s.max())} is outside the table of {table.numel()}")
                 s = table[s.long()]
+            values.append(_dequantize_finitely(s, step, dtype))
         except ValueError as e:
             raise ValueError(f"payload: chunk {c} of {len(sizes)} (bytes [{start}, {start + size})): {e}") from None
-        symbols.append(s)
         start += size
-    return coding.dequantize(torch.cat(symbols) if symbols else torch.empty(0, dtype=torch.int32), step, dtype)
+    return torch.cat(values) if values else torch.empty(0, dtype=dtype)
 
 
 def sparse_linear(x: torch.Tensor, row_ptr: torch.Tensor, col_idx: torch.Tensor, values: torch.Tensor,
