@@ -257,6 +257,12 @@ def count_bound_bits(freq: list[int], scale_bits: int) -> float:
     return scale_bits - math.log2(max(freq)) - math.log2(1 + 2.0 ** (scale_bits - 23))
 
 
+def count_bound_runs(freq: list[int], scale_bits: int) -> int:
+    """R + 1 of rans_count_fits: with ≥ 2 symbols, every valid stream of n symbols after its state has B bytes
+    with n ≤ (B + 1)·(R + 1)."""
+    return (2**31 - 1 - 2**23) // (2 ** (23 - scale_bits) * (2**scale_bits - max(freq))) + 1
+
+
 def test_python_rans_buffers_decode():
     skip_unless_backend("native", "cpu")
     s = [3, -1, 3, 3, 8, -1, 3, 0] * 50
@@ -289,6 +295,8 @@ def test_rans_count_bound_admits_the_densest_streams(scale_bits, fmax):
         assert_equal_symbols(ops.rans_decode(buf, n), torch.zeros(n, dtype=torch.int32))
         stream_bytes = buf.numel() - ops.rans_header_size(buf) - 4
         assert n * lam < 8 * (stream_bytes + 1)
+        if len(freq) > 1:
+            assert n <= (stream_bytes + 1) * count_bound_runs(freq, scale_bits)
         tightest = max(tightest, n * lam / (8 * (stream_bytes + 1)))
     if lam > 1:  # the bound is close to what the densest streams reach: it could not be much tighter
         assert tightest > 0.85, tightest
@@ -308,6 +316,20 @@ def test_rans_decode_refuses_a_count_the_stream_cannot_hold():
         forged = rans_buffer(s, alphabet, freq, 12, count=count)
         with pytest.raises(ValueError, match="buf: the rANS stream is too short for its count"):
             ops.rans_decode(forged, count)
+
+
+def test_rans_decode_bounds_the_count_of_a_skewed_two_symbol_table():
+    """Frequencies 2^16 − 1 and 1: the bits bound says nothing (λ ≤ 0), the step bound still refuses 2^40."""
+    skip_unless_backend("native", "cpu")
+    s = [0] * 3000 + [1] + [0] * 50
+    buf = rans_buffer(s, [0, 1], [2**16 - 1, 1], 16)
+    assert_equal_symbols(ops.rans_decode(buf, len(s)), torch.tensor(s, dtype=torch.int32))
+    assert count_bound_bits([2**16 - 1, 1], 16) <= 0
+    stream_bytes = buf.numel() - ops.rans_header_size(buf) - 4
+    beyond = (stream_bytes + 1) * count_bound_runs([2**16 - 1, 1], 16) + 1
+    for count in (beyond, 2**40):
+        with pytest.raises(ValueError, match="buf: the rANS stream is too short for its count"):
+            ops.rans_decode(rans_buffer(s, [0, 1], [2**16 - 1, 1], 16, count=count), count)
 
 
 @pytest.mark.parametrize("count", [2**40, 2**62])

@@ -308,14 +308,21 @@ inline RansStatus read_model(ByteReader& r, int64_t count, RansModel& model) {
 // ≤ y·ρ_f, ρ_f = (f/2^S)·(1 + 2^(S−23)) (as y ≥ 2^23), and k bytes read after it give y' < (x' + 1)·256^k.
 // Over the stream, L = y_count < y_0·ρ^count·256^B < 2^31·ρ^count·2^(8B) with ρ = ρ of the largest frequency,
 // i.e. count·λ < 8·(B + 1) with λ = −log2 ρ = S − log2(max freq) − log2(1 + 2^(S−23)) bits per symbol.  A
-// table with one dominant symbol has λ ≤ 0: no bound (a stream of one repeated symbol needs no bytes at all).
+// table with one dominant symbol has λ ≤ 0, so a second bound counts steps instead: a step lowers the state by
+// y − x' = ⌊y/2^S⌋·(2^S − f) + start ≥ d = 2^(23−S)·(2^S − max freq) ≥ 1 when there are ≥ 2 symbols, so at most
+// R = ⌊(2^31 − 1 − L)/d⌋ steps in a row read no byte, and count ≤ (B + 1)·(R + 1).  Only a one-symbol table has
+// no bound (its stream needs no bytes at all, whatever the count).
 inline bool rans_count_fits(const RansModel& model, int64_t count, int64_t stream_bytes) {
   if (model.freq.empty()) return count == 0;
   const int s = model.scale_bits;
-  const double fmax = *std::max_element(model.freq.begin(), model.freq.end());
-  // a margin far above log2's rounding error, so that the test errs towards accepting
-  const double lambda = s - std::log2(fmax) - std::log2(1.0 + std::ldexp(1.0, s - 23)) - 1e-9;
-  return lambda <= 0 || double(count) * lambda < 8.0 * (double(stream_bytes) + 1.0) * (1.0 + 1e-12) + 1.0;
+  const uint32_t fmax = *std::max_element(model.freq.begin(), model.freq.end());
+  if (fmax == (uint32_t{1} << s)) return true;
+  // margins far above log2's and the products' rounding errors, so that the tests err towards accepting
+  const double lambda = s - std::log2(double(fmax)) - std::log2(1.0 + std::ldexp(1.0, s - 23)) - 1e-9;
+  const bool by_bits = lambda <= 0 || double(count) * lambda < 8.0 * (double(stream_bytes) + 1.0) * (1.0 + 1e-12) + 1.0;
+  const uint64_t d = (uint64_t{1} << (23 - s)) * ((uint64_t{1} << s) - fmax);
+  const double runs = double(((uint64_t{1} << 31) - 1 - kRansL) / d + 1);
+  return by_bits && double(count) <= (double(stream_bytes) + 1.0) * runs * (1.0 + 1e-12);
 }
 
 // Decodes a rans_encode_stream buffer of exactly `count` symbols, in pieces.  open() reads and checks the whole
