@@ -435,3 +435,12 @@ def test_coding_ops_pass_opcheck():
     }
     for name, args in cases.items():
         torch.library.opcheck(getattr(torch.ops.slimrate, name).default, args)
+
+
+def test_rans_decode_refuses_a_count_varint_past_64_bits():
+    """A 10-byte varint whose last byte carries more than bit 63 would wrap (2^64 read as 0): refused."""
+    skip_unless_backend("native", "cpu")
+    empty = ops.rans_encode(torch.zeros(0, dtype=torch.int32)).tolist()  # mode, count 0, then the table
+    wrapped = [empty[0]] + [0x80] * 9 + [0x02] + empty[2:]  # the count 2^64 ≡ 0 (mod 2^64)
+    with pytest.raises(ValueError, match="buf: truncated rANS buffer"):
+        ops.rans_decode(torch.tensor(wrapped, dtype=torch.uint8), 0)

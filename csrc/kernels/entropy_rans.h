@@ -80,6 +80,10 @@ struct ByteReader {
     for (int shift = 0; shift < 64; shift += 7) {
       uint8_t b = byte();
       if (!ok) return 0;
+      if (shift == 63 && b > 1) {  // the 10th byte holds bit 63 only: more would wrap past 2^64
+        ok = false;
+        return 0;
+      }
       v |= uint64_t(b & 0x7f) << shift;
       if (!(b & 0x80)) return v;
     }
