@@ -7,13 +7,19 @@ BUILD_STAMP := $(VENV)/.slimrate-build
 EXT_SOURCES := setup.py $(shell find csrc -name '*.cpp' -o -name '*.h' -o -name '*.cu' -o -name '*.cuh')
 JOBS ?= $(shell nproc)
 
-.PHONY: demo test bench bench-7b build lint clean peers
+.PHONY: demo test test-arm bench bench-7b build lint clean peers
 
 demo: $(BUILD_STAMP)
 	$(VENV)/bin/slimrate demo
 
 test: $(BUILD_STAMP)
 	$(VPY) -m pytest -q tests
+
+# aarch64: every C++ file of the extension cross-compiled against torch's headers, and the kernel core's C++
+# checks run under qemu-aarch64 (tools/core_check.py; it installs the cross compiler and qemu with apt-get when
+# missing, and skips with a message where it cannot). Needs no build of the extension.
+test-arm: $(DEPS_STAMP)
+	PYTHONPATH=python $(VPY) tools/core_check.py --arm
 
 # $(call bench_suite,NAME,REPORT): bench/bench_NAME.py into bench/results/NAME.json, then bench/REPORT turns it
 # into bench/results/NAME.md.
