@@ -7,7 +7,7 @@ BUILD_STAMP := $(VENV)/.slimrate-build
 EXT_SOURCES := setup.py $(shell find csrc -name '*.cpp' -o -name '*.h' -o -name '*.cu' -o -name '*.cuh')
 JOBS ?= $(shell nproc)
 
-.PHONY: demo test fuzz bench bench-7b build lint clean peers
+.PHONY: demo test test-arm fuzz bench bench-7b build lint clean peers
 
 demo: $(BUILD_STAMP)
 	$(VENV)/bin/slimrate demo
@@ -15,8 +15,14 @@ demo: $(BUILD_STAMP)
 test: $(BUILD_STAMP)
 	$(VPY) -m pytest -q tests
 
+# aarch64: every C++ file of the extension cross-compiled against torch's headers, and the kernel core's C++
+# checks run under qemu-aarch64 (tools/core_check.py; it installs the cross compiler and qemu with apt-get when
+# missing, and skips with a message where it cannot). Needs no build of the extension.
+test-arm: $(DEPS_STAMP)
+	PYTHONPATH=python $(VPY) tools/core_check.py --arm
+
 # The seeded fuzzer of the .slim reader and the coder ops (README "Reliability"): 140,000 cases, 105,000 of them
-# .slim files, in 2 worker processes, 2.5–3.5 minutes on 2 cores. Writes bench/results/fuzz.{json,md} and the
+# .slim files, in 2 worker processes, about a minute on 2 cores. Writes bench/results/fuzz.{json,md} and the
 # first failing input of each kind to build/fuzz-failures/ (tools/fuzz_slim.py --replay FILE runs one again);
 # fails when any case failed.
 fuzz: $(BUILD_STAMP)

@@ -17,8 +17,8 @@ def want_cuda() -> bool:
 
 
 def extension():
-    sources = ["csrc/ops.cpp", *sorted(glob.glob("csrc/cpu/*.cpp"))]
-    # No FP traps or errno are used, so the vectoriser may if-convert selects (csrc/cpu/rate_cpu.cpp).
+    sources = ["csrc/ops.cpp", *sorted(glob.glob("csrc/cpu/*.cpp")), *sorted(glob.glob("csrc/core/*.cpp"))]
+    # No FP traps or errno are used, so the vectoriser may if-convert selects (csrc/core/rate.cpp).
     cxx = ["-O3", "-std=c++17", "-fopenmp", "-fno-trapping-math", "-fno-math-errno"]
     kwargs = dict(include_dirs=[os.path.abspath("csrc")], extra_link_args=["-fopenmp"])
     if want_cuda():

@@ -139,6 +139,28 @@ def test_empty_lists_give_zeros():
     assert ops.rate_grad_([], [], 1.0, 0.5, 1.0).item() == 0.0
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS.get)
+def test_native_cpu_results_do_not_depend_on_the_thread_count(dtype):
+    """The C++ kernels add per-chunk partial sums in chunk order: 1, 2 and 3 threads (torch.set_num_threads)
+    give the same bits on lists of several 64 Ki-element chunks."""
+    skip_unless_backend("native", "cpu")
+    params = make_params([(300, 257), (200, 300), (19,)], dtype, "cpu")
+    grads0 = [torch.randn_like(p) for p in params]
+    threads_before = torch.get_num_threads()
+    runs = []
+    try:
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            grads = [g.clone() for g in grads0]
+            r = ops.rate_grad_(params, grads, 1e3, 0.7, 1e-2, backend="native")
+            runs.append([ops.rate_stats(params, backend="native"), r, *grads])
+    finally:
+        torch.set_num_threads(threads_before)
+    for threads, run in zip((2, 3), runs[1:], strict=True):
+        for i, (got, want) in enumerate(zip(run, runs[0], strict=True)):
+            assert torch.equal(got, want), f"output {i} on {threads} threads differs from 1 thread's"
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_opcheck_native_ops(device):
     skip_unless_backend("native", device)

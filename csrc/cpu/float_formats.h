@@ -3,19 +3,27 @@
 #pragma once
 #include <ATen/ATen.h>
 
+#include <utility>
+
+#include "core/float_format.h"
 #include "kernels/portable.h"
 
 namespace slimrate {
 
+// The core's format of dtype (checked by the caller to be one of the four).
+inline core::FloatFormat format_of(at::ScalarType st) {
+  switch (st) {
+    case at::kFloat: return core::FloatFormat::f32;
+    case at::kDouble: return core::FloatFormat::f64;
+    case at::kBFloat16: return core::FloatFormat::bf16;
+    default: return core::FloatFormat::f16;
+  }
+}
+
 // Calls fn with the storage format tag of dtype (checked by the caller to be one of the four).
 template <class Fn>
 auto with_format(at::ScalarType st, Fn&& fn) {
-  switch (st) {
-    case at::kFloat: return fn(F32{});
-    case at::kDouble: return fn(F64{});
-    case at::kBFloat16: return fn(BF16{});
-    default: return fn(F16{});
-  }
+  return core::with_format(format_of(st), std::forward<Fn>(fn));
 }
 
 template <class Fmt>

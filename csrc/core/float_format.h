@@ -1,0 +1,23 @@
+// The storage format of a float tensor handed to the core as a raw pointer, and the kernels/portable.h format
+// type that reads it.
+#pragma once
+#include <cstdint>
+
+#include "kernels/portable.h"
+
+namespace slimrate::core {
+
+enum class FloatFormat : uint8_t { f32, f64, bf16, f16 };
+
+// Calls fn with the format tag (F32, F64, BF16, F16) of `format`.
+template <class Fn>
+auto with_format(FloatFormat format, Fn&& fn) {
+  switch (format) {
+    case FloatFormat::f32: return fn(F32{});
+    case FloatFormat::f64: return fn(F64{});
+    case FloatFormat::bf16: return fn(BF16{});
+    default: return fn(F16{});
+  }
+}
+
+}  // namespace slimrate::core
