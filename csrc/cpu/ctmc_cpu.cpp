@@ -19,16 +19,15 @@
 #include <type_traits>
 #include <vector>
 
+#include "core/arch.h"
 #include "ctmc_inputs.h"
 #include "kernels/ctmc.h"
 
 namespace slimrate {
 namespace {
 
-// Loops below are written for GCC's auto-vectoriser; setup.py's -fno-trapping-math lets it if-convert the
-// selects of the closed forms.
-#define SLIMRATE_CPU_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-
+// Loops below are written for GCC's auto-vectoriser (SLIMRATE_CPU_CLONES: core/arch.h); setup.py's
+// -fno-trapping-math lets it if-convert the selects of the closed forms.
 template <class T>
 using RankInt = std::conditional_t<sizeof(T) == 8, int64_t, int32_t>;
 

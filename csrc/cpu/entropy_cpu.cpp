@@ -10,6 +10,7 @@
 #include <cstring>
 #include <vector>
 
+#include "core/arch.h"
 #include "coding_inputs.h"
 #include "kernels/entropy_eg.h"
 #include "kernels/entropy_rans.h"
@@ -33,7 +34,7 @@ const char* uncodable_reason(bool is_signed) {
 }
 
 // The length pass vectorises (clz → vplzcntq) only with AVX-512: one build carries both clones.
-__attribute__((target_clones("arch=x86-64-v4", "default")))
+SLIMRATE_CPU_CLONES_V4
 int64_t span_bits(const int32_t* s, int64_t n, int k, bool is_signed, int64_t* bad) {
   return eg_span_bits(s, n, k, is_signed, bad);
 }

@@ -22,6 +22,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "core/arch.h"
 #include "cpu/nf4_decode.h"
 #include "kernels/nf4.h"
 #include "kernels/portable.h"
@@ -29,8 +30,6 @@
 
 namespace slimrate {
 namespace {
-
-#define SLIMRATE_CPU_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 
 // Tokens up to which the fused schedule beats decode-into-panel + GEMM, one thread, 4096×4096, r = 16 (measured
 // on a shared 2-core EPYC: the forward panel's GEMM wins from ~8 tokens in float32 and ~4 in bfloat16, whose

@@ -1,20 +1,37 @@
-// NF4 decoding on x86 CPUs for csrc/cpu/nf4_cpu.cpp: packed bytes -> weights code[nibble]·absmax, computed in
+// NF4 decoding on CPUs for csrc/cpu/nf4_cpu.cpp: packed bytes -> weights code[nibble]·absmax, computed in
 // float32 and stored as float32, bfloat16 or float16 (round to nearest even), the layout of csrc/kernels/nf4.h.
-// 16 nibbles are one vpermps on AVX-512 (two and a blend on AVX2), else a scalar loop; the ISA is picked once at
-// load, and each entry point decodes whole runs of blocks so the per-block work stays inlined.  Storing the
-// 16-bit formats straight from registers (no float32 scratch) made a bfloat16 dequantize 2.4× faster.
+// 16 nibbles are one vpermps on AVX-512 (two and a blend on AVX2), else — and on every other architecture
+// (core/arch.h) — a portable loop; the ISA is picked once at load, and each entry point decodes whole runs of
+// blocks so the per-block work stays inlined.  Storing the 16-bit formats straight from registers (no float32
+// scratch) made a bfloat16 dequantize 2.4× faster.
 #pragma once
-#include <immintrin.h>
 
 #include <algorithm>
 #include <cstdint>
 #include <type_traits>
 
+#include "core/arch.h"
 #include "kernels/nf4.h"
 #include "kernels/portable.h"
 
+#if SLIMRATE_X86_SIMD
+#include <immintrin.h>
+#endif
+
 namespace slimrate {
 
+// ---- one block's bytes: out[2j] = code[b_j >> 4]·s, out[2j+1] = code[b_j & 15]·s ----
+
+template <class Fmt>
+inline void decode_bytes_scalar(const uint8_t* p, int64_t nbytes, float scale, typename Fmt::storage* out) {
+  for (int64_t j = 0; j < nbytes; ++j) {
+    const uint32_t b = p[j];
+    out[2 * j] = Fmt::store(kNF4Code[b >> 4] * scale);
+    out[2 * j + 1] = Fmt::store(kNF4Code[b & 15u] * scale);
+  }
+}
+
+#if SLIMRATE_X86_SIMD
 #define SLIMRATE_AVX2 __attribute__((target("avx2,fma,f16c"), always_inline)) inline
 #define SLIMRATE_AVX512 __attribute__((target("avx512f"), always_inline)) inline
 
@@ -47,17 +64,6 @@ SLIMRATE_AVX2 void store8(__m256 v, typename Fmt::storage* out) {
     _mm_storeu_si128(reinterpret_cast<__m128i*>(out), _mm256_castsi256_si128(packed));
   } else {
     _mm_storeu_si128(reinterpret_cast<__m128i*>(out), _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT));
-  }
-}
-
-// ---- one block's bytes: out[2j] = code[b_j >> 4]·s, out[2j+1] = code[b_j & 15]·s ----
-
-template <class Fmt>
-inline void decode_bytes_scalar(const uint8_t* p, int64_t nbytes, float scale, typename Fmt::storage* out) {
-  for (int64_t j = 0; j < nbytes; ++j) {
-    const uint32_t b = p[j];
-    out[2 * j] = Fmt::store(kNF4Code[b >> 4] * scale);
-    out[2 * j + 1] = Fmt::store(kNF4Code[b & 15u] * scale);
   }
 }
 
@@ -109,6 +115,8 @@ SLIMRATE_AVX512 void decode_bytes_avx512(const uint8_t* p, int64_t nbytes, float
   decode_bytes_scalar<Fmt>(p + j, nbytes - j, scale, out + 2 * j);
 }
 
+#endif  // SLIMRATE_X86_SIMD
+
 // ---- entry points: decode_blocks: whole blocks, block b's bs weights (bs/2 bytes at p + b·bs/2) scaled by
 // absmax[b]; decode_span: nbytes bytes under one scale (part of a block) ----
 
@@ -130,16 +138,20 @@ struct Decoder {
     decode_bytes_##ISA<Fmt>(p, nbytes, scale, out);                                                              \
   }
 SLIMRATE_DECODER(scalar, inline)
+#if SLIMRATE_X86_SIMD
 SLIMRATE_DECODER(avx2, __attribute__((target("avx2,fma,f16c"))) inline)
 SLIMRATE_DECODER(avx512, __attribute__((target("avx512f"))) inline)
+#endif
 #undef SLIMRATE_DECODER
 
 template <class Fmt>
 Decoder<Fmt> pick_decoder() {
+#if SLIMRATE_X86_SIMD
   __builtin_cpu_init();
   if (__builtin_cpu_supports("avx512f")) return {decode_blocks_avx512<Fmt>, decode_span_avx512<Fmt>};
   if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c"))
     return {decode_blocks_avx2<Fmt>, decode_span_avx2<Fmt>};
+#endif
   return {decode_blocks_scalar<Fmt>, decode_span_scalar<Fmt>};
 }
 

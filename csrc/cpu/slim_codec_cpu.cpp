@@ -22,6 +22,7 @@
 #include <tuple>
 #include <vector>
 
+#include "core/arch.h"
 #include "coding_inputs.h"
 #include "cpu/float_formats.h"
 #include "kernels/entropy_eg.h"
@@ -31,9 +32,8 @@
 namespace slimrate {
 namespace {
 
-// AVX2 and AVX-512 round with vroundpd and vectorise the passes below; baseline x86-64 calls nearbyint.
-#define SLIMRATE_CPU_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-
+// AVX2 and AVX-512 round with vroundpd and vectorise the passes below (SLIMRATE_CPU_CLONES: core/arch.h);
+// baseline x86-64 calls nearbyint.
 template <class Fmt>
 SLIMRATE_CPU_CLONES int64_t quantize_span(const typename Fmt::storage* x, int64_t n, double step, int32_t* q,
                                           SymbolCounter* counter) {

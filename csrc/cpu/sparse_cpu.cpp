@@ -14,19 +14,20 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
-#include <immintrin.h>
-
 #include <algorithm>
 #include <atomic>
 #include <type_traits>
 
+#include "core/arch.h"
 #include "kernels/portable.h"
 #include "sparse_inputs.h"
 
+#if SLIMRATE_X86_SIMD
+#include <immintrin.h>
+#endif
+
 namespace slimrate {
 namespace {
-
-#define SLIMRATE_CPU_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 
 template <class Index>  // int32_t or uint16_t
 struct Csr {
@@ -63,6 +64,7 @@ SLIMRATE_CPU_CLONES uint32_t spmv_csr(const Csr<Index>& w, const typename Fmt::s
   return bad;
 }
 
+#if SLIMRATE_X86_SIMD
 // The same with explicit AVX-512 / AVX2 gathers of x: GCC's generic tuning does not emit gather
 // instructions, and the batch-1 product is bound by them (measured below in bench/results/sparse.md).
 #define SLIMRATE_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx2,fma,f16c")))
@@ -155,16 +157,19 @@ SLIMRATE_AVX2 uint32_t spmv_csr_avx2(const Csr<Index>& w, const typename Fmt::st
   }
   return bad_tail | !_mm256_testz_si256(bad, bad);
 }
+#endif  // SLIMRATE_X86_SIMD
 
-// Picks the widest of the three CSR batch-1 kernels this CPU runs.
+// Picks the widest of the three CSR batch-1 kernels this CPU runs (elsewhere: the portable loop).
 template <class Fmt, class Index>
 uint32_t spmv_csr_best(const Csr<Index>& w, const typename Fmt::storage* v, const float* x, float* y, int64_t lo,
                        int64_t hi) {
+#if SLIMRATE_X86_SIMD
   static const int level = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
                                    __builtin_cpu_supports("avx512vl") ? 2
                            : __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") ? 1 : 0;
   if (level == 2) return spmv_csr_avx512<Fmt>(w, v, x, y, lo, hi);
   if (level == 1) return spmv_csr_avx2<Fmt>(w, v, x, y, lo, hi);
+#endif
   return spmv_csr<Fmt>(w, v, x, y, lo, hi);
 }
 
