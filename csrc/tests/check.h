@@ -45,7 +45,10 @@ struct Verdict {
       double d = std::fabs(got[i] - want[i]);
       diff2 += d * d;
       want2 += want[i] * want[i];
-      if (!(d <= max_abs)) max_abs = d, at = i;  // also catches NaN
+      if (!(d <= max_abs)) {  // also takes a NaN
+        max_abs = d;
+        at = i;
+      }
     }
     double err = std::sqrt(diff2) / std::max(std::sqrt(want2), 1e-300);
     if (err <= tol) {
