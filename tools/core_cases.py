@@ -18,12 +18,16 @@ from pathlib import Path
 import torch
 
 from slimrate import ops
+from slimrate.ops import reference
+from slimrate.sparse import SparseMatrix
 
 MAGIC = b"SLRCASE1"
 # csrc/tests/case_file.h's DType codes.
 DTYPE_CODES = {torch.uint8: 0, torch.int8: 1, torch.uint16: 2, torch.int16: 3, torch.uint32: 4, torch.int32: 5,
                torch.uint64: 6, torch.int64: 7, torch.float16: 8, torch.bfloat16: 9, torch.float32: 10,
                torch.float64: 11}
+# csrc/core/status.h's Status codes that cases expect.
+STATUS = {"ok": 0.0, "bad_index": 2.0}
 FLOAT_DTYPES = {"f32": torch.float32, "f64": torch.float64, "bf16": torch.bfloat16, "f16": torch.float16}
 
 
@@ -127,9 +131,72 @@ def rate_cases(folder: Path) -> None:
         rate_grad_case(folder, label, rate_params(torch.float32, shapes), nu=0.7, eps=1e-2)
 
 
+# ---- sparse (csrc/core/sparse.h) ----
+
+# The block shapes the kernels specialise at compile time, then two that run the generic code.
+SPARSE_BLOCKS = [(1, 1), (1, 4), (1, 8), (4, 1), (8, 1), (4, 4), (2, 3), (16, 2)]
+# Batch 1 (SpMV), then one tile of 16 and two tiles of 32 batch columns (SpMM; core/sparse.h's layout).
+SPARSE_BATCHES = [1, 13, 40]
+
+
+def sparse_weight(out: int, inp: int, sparsity: float, block: tuple[int, int], dtype: torch.dtype,
+                  index: torch.dtype) -> SparseMatrix:
+    """A random block-sparse [out, in] weight with ~sparsity of its blocks zeroed; col_idx as int16 (uint16 bits)
+    or int32."""
+    r, c = block
+    keep = torch.rand(-(-out // r), -(-inp // c)) >= sparsity
+    w = torch.randn(out, inp, dtype=torch.float64) * keep.repeat_interleave(r, 0).repeat_interleave(c, 1)[:out, :inp]
+    sm = SparseMatrix.from_dense(w.to(dtype), block)
+    if index == torch.int32:
+        sm = SparseMatrix(sm.row_ptr, sm.block_columns().to(torch.int32), sm.values, sm.shape)
+    return sm
+
+
+def sparse_case(folder: Path, label: str, sm: SparseMatrix, batch: int, *, corrupt: bool = False) -> None:
+    """x [batch, in] in the values' dtype; y against the float64 reference, with flash_tol against the reference
+    run in that dtype. corrupt: one block column set to bcols (the kernels must return bad_index)."""
+    out, inp = sm.shape
+    x = torch.randn(batch, inp, dtype=torch.float64).to(sm.values.dtype)
+    col_idx = sm.col_idx.clone()
+    if corrupt:
+        col_idx[col_idx.numel() // 2] = -(-inp // sm.block[1])
+    y64 = reference.sparse_linear(x.double(), sm.row_ptr, sm.col_idx, sm.values.double(), out, None)
+    y_same = ops.sparse_linear(x, sm, backend="reference")
+    write_case(folder / f"sparse_linear-{label}.case", "sparse_linear", {
+        "x": x, "row_ptr": sm.row_ptr, "col_idx": col_idx, "values": sm.values, "out_features": float(out),
+        "expected.status": STATUS["bad_index" if corrupt else "ok"], "tol.status": 0.0,
+        **({} if corrupt else {"expected.y": y64, "tol.y": flash_tol(y_same, y64, sm.values.dtype)}),
+    })
+
+
+def sparse_cases(folder: Path) -> None:
+    """Every specialised block shape at batch 1 and on one and two tiles, with uint16 and int32 block columns;
+    16-bit values; block columns ≥ 32768 (the uint16 bits of an int16); an empty weight; more block rows than
+    one thread's grain; corrupt block columns."""
+    for r, c in SPARSE_BLOCKS:
+        for batch in SPARSE_BATCHES:
+            for index in (torch.int16, torch.int32):
+                sm = sparse_weight(37, 45, 0.7, (r, c), torch.float32, index)
+                sparse_case(folder, f"{r}x{c}-b{batch}-{'u16' if index == torch.int16 else 'i32'}", sm, batch)
+    for name in ("bf16", "f16"):
+        for block, batch in [((1, 1), 1), ((1, 1), 13), ((4, 4), 40)]:
+            sm = sparse_weight(37, 45, 0.7, block, FLOAT_DTYPES[name], torch.int16)
+            sparse_case(folder, f"{block[0]}x{block[1]}-b{batch}-{name}", sm, batch)
+    wide = sparse_weight(5, 40000, 0.99, (1, 1), torch.float32, torch.int16)
+    for batch in (1, 5):
+        sparse_case(folder, f"wide-b{batch}", wide, batch)
+    sparse_case(folder, "empty-b5", sparse_weight(9, 20, 1.0, (1, 1), torch.float32, torch.int16), 5)
+    big = sparse_weight(1030, 257, 0.9, (1, 1), torch.float32, torch.int16)
+    for batch in (1, 70):
+        sparse_case(folder, f"1030x257-b{batch}", big, batch)
+    for batch in (1, 5):
+        sparse_case(folder, f"corrupt-b{batch}", sparse_weight(37, 45, 0.5, (1, 4), torch.float32, torch.int16),
+                    batch, corrupt=True)
+
+
 # A family's function writes its cases into the folder; each runs from the same seed, so adding a family leaves
 # the others' cases unchanged.
-FAMILIES: dict[str, Callable[[Path], None]] = {"rate": rate_cases}
+FAMILIES: dict[str, Callable[[Path], None]] = {"rate": rate_cases, "sparse": sparse_cases}
 
 
 def write_cases(folder: Path, seed: int = 0) -> list[Path]:

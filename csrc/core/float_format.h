@@ -20,4 +20,14 @@ auto with_format(FloatFormat format, Fn&& fn) {
   }
 }
 
+// with_format for kernels that store no float64 (sparse values, NF4 weights): F32, BF16, else F16.
+template <class Fn>
+auto with_f32_f16_format(FloatFormat format, Fn&& fn) {
+  switch (format) {
+    case FloatFormat::f32: return fn(F32{});
+    case FloatFormat::bf16: return fn(BF16{});
+    default: return fn(F16{});
+  }
+}
+
 }  // namespace slimrate::core

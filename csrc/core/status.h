@@ -6,13 +6,15 @@ namespace slimrate::core {
 
 enum class Status : int {
   ok = 0,
-  out_of_memory,  // a work buffer could not be allocated
+  out_of_memory,    // a work buffer could not be allocated
+  bad_index,        // an index input points outside the array it indexes (the function says which input)
 };
 
 inline const char* describe(Status status) {
   switch (status) {
     case Status::ok: return "ok";
     case Status::out_of_memory: return "out of memory for the kernel's work buffers";
+    case Status::bad_index: return "an index is out of range";
   }
   return "unknown status";
 }

@@ -20,6 +20,7 @@ namespace slimrate::tests {
 
 void check_rate_stats(const Case& c, Verdict& v);
 void check_rate_grad(const Case& c, Verdict& v);
+void check_sparse_linear(const Case& c, Verdict& v);
 
 struct Checker {
   const char* op;
@@ -29,6 +30,7 @@ struct Checker {
 const Checker kCheckers[] = {
     {"rate_stats", check_rate_stats},
     {"rate_grad_", check_rate_grad},
+    {"sparse_linear", check_sparse_linear},
 };
 
 // More threads than the build machine's 2 cores, so parallel_for splits into uneven chunks as well.
