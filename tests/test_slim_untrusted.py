@@ -17,7 +17,7 @@ from slimrate import SlimFile, load_slim, load_slim_into, ops, save_slim
 from slimrate.backslash import SlimFormatError
 from slimrate.ops import extension_available
 
-from helpers import slim_index, slim_v1_file, slim_v1_header_file, slim_v2_file, slim_v2_index_file
+from helpers import slim_index, slim_v1_file, slim_v1_header_file, slim_v2_file, slim_v2_index_file, varint
 
 if not extension_available():
     pytest.skip("slimrate._C is not built: the .slim coders (eg_encode, rans_encode) run in C++",
@@ -118,16 +118,6 @@ def test_an_empty_shape_with_dimensions_up_to_the_element_limit_loads(tmp_path, 
     shape = [2**24, 0, 2**24]  # the non-zero dimensions multiply to 2^48, the element limit
     (tmp_path / "e.slim").write_bytes(slim_v2_file(b"", [empty_entry(shape, coder)]))
     assert load_slim(tmp_path / "e.slim")["e"].shape == tuple(shape)
-
-
-def varint(n: int) -> bytes:
-    """Unsigned LEB128 (docs/slim-format.md §1)."""
-    out = bytearray()
-    while True:
-        out.append((n & 0x7F) | (0x80 if n > 0x7F else 0))
-        n >>= 7
-        if not n:
-            return bytes(out)
 
 
 def rans_claim_file(path, numel: int, dtype: str = "float32", pad_nbytes: int = 0):
