@@ -194,9 +194,92 @@ def sparse_cases(folder: Path) -> None:
                     batch, corrupt=True)
 
 
+# ---- nf4 (csrc/core/nf4.h) ----
+
+# (out, in, r): odd in (rows start mid-byte and mid-block), in over the fused kernels' 1024-column chunk, r = 1.
+NF4_LAYERS = [(37, 45, 4), (6, 1100, 1), (130, 70, 16)]
+NF4_SCALING = 2.0
+# Panel bytes small enough that every thread runs several panels.
+NF4_PANEL_BYTES = 4096
+
+
+def nf4_layer(out: int, inp: int, r: int, blocksize: int = 64) -> dict[str, torch.Tensor]:
+    """A random NF4 weight [out, in] (packed, absmax), LoRA adapters A [r, in], B [out, r] and a bias, float32."""
+    packed, absmax = ops.nf4_quantize(torch.randn(out, inp) * 0.05, blocksize, backend="reference")
+    return {"packed": packed, "absmax": absmax, "lora_A": torch.randn(r, inp) / inp**0.5,
+            "lora_B": torch.randn(out, r) * 0.1, "bias": torch.randn(out) * 0.1}
+
+
+def nf4_linear(layer: dict[str, torch.Tensor], x: torch.Tensor, lora_x: torch.Tensor | None, grad_y: torch.Tensor,
+               adapter_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """(y, d loss / dx) of the reference layer on x (lora_x: the LoRA branch's own input, then dx has no LoRA
+    term), the adapters and the bias in adapter_dtype."""
+    x = x.clone().requires_grad_()
+    y = ops.nf4_lora_linear(x, layer["packed"], layer["absmax"], layer["lora_A"].to(adapter_dtype),
+                            layer["lora_B"].to(adapter_dtype), NF4_SCALING, layer["bias"].to(adapter_dtype),
+                            lora_x=lora_x, backend="reference")
+    y.backward(grad_y)
+    return y.detach(), x.grad
+
+
+def nf4_linear_case(folder: Path, label: str, layer: dict[str, torch.Tensor], tokens: int, dtype: torch.dtype,
+                    with_lora_x: bool) -> None:
+    """Forward y and the input gradient dx = g·W (+ s·(g·B)·A when the LoRA branch reads x), each for both
+    schedules, against the float64 reference, with flash_tol against the reference run in dtype (float32
+    adapters, as peft keeps them)."""
+    out, inp = layer["lora_B"].shape[0], layer["lora_A"].shape[1]
+    x, grad_y = torch.randn(tokens, inp).to(dtype), torch.randn(tokens, out).to(dtype)
+    lora_x = torch.randn(tokens, inp).to(dtype) if with_lora_x else None
+    y64, dx64 = nf4_linear(layer, x.double(), None if lora_x is None else lora_x.double(), grad_y.double(),
+                           torch.float64)
+    y_same, dx_same = nf4_linear(layer, x, lora_x, grad_y, torch.float32)
+    y_tol, dx_tol = flash_tol(y_same, y64, dtype), flash_tol(dx_same, dx64, dtype)
+    write_case(folder / f"nf4_linear-{label}.case", "nf4_linear", {
+        "x": x, "grad_y": grad_y, **({} if lora_x is None else {"lora_x": lora_x}), **layer, "blocksize": 64.0,
+        "scaling": NF4_SCALING, "panel_bytes": float(NF4_PANEL_BYTES),
+        **{f"{kind}.{schedule}": value for schedule in ("fused", "panels")
+           for kind, value in (("expected.y", y64), ("tol.y", y_tol), ("expected.dx", dx64), ("tol.dx", dx_tol))},
+    })
+
+
+def nf4_cases(folder: Path) -> None:
+    """quantize, dequantize and the nested absmax bit for bit (odd sizes, a partial last block, an all-zero block);
+    the linear layer's forward and input gradient on both schedules for 1, 3 and 40 tokens."""
+    for name, dtype in FLOAT_DTYPES.items():
+        if dtype == torch.float64:
+            continue
+        for blocksize, shape in [(64, (37, 45)), (128, (3, 1001)), (32, (7,))]:
+            w = torch.randn(shape).to(dtype)
+            w.view(-1)[:blocksize] = 0  # an all-zero block: absmax 0, code 7
+            packed, absmax = ops.nf4_quantize(w, blocksize, backend="reference")
+            label = f"{name}-{blocksize}-{'x'.join(map(str, shape))}"
+            write_case(folder / f"nf4_quantize-{label}.case", "nf4_quantize", {
+                "w": w, "blocksize": float(blocksize), "expected.packed": packed.reshape(-1), "tol.packed": 0.0,
+                "expected.absmax": absmax, "tol.absmax": 0.0})
+            write_case(folder / f"nf4_dequantize-{label}.case", "nf4_dequantize", {
+                "packed": packed, "absmax": absmax, "blocksize": float(blocksize),
+                "expected.w": ops.nf4_dequantize(packed, absmax, shape, blocksize, dtype, backend="reference"),
+                "tol.w": 0.0})
+    qabsmax = torch.randint(0, 256, (1000,), dtype=torch.uint8)
+    code, absmax2, offset = torch.randn(256), torch.rand(4), torch.randn(())
+    write_case(folder / "nf4_absmax_dequantize.case", "nf4_absmax_dequantize", {
+        "qabsmax": qabsmax, "code": code, "absmax2": absmax2, "offset": offset, "blocksize": 256.0,
+        "expected.absmax": reference.nf4_absmax_dequantize(qabsmax, code, absmax2, offset, 256), "tol.absmax": 0.0})
+    for out, inp, r in NF4_LAYERS:
+        layer = nf4_layer(out, inp, r)
+        for tokens in (1, 3, 40):
+            nf4_linear_case(folder, f"{out}x{inp}-r{r}-t{tokens}-f32", layer, tokens, torch.float32, False)
+    layer = nf4_layer(*NF4_LAYERS[0])
+    nf4_linear_case(folder, "lora-x-distinct-t3-f32", layer, 3, torch.float32, True)
+    for name in ("bf16", "f16"):
+        for tokens in (3, 40):
+            nf4_linear_case(folder, f"{NF4_LAYERS[2][0]}x{NF4_LAYERS[2][1]}-t{tokens}-{name}",
+                            nf4_layer(*NF4_LAYERS[2]), tokens, FLOAT_DTYPES[name], False)
+
+
 # A family's function writes its cases into the folder; each runs from the same seed, so adding a family leaves
 # the others' cases unchanged.
-FAMILIES: dict[str, Callable[[Path], None]] = {"rate": rate_cases, "sparse": sparse_cases}
+FAMILIES: dict[str, Callable[[Path], None]] = {"rate": rate_cases, "sparse": sparse_cases, "nf4": nf4_cases}
 
 
 def write_cases(folder: Path, seed: int = 0) -> list[Path]:
