@@ -277,9 +277,96 @@ def nf4_cases(folder: Path) -> None:
                             nf4_layer(*NF4_LAYERS[2]), tokens, FLOAT_DTYPES[name], False)
 
 
+# ---- ctmc (csrc/core/ctmc.h) ----
+
+# (B, L, V): rows wider than a vector block and not a multiple of it, one state, a large V, and more rows than one
+# task's grain (several threads, several batch chunks in the backward).
+CTMC_SHAPES = [(5, 7, 27), (2, 3, 256), (1, 1, 1), (3, 2, 17), (40, 30, 27)]
+# The summed gradients of the transition rows: a few ulps (tests/test_ctmc.py's tolerance).
+CTMC_GRAD_RTOL = {torch.float32: 2e-5, torch.float64: 1e-12}
+
+
+def ctmc_structure(L: int, V: int, dtype: torch.dtype, zero_rates: float = 0.1) -> dict[str, torch.Tensor]:
+    """lam, perm, perm_inv for L positions: rates a ~ U(0.05, 1.05), a fraction zero_rates of them 0 (ties in Λ)."""
+    a = torch.rand(L, V - 1, dtype=torch.float64) + 0.05
+    a[torch.rand(a.shape) < zero_rates] = 0.0
+    perm_inv = torch.stack([torch.randperm(V) for _ in range(L)])
+    return {"lam": ops.ctmc_lambda(a).to(dtype), "perm": perm_inv.argsort(1), "perm_inv": perm_inv}
+
+
+def as_float64(arrays: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v.double() if v.is_floating_point() else v for k, v in arrays.items()}
+
+
+def ctmc_rows_cases(folder: Path, label: str, s: dict[str, torch.Tensor], B: int) -> None:
+    """ctmc_transition_rows (flash_tol against the reference in lam's dtype), its backward (autograd through the
+    reference in float64) and ctmc_rate_cols (equal to the reference in lam's dtype)."""
+    L, V = s["lam"].shape
+    dtype = s["lam"].dtype
+    x0 = torch.randint(0, V, (B, L))
+    h = (torch.rand(B, dtype=torch.float64) * 3).to(dtype)
+    s64 = as_float64(s)
+    lam64, h64 = s64["lam"].requires_grad_(), h.double().requires_grad_()
+    rows64 = ops.ctmc_transition_rows(x0, h64, lam64, s["perm"], s["perm_inv"], backend="reference")
+    rows_same = ops.ctmc_transition_rows(x0, h, **s, backend="reference")
+    write_case(folder / f"ctmc_transition_rows-{label}.case", "ctmc_transition_rows", {
+        **s, "x0": x0, "h": h, "expected.rows": rows64, "tol.rows": flash_tol(rows_same, rows64, dtype)})
+    grad = torch.randn(B, L, V, dtype=torch.float64).to(dtype)
+    dlam, dh = torch.autograd.grad((rows64 * grad.double()).sum(), (lam64, h64))
+    write_case(folder / f"ctmc_transition_rows_backward-{label}.case", "ctmc_transition_rows_backward", {
+        **s, "x0": x0, "h": h, "grad": grad, "expected.dlam": dlam, "tol.dlam": CTMC_GRAD_RTOL[dtype],
+        "expected.dh": dh, "tol.dh": CTMC_GRAD_RTOL[dtype]})
+    write_case(folder / f"ctmc_rate_cols-{label}.case", "ctmc_rate_cols", {
+        **s, "x": x0, "expected.cols": ops.ctmc_rate_cols(x0, **s, backend="reference"), "tol.cols": 0.0})
+
+
+def score_entropy_case(folder: Path, label: str, s: dict[str, torch.Tensor], B: int, *,
+                       unreachable: bool = False) -> None:
+    """Loss and d loss / d logscore against autograd through the float64 reference, flash_tol against the
+    reference in lam's dtype; x_t sampled from p(· | x0). unreachable: one x_t moved below x0's rank, which the
+    kernel must report (its flat row index)."""
+    L, V = s["lam"].shape
+    dtype = s["lam"].dtype
+    s64 = as_float64(s)
+    x0 = torch.randint(0, V, (B, L))
+    h = (torch.rand(B, dtype=torch.float64) * 2 + 0.05).to(dtype)
+    p = ops.ctmc_transition_rows(x0, h.double(), **s64, backend="reference")
+    x_t = torch.multinomial(p.reshape(-1, V), 1).reshape(B, L)
+    sigma = (torch.rand(B, dtype=torch.float64) + 0.1).to(dtype)
+    logscore = torch.randn(B, L, V, dtype=torch.float64).to(dtype)
+    arrays = {**s, "logscore": logscore, "x_t": x_t, "x0": x0, "h": h, "sigma": sigma}
+    if unreachable:  # x0 at the last rank, x_t at rank 1 (a nonzero rate into it): x_t lies below x0
+        row = (B * L) // 2
+        x0.view(-1)[row] = s["perm_inv"][row % L, V - 1]
+        x_t.view(-1)[row] = s["perm_inv"][row % L, 1]
+        arrays.update({"expected.unreachable": float(row), "tol.unreachable": 0.0})
+    else:
+        ls64, ls_same = logscore.double().requires_grad_(), logscore.clone().requires_grad_()
+        loss64 = ops.score_entropy(ls64, x_t, x0, h.double(), sigma.double(), **s64, backend="reference")
+        loss_same = ops.score_entropy(ls_same, x_t, x0, h, sigma, **s, backend="reference")
+        (grad64,) = torch.autograd.grad(loss64.sum(), ls64)
+        (grad_same,) = torch.autograd.grad(loss_same.sum(), ls_same)
+        arrays.update({"expected.unreachable": -1.0, "tol.unreachable": 0.0,
+                       "expected.loss": loss64, "tol.loss": flash_tol(loss_same, loss64, dtype),
+                       "expected.grad": grad64, "tol.grad": flash_tol(grad_same, grad64, dtype)})
+    write_case(folder / f"score_entropy-{label}.case", "score_entropy", arrays)
+
+
+def ctmc_cases(folder: Path) -> None:
+    """Transition rows, their backward, rate columns and the score entropy in float32 and float64 on CTMC_SHAPES;
+    an unreachable x_t."""
+    for name in ("f32", "f64"):
+        for B, L, V in CTMC_SHAPES:
+            s = ctmc_structure(L, V, FLOAT_DTYPES[name])
+            ctmc_rows_cases(folder, f"{B}x{L}x{V}-{name}", s, B)
+            score_entropy_case(folder, f"{B}x{L}x{V}-{name}", s, B)
+    score_entropy_case(folder, "unreachable", ctmc_structure(3, 6, torch.float64, zero_rates=0.0), 4, unreachable=True)
+
+
 # A family's function writes its cases into the folder; each runs from the same seed, so adding a family leaves
 # the others' cases unchanged.
-FAMILIES: dict[str, Callable[[Path], None]] = {"rate": rate_cases, "sparse": sparse_cases, "nf4": nf4_cases}
+FAMILIES: dict[str, Callable[[Path], None]] = {
+    "rate": rate_cases, "sparse": sparse_cases, "nf4": nf4_cases, "ctmc": ctmc_cases}
 
 
 def write_cases(folder: Path, seed: int = 0) -> list[Path]:

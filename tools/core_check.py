@@ -36,8 +36,8 @@ HEADERS = sorted([*(CSRC / "core").glob("*.h"), *(CSRC / "kernels").glob("*.h"),
 CORE_FLAGS = ["-std=c++17", "-fopenmp", "-fno-trapping-math", "-fno-math-errno", f"-I{CSRC}"]
 # The ATen faces of the extension that compile for aarch64: every csrc/core/*.cpp must as well. A kernel family
 # ported onto csrc/core/ adds its csrc/cpu files here.
-AARCH64_FACES = ["csrc/ops.cpp", "csrc/cpu/ctmc_autograd.cpp", "csrc/cpu/nf4_cpu.cpp", "csrc/cpu/rate_cpu.cpp",
-                 "csrc/cpu/sparse_cpu.cpp"]
+AARCH64_FACES = ["csrc/ops.cpp", "csrc/cpu/ctmc_autograd.cpp", "csrc/cpu/ctmc_cpu.cpp", "csrc/cpu/nf4_cpu.cpp",
+                 "csrc/cpu/rate_cpu.cpp", "csrc/cpu/sparse_cpu.cpp"]
 CROSS_CXX = "aarch64-linux-gnu-g++"
 QEMU_NAMES = ("qemu-aarch64", "qemu-aarch64-static")
 APT_PACKAGES = ["g++-aarch64-linux-gnu", "qemu-user"]
