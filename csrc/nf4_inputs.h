@@ -3,7 +3,6 @@
 // (python/slimrate/ops/nf4.py) checks the user's arguments first, with friendlier messages.
 #pragma once
 #include <ATen/ATen.h>
-#include <ATen/Parallel.h>
 
 #include <algorithm>
 #include <optional>
@@ -156,69 +155,42 @@ inline NF4BackwardOperands nf4_backward_operands(const at::Tensor& grad_y, int64
   return {at::cat({gf, lora_grad_h->to(at::kFloat)}, 1).contiguous(), lora_A->to(at::kFloat).contiguous()};
 }
 
-// Many tokens: yᵀ [out, M] = [W | E] · xaᵀ one panel of output rows at a time, the GEMM by at::mm in xa's dtype
-// (float32 accumulation).  fill_rows(buf, o0, rows) writes rows o0.. of [W | E] into buf [rows, ka].  With
-// tasks > 1 (CPU) each task owns a contiguous range of rows and runs its panels inside one at::parallel_for
-// (its fills and GEMMs single-threaded, one synchronisation per call); tasks = 1 runs them in order (CUDA).
+// Many tokens (the CUDA glue; the CPU's panel schedule is csrc/core/nf4.h's): yᵀ [out, M] = [W | E] · xaᵀ one
+// panel of output rows at a time, the GEMM by at::mm in xa's dtype (float32 accumulation). fill_rows(buf, o0, rows)
+// writes rows o0.. of [W | E] into buf [rows, ka].
 template <class FillRows>
-at::Tensor nf4_forward_panels(const at::Tensor& xa, int64_t out, int64_t panel_bytes, int64_t tasks,
-                              FillRows&& fill_rows) {
+at::Tensor nf4_forward_panels(const at::Tensor& xa, int64_t out, int64_t panel_bytes, FillRows&& fill_rows) {
   const int64_t M = xa.size(0), ka = xa.size(1);
   const int64_t fit = panel_bytes / (std::max<int64_t>(1, ka) * xa.element_size());
-  const int64_t per = (out + tasks - 1) / std::max<int64_t>(1, tasks);
-  const int64_t panel = std::max<int64_t>(1, std::min(per, std::max<int64_t>(16, fit)));
+  const int64_t panel = std::max<int64_t>(1, std::min(out, std::max<int64_t>(16, fit)));
   at::Tensor yt = at::empty({out, M}, xa.options());
-  auto run = [&](int64_t t) {
-    const int64_t r1 = std::min(out, (t + 1) * per);
-    if (t * per >= r1) return;
-    at::Tensor buf = at::empty({panel, ka}, xa.options());
-    for (int64_t o0 = t * per; o0 < r1; o0 += panel) {
-      const int64_t rows = std::min(panel, r1 - o0);
-      at::Tensor part = buf.narrow(0, 0, rows);
-      fill_rows(part, o0, rows);
-      at::Tensor yslice = yt.narrow(0, o0, rows);
-      at::mm_out(yslice, part, xa.t());
-    }
-  };
-  if (tasks <= 1) {
-    run(0);
-  } else {
-    at::parallel_for(0, tasks, 1, [&](int64_t lo, int64_t hi) {
-      for (int64_t t = lo; t < hi; ++t) run(t);
-    });
+  at::Tensor buf = at::empty({panel, ka}, xa.options());
+  for (int64_t o0 = 0; o0 < out; o0 += panel) {
+    const int64_t rows = std::min(panel, out - o0);
+    at::Tensor part = buf.narrow(0, 0, rows);
+    fill_rows(part, o0, rows);
+    at::Tensor yslice = yt.narrow(0, o0, rows);
+    at::mm_out(yslice, part, xa.t());
   }
   return yt.t();
 }
 
-// Many tokens: dxᵀ [in, M] = [W ; A]ᵀ · gaᵀ one panel of input columns at a time.  fill_cols(buf, c0, cols)
-// writes columns c0.. of every row of [W ; A] into buf [out + r, cols] (row stride = buf.stride(0)).  Tasks as
-// in nf4_forward_panels, each owning a range of columns (a multiple of 64 wide).
+// Many tokens (the CUDA glue): dxᵀ [in, M] = [W ; A]ᵀ · gaᵀ one panel of input columns at a time (a multiple of
+// 64 wide). fill_cols(buf, c0, cols) writes columns c0.. of every row of [W ; A] into buf [out + r, cols] (row
+// stride = buf.stride(0)).
 template <class FillCols>
-at::Tensor nf4_backward_panels(const at::Tensor& ga, int64_t in, int64_t panel_bytes, int64_t tasks,
-                               FillCols&& fill_cols) {
+at::Tensor nf4_backward_panels(const at::Tensor& ga, int64_t in, int64_t panel_bytes, FillCols&& fill_cols) {
   const int64_t M = ga.size(0), rows = ga.size(1);
   const int64_t fit = panel_bytes / (std::max<int64_t>(1, rows) * ga.element_size());
-  const int64_t per = std::max<int64_t>(64, ((in + tasks - 1) / std::max<int64_t>(1, tasks) + 63) / 64 * 64);
-  const int64_t width = std::max<int64_t>(1, std::min({in, per, std::max<int64_t>(64, fit / 64 * 64)}));
+  const int64_t width = std::max<int64_t>(1, std::min(in, std::max<int64_t>(64, fit / 64 * 64)));
   at::Tensor dxt = at::empty({in, M}, ga.options());
-  auto run = [&](int64_t t) {
-    const int64_t c1 = std::min(in, (t + 1) * per);
-    if (t * per >= c1) return;
-    at::Tensor buf = at::empty({rows, width}, ga.options());
-    for (int64_t c0 = t * per; c0 < c1; c0 += width) {
-      const int64_t cols = std::min(width, c1 - c0);
-      at::Tensor part = buf.narrow(1, 0, cols);
-      fill_cols(part, c0, cols);
-      at::Tensor dslice = dxt.narrow(0, c0, cols);
-      at::mm_out(dslice, part.t(), ga.t());
-    }
-  };
-  if (tasks <= 1) {
-    run(0);
-  } else {
-    at::parallel_for(0, tasks, 1, [&](int64_t lo, int64_t hi) {
-      for (int64_t t = lo; t < hi; ++t) run(t);
-    });
+  at::Tensor buf = at::empty({rows, width}, ga.options());
+  for (int64_t c0 = 0; c0 < in; c0 += width) {
+    const int64_t cols = std::min(width, in - c0);
+    at::Tensor part = buf.narrow(1, 0, cols);
+    fill_cols(part, c0, cols);
+    at::Tensor dslice = dxt.narrow(0, c0, cols);
+    at::mm_out(dslice, part.t(), ga.t());
   }
   return dxt.t();
 }

@@ -7,13 +7,26 @@
 // (torch.set_num_threads) before calling the core (csrc/cpu/core_face.h). f(lo, hi) must not throw.
 #pragma once
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
+#include <new>
+
+#include "core/status.h"
 
 #ifdef _OPENMP
 #include <omp.h>
 #endif
 
 namespace slimrate::core {
+
+// The threads parallel_for splits a large range over when called outside a parallel region.
+inline int64_t max_threads() {
+#ifdef _OPENMP
+  return omp_get_max_threads();
+#else
+  return 1;
+#endif
+}
 
 template <class F>
 void parallel_for(int64_t begin, int64_t end, int64_t grain, const F& f) {
@@ -35,6 +48,21 @@ void parallel_for(int64_t begin, int64_t end, int64_t grain, const F& f) {
   }
 #endif
   f(begin, end);
+}
+
+// parallel_for for bodies that allocate work buffers: Status::out_of_memory if a chunk ran out of memory (that
+// chunk stopped there, the others ran to their end), else ok.
+template <class F>
+Status try_parallel_for(int64_t begin, int64_t end, int64_t grain, const F& f) {
+  std::atomic<bool> failed{false};
+  parallel_for(begin, end, grain, [&](int64_t lo, int64_t hi) {
+    try {
+      f(lo, hi);
+    } catch (const std::bad_alloc&) {
+      failed = true;
+    }
+  });
+  return failed ? Status::out_of_memory : Status::ok;
 }
 
 }  // namespace slimrate::core

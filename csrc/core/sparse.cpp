@@ -314,7 +314,8 @@ Status run_kernel(const BlockCsr& m, const Task<Index>& task) {
   with_f32_f16_format(m.format, [&](auto fmt) {
     using Fmt = decltype(fmt);
     const auto* v = static_cast<const typename Fmt::storage*>(m.values);
-    parallel_for(0, m.brows, grain, [&](int64_t lo, int64_t hi) { bad |= run_block_shape<Fmt, Index>(task, v, lo, hi); });
+    parallel_for(0, m.brows, grain,
+                 [&](int64_t lo, int64_t hi) { bad |= run_block_shape<Fmt, Index>(task, v, lo, hi); });
   });
   return bad.load() ? Status::bad_index : Status::ok;
 }

@@ -7,8 +7,8 @@
 // - T > 0 (SpMM): x in ntiles = ⌈batch/T⌉ tiles of T batch columns, tile-major: xt float32 [ntiles][bcols·c][T]
 //   with xt[t][k][j] = x[t·T + j][k], zero past in_features and past batch; yt float32 [ntiles][brows·r][T] the
 //   same way. One tile of x stays in L2 while a few block rows (their values in L1) are swept over every tile.
-// Every element of yt is written (unless the call returns bad_index). Block rows are split over threads with parallel_for; each output row is
-// written by one thread, and its sum does not depend on the thread count.
+// Every element of yt is written (unless the call returns bad_index). Block rows are split over threads with
+// parallel_for; each output row is written by one thread, and its sum does not depend on the thread count.
 #pragma once
 #include <cstdint>
 

@@ -8,6 +8,7 @@ enum class Status : int {
   ok = 0,
   out_of_memory,    // a work buffer could not be allocated
   bad_index,        // an index input points outside the array it indexes (the function says which input)
+  callback_failed,  // a function the caller passed in (e.g. a GEMM) reported a failure
 };
 
 inline const char* describe(Status status) {
@@ -15,6 +16,7 @@ inline const char* describe(Status status) {
     case Status::ok: return "ok";
     case Status::out_of_memory: return "out of memory for the kernel's work buffers";
     case Status::bad_index: return "an index is out of range";
+    case Status::callback_failed: return "a function passed to the kernel failed";
   }
   return "unknown status";
 }

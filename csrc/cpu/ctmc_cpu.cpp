@@ -1,161 +1,20 @@
-// CPU kernels of the CTMC ops (schemas in csrc/ops.cpp; closed forms in csrc/kernels/ctmc.h).
-//
-// Forward passes run over the B·L rows with at::parallel_for, each row vectorised over its V states.  Transition
-// rows are computed in rank order from rank(x0) on (the entries below are 0) and scattered into state order;
-// rate columns and the score entropy run in state order, so their rows are read and written contiguously, from
-// per-position tables built once per call (O(L·V)): rank[l, y] = perm[l, y] (int32 for float32, so rank compares
-// share the float lanes), and Λ and the inflow rate a_{j−1} of each state gathered into state order.  The closed
-// forms (kernels/ctmc.h) are written as float selects so GCC vectorises them; `objdump -d` of the x86-64-v4 clones
-// shows zmm code for every loop.  The transition-row backward runs in rank order (the order of lam and its
-// gradient) over tasks of one position and a chunk of the batch; each task writes its own partial dlam row, summed
-// in chunk order, so results do not depend on the thread count.
+// CPU face of the CTMC ops (schemas in csrc/ops.cpp): the checks of ctmc_inputs.h (shapes, dtypes, then the data:
+// token ids, permutations, Λ, times), contiguous copies, allocation, then the torch-free kernels of
+// csrc/core/ctmc.h on raw pointers.
 #include <ATen/ATen.h>
-#include <ATen/Parallel.h>
 #include <torch/library.h>
 
-#include <algorithm>
-#include <atomic>
-#include <limits>
-#include <type_traits>
-#include <vector>
-
-#include "core/arch.h"
+#include "core/ctmc.h"
+#include "cpu/core_face.h"
 #include "ctmc_inputs.h"
-#include "kernels/ctmc.h"
 
 namespace slimrate {
 namespace {
 
-// Loops below are written for GCC's auto-vectoriser (SLIMRATE_CPU_CLONES: core/arch.h); setup.py's
-// -fno-trapping-math lets it if-convert the selects of the closed forms.
 template <class T>
-using RankInt = std::conditional_t<sizeof(T) == 8, int64_t, int32_t>;
-
-// Rows are processed in blocks of one AVX-512 vector (16 float32 / 8 float64): a row of V = 27 would otherwise
-// run 11 of its 27 entries through the scalar epilogue, one lane of the polynomials at a time.  Rows are padded
-// to Vp, a multiple of kLanes, and rows with V ≠ Vp go through per-task buffers.
-template <class T>
-constexpr int64_t kLanes = 64 / sizeof(T);
-
-template <class T>
-int64_t padded_width(int64_t V) { return (V + kLanes<T> - 1) / kLanes<T> * kLanes<T>; }
-
-// Position l and batch index b of flat rows i = b·L + l, advanced without a division per row (a 64-bit
-// division costs tens of cycles, as much as the closed form of a V = 27 row).
-struct RowCursor {
-  int64_t b, l, L;
-  RowCursor(int64_t i, int64_t L_) : b(i / L_), l(i % L_), L(L_) {}
-  void next() {
-    if (++l == L) {
-      l = 0;
-      ++b;
-    }
-  }
-};
-
-// About 16 Ki output elements per task: enough work to amortise scheduling, small enough to balance.
-int64_t row_grain(int64_t V) { return std::max<int64_t>(1, (int64_t{1} << 14) / V); }
-
-// State-order tables of one call, rows padded to Vp: [L, Vp] each.  Padding entries have an impossible rank,
-// so they are below no k and equal to no k0: they add nothing to a score and are never copied out.
-template <class T>
-struct Tables {
-  int64_t Vp;
-  std::vector<RankInt<T>> rank;
-  std::vector<T> lam_s;   // Λ_{rank[y]}
-  std::vector<T> rate_s;  // a_{rank[y]−1} = Λ_{rank[y]} − Λ_{rank[y]−1}: the rate into y from each lower rank
-                          // (0 at rank 0)
-};
-
-template <class T>
-Tables<T> build_tables(const CtmcStructure& s) {
-  const int64_t L = s.L, V = s.V, Vp = padded_width<T>(V);
-  Tables<T> t{Vp, std::vector<RankInt<T>>(L * Vp, std::numeric_limits<RankInt<T>>::max()), std::vector<T>(L * Vp),
-              std::vector<T>(L * Vp)};
-  const T* lam = s.lam.const_data_ptr<T>();
-  const int64_t* perm = s.perm.const_data_ptr<int64_t>();
-  at::parallel_for(0, L, std::max<int64_t>(1, 4096 / V), [&](int64_t lo, int64_t hi) {
-    for (int64_t l = lo; l < hi; ++l) {
-      for (int64_t y = 0; y < V; ++y) {
-        const int64_t j = perm[l * V + y];
-        const T* row = lam + l * V;
-        t.rank[l * Vp + y] = static_cast<RankInt<T>>(j);
-        t.lam_s[l * Vp + y] = row[j];
-        t.rate_s[l * Vp + y] = j > 0 ? row[j] - row[j - 1] : T(0);
-      }
-    }
-  });
-  return t;
-}
-
-// A row's Vp entries: the tensor's row itself when V = Vp, else a per-task buffer (zero-padded on load).
-template <class T>
-struct RowBuffer {
-  std::vector<T> buf;
-  bool direct;
-  RowBuffer(int64_t V, int64_t Vp) : buf(V == Vp ? 0 : Vp, T(0)), direct(V == Vp) {}
-  const T* load(const T* src, int64_t V) {
-    if (direct) return src;
-    std::copy(src, src + V, buf.data());
-    return buf.data();
-  }
-  T* target(T* dst) { return direct ? dst : buf.data(); }
-  void store(T* dst, int64_t V) const {
-    if (!direct) std::copy(buf.data(), buf.data() + V, dst);
-  }
-};
-
-// ---- transition rows: out[b, l, y] = p(y | x0[b, l]) after time h[b] ----
-
-// Rank-order tables of one call, [L, Vp] each, zero past V: Λ_j and a_{j−1} = Λ_j − Λ_{j−1} (0 at j = 0).
-template <class T>
-struct RankTables {
-  int64_t Vp;
-  std::vector<T> lam, rate;
-};
-
-template <class T>
-RankTables<T> build_rank_tables(const CtmcStructure& s) {
-  const int64_t L = s.L, V = s.V, Vp = padded_width<T>(V);
-  RankTables<T> t{Vp, std::vector<T>(L * Vp, T(0)), std::vector<T>(L * Vp, T(0))};
-  const T* lam = s.lam.const_data_ptr<T>();
-  for (int64_t l = 0; l < L; ++l) {
-    for (int64_t j = 0; j < V; ++j) {
-      t.lam[l * Vp + j] = lam[l * V + j];
-      t.rate[l * Vp + j] = j > 0 ? lam[l * V + j] - lam[l * V + j - 1] : T(0);
-    }
-  }
-  return t;
-}
-
-// Rows in rank order from the vector block holding k0 = rank(x0) (entries below k0 are 0: on average half the
-// row is skipped), then scattered into state order through perm_inv.
-template <class T>
-SLIMRATE_CPU_CLONES void transition_rows_span(const int64_t* x0, const T* h, const RankTables<T>& rt,
-                                              const int64_t* perm, const int64_t* perm_inv, T* out, int64_t L,
-                                              int64_t V, int64_t lo, int64_t hi) {
-  using Math = typename PolyMathFor<T>::type;
-  constexpr int64_t W = kLanes<T>;
-  const int64_t Vp = rt.Vp;
-  std::vector<T> p(Vp);
-  RowCursor at(lo, L);
-  for (int64_t i = lo; i < hi; ++i, at.next()) {
-    const int64_t l = at.l;
-    const T* lam = rt.lam.data() + l * Vp;
-    const T* rate = rt.rate.data() + l * Vp;
-    const RankInt<T> k0 = static_cast<RankInt<T>>(perm[l * V + x0[i]]);
-    const T hb = h[at.b];
-    for (int64_t j0 = k0 / W * W; j0 < Vp; j0 += W) {
-#pragma omp simd
-      for (int64_t j = j0; j < j0 + W; ++j) {
-        p[j] = transition_prob<Math>(hb, lam[j], rate[j], static_cast<RankInt<T>>(j), k0);
-      }
-    }
-    T* o = out + i * V;
-    std::fill(o, o + V, T(0));
-    const int64_t* inv = perm_inv + l * V;
-    for (int64_t j = k0; j < V; ++j) o[inv[j]] = p[j];
-  }
+core::CtmcStructure<T> core_structure(const CtmcStructure& s) {
+  return {s.lam.const_data_ptr<T>(), s.perm.const_data_ptr<int64_t>(), s.perm_inv.const_data_ptr<int64_t>(), s.L,
+          s.V};
 }
 
 at::Tensor ctmc_transition_rows_cpu(const at::Tensor& x0, const at::Tensor& h, const at::Tensor& lam,
@@ -170,49 +29,12 @@ at::Tensor ctmc_transition_rows_cpu(const at::Tensor& x0, const at::Tensor& h, c
   check_tokens_cpu(x0c, "x0", V);
   check_times_cpu(hc, "h");
   at::Tensor out = at::empty({B, L, V}, lam.options());
+  use_torch_threads();
   AT_DISPATCH_FLOATING_TYPES(lam.scalar_type(), "ctmc_transition_rows", [&] {
-    RankTables<scalar_t> rt = build_rank_tables<scalar_t>(s);
-    const int64_t* xp = x0c.const_data_ptr<int64_t>();
-    const scalar_t* hp = hc.const_data_ptr<scalar_t>();
-    scalar_t* op = out.data_ptr<scalar_t>();
-    at::parallel_for(0, B * L, row_grain(V), [&](int64_t lo, int64_t hi) {
-      transition_rows_span<scalar_t>(xp, hp, rt, s.perm.const_data_ptr<int64_t>(),
-                                     s.perm_inv.const_data_ptr<int64_t>(), op, L, V, lo, hi);
-    });
+    check_core(core::ctmc_transition_rows(core_structure<scalar_t>(s), x0c.const_data_ptr<int64_t>(),
+                                          hc.const_data_ptr<scalar_t>(), B, out.data_ptr<scalar_t>()));
   });
   return out;
-}
-
-// The sum of W per-lane partial sums by halving: a dependency chain of log2(W) adds instead of W (GCC adds the
-// lanes of an `omp simd reduction` or a plain loop one by one; at V = 27 that chain took 14–45% of a row).
-template <class T, int64_t W>
-inline T lane_sum(T (&acc)[W]) {
-  for (int64_t w = W / 2; w > 0; w /= 2) {
-#pragma omp simd
-    for (int64_t j = 0; j < w; ++j) acc[j] += acc[j + w];
-  }
-  return acc[0];
-}
-
-// ---- its backward: dlam [L, V] and dh [B] from grad [B, L, V] ----
-
-// One row in rank order from the vector block holding k0: dlam[j] += h·c_j, returns Σ_j Λ_j·c_j.
-// lam and g_rank are padded with zeros past V (g_rank to Vp + 1), dlam to Vp.
-template <class T>
-SLIMRATE_CPU_CLONES T transition_backward_row(const T* lam, const T* g_rank, T hb, int64_t k0, int64_t Vp, T* dlam) {
-  using Math = typename PolyMathFor<T>::type;
-  constexpr int64_t W = kLanes<T>;
-  T acc[W] = {};
-  for (int64_t j0 = k0 / W * W; j0 < Vp; j0 += W) {
-#pragma omp simd
-    for (int64_t y = 0; y < W; ++y) {
-      const int64_t j = j0 + y;
-      T c = transition_backward_coef<Math>(hb, lam[j], g_rank[j], g_rank[j + 1], j, k0);
-      dlam[j] += hb * c;
-      acc[y] += lam[j] * c;
-    }
-  }
-  return lane_sum(acc);
 }
 
 std::tuple<at::Tensor, at::Tensor> ctmc_transition_rows_backward_cpu(const at::Tensor& grad, const at::Tensor& x0,
@@ -229,65 +51,14 @@ std::tuple<at::Tensor, at::Tensor> ctmc_transition_rows_backward_cpu(const at::T
   check_structure_cpu(s);
   check_tokens_cpu(x0c, "x0", V);
   check_times_cpu(hc, "h");
-  // Batch chunks per position: enough tasks for the threads when L is small, chosen from the shape alone.
-  const int64_t chunks = std::clamp<int64_t>((64 + L - 1) / std::max<int64_t>(L, 1), 1, std::max<int64_t>(B, 1));
-  const int64_t per_chunk = (B + chunks - 1) / std::max<int64_t>(chunks, 1);
-  at::Tensor dlam_part, dh_part = at::empty({B, L}, lam.options());
+  at::Tensor dlam = at::empty({L, V}, lam.options()), dh = at::empty({B}, lam.options());
+  use_torch_threads();
   AT_DISPATCH_FLOATING_TYPES(lam.scalar_type(), "ctmc_transition_rows_backward", [&] {
-    RankTables<scalar_t> rt = build_rank_tables<scalar_t>(s);  // Λ as [L, Vp], zeros past V
-    const int64_t Vp = rt.Vp;
-    dlam_part = at::zeros({chunks, L, Vp}, lam.options());
-    const scalar_t* lp = rt.lam.data();
-    const int64_t* perm_p = s.perm.const_data_ptr<int64_t>();
-    const int64_t* inv_p = s.perm_inv.const_data_ptr<int64_t>();
-    const int64_t* xp = x0c.const_data_ptr<int64_t>();
-    const scalar_t* hp = hc.const_data_ptr<scalar_t>();
-    const scalar_t* gp = gc.const_data_ptr<scalar_t>();
-    scalar_t* dlp = dlam_part.data_ptr<scalar_t>();
-    scalar_t* dhp = dh_part.data_ptr<scalar_t>();
-    at::parallel_for(0, chunks * L, std::max<int64_t>(1, (int64_t{1} << 14) / std::max<int64_t>(1, per_chunk * V)),
-                     [&](int64_t lo, int64_t hi) {
-      std::vector<scalar_t> g_rank(Vp + 1, scalar_t(0));  // G' in rank order, zero past V
-      for (int64_t task = lo; task < hi; ++task) {
-        const int64_t c = task / L, l = task % L;
-        const int64_t* inv = inv_p + l * V;
-        for (int64_t b = c * per_chunk; b < std::min(B, (c + 1) * per_chunk); ++b) {
-          const int64_t i = b * L + l;
-          const scalar_t* g = gp + i * V;
-          const int64_t k0 = perm_p[l * V + xp[i]];
-          // G' for the ranks the row reads: from the vector block holding k0 on.
-          for (int64_t j = k0 / kLanes<scalar_t> * kLanes<scalar_t>; j < V; ++j) g_rank[j] = g[inv[j]];
-          dhp[i] = transition_backward_row<scalar_t>(lp + l * Vp, g_rank.data(), hp[b], k0, Vp, dlp + task * Vp);
-        }
-      }
-    });
+    check_core(core::ctmc_transition_rows_backward(core_structure<scalar_t>(s), gc.const_data_ptr<scalar_t>(),
+                                                   x0c.const_data_ptr<int64_t>(), hc.const_data_ptr<scalar_t>(), B,
+                                                   dlam.data_ptr<scalar_t>(), dh.data_ptr<scalar_t>()));
   });
-  at::Tensor dlam = dlam_part.narrow(2, 0, V);
-  return {chunks == 1 ? dlam.squeeze(0).contiguous() : dlam.sum(0), dh_part.sum(1)};
-}
-
-// ---- rate columns: out[b, l, y] = Q[y, x[b, l]] ----
-
-template <class T>
-SLIMRATE_CPU_CLONES void rate_cols_span(const int64_t* x, const T* lam, const Tables<T>& tb, T* out, int64_t L,
-                                        int64_t V, int64_t lo, int64_t hi) {
-  constexpr int64_t W = kLanes<T>;
-  const int64_t Vp = tb.Vp;
-  RowBuffer<T> ob(V, Vp);
-  RowCursor at(lo, L);
-  for (int64_t i = lo; i < hi; ++i, at.next()) {
-    const int64_t l = at.l;
-    const RankInt<T>* rank = tb.rank.data() + l * Vp;
-    const int64_t xi = x[i];
-    const RankInt<T> k = rank[xi];
-    const T rate_k = tb.rate_s[l * Vp + xi], lam_k = lam[l * V + k];
-    T* o = ob.target(out + i * V);
-    for (int64_t y0 = 0; y0 < Vp; y0 += W) {
-#pragma omp simd
-      for (int64_t y = y0; y < y0 + W; ++y) o[y] = rate_into(rank[y], k, rate_k, lam_k);
-    }
-    ob.store(out + i * V, V);
-  }
+  return {dlam, dh};
 }
 
 at::Tensor ctmc_rate_cols_cpu(const at::Tensor& x, const at::Tensor& lam, const at::Tensor& perm,
@@ -300,64 +71,12 @@ at::Tensor ctmc_rate_cols_cpu(const at::Tensor& x, const at::Tensor& lam, const 
   check_structure_cpu(s);
   check_tokens_cpu(xc, "x", V);
   at::Tensor out = at::empty({B, L, V}, lam.options());
+  use_torch_threads();
   AT_DISPATCH_FLOATING_TYPES(lam.scalar_type(), "ctmc_rate_cols", [&] {
-    Tables<scalar_t> tb = build_tables<scalar_t>(s);
-    const int64_t* xp = xc.const_data_ptr<int64_t>();
-    const scalar_t* lp = s.lam.const_data_ptr<scalar_t>();
-    scalar_t* op = out.data_ptr<scalar_t>();
-    at::parallel_for(0, B * L, row_grain(V), [&](int64_t lo, int64_t hi) {
-      rate_cols_span<scalar_t>(xp, lp, tb, op, L, V, lo, hi);
-    });
+    check_core(core::ctmc_rate_cols(core_structure<scalar_t>(s), xc.const_data_ptr<int64_t>(), B,
+                                    out.data_ptr<scalar_t>()));
   });
   return out;
-}
-
-// ---- score entropy: loss [B] and, when asked, d loss[b] / d logscore[b] [B, L, V] ----
-
-// Rows [lo, hi): loss_row[i] = w·Σ_y term_y, grad row = w·(e^s − r) on active y.  Returns the first row
-// whose x_t cannot be reached from x0 (p(x_t|x0) = 0 with a nonzero weight), or −1.
-template <class T, bool kWithGrad>
-SLIMRATE_CPU_CLONES int64_t score_entropy_span(const T* ls, const int64_t* x_t, const int64_t* x0, const T* h,
-                                               const T* sigma, const Tables<T>& tb, T* loss_row, T* grad, int64_t L,
-                                               int64_t V, int64_t lo, int64_t hi) {
-  using Math = typename PolyMathFor<T>::type;
-  constexpr T kNegInf = -std::numeric_limits<T>::infinity();
-  constexpr int64_t W = kLanes<T>;
-  const int64_t Vp = tb.Vp;
-  RowBuffer<T> sb(V, Vp), gb(V, Vp);
-  int64_t bad = -1;
-  RowCursor at(lo, L);
-  for (int64_t i = lo; i < hi; ++i, at.next()) {
-    const int64_t b = at.b, row = at.l * Vp, xt = x_t[i];
-    const RankInt<T>* rank = tb.rank.data() + row;
-    const T* lam_s = tb.lam_s.data() + row;
-    const T* rate_s = tb.rate_s.data() + row;
-    const RankInt<T> k = rank[xt], k0 = rank[x0[i]];
-    const T hb = h[b], w = sigma[b] * rate_s[xt];  // σ·a_{k−1}: the same rate into x_t from every lower rank
-    const T logp_k = log_transition_prob<Math>(hb, lam_s[xt], rate_s[xt], k, k0, kNegInf);
-    if (w == T(0) || k == 0 || k < k0 || logp_k == kNegInf) {
-      // No state has a (weighted) rate into x_t, so the row adds nothing; or x_t is unreachable (reported).
-      if (w != T(0) && k != 0 && bad < 0) bad = i;
-      loss_row[i] = 0;
-      if constexpr (kWithGrad) std::fill(grad + i * V, grad + (i + 1) * V, T(0));
-      continue;
-    }
-    const T* s = sb.load(ls + i * V, V);
-    T* g = kWithGrad ? gb.target(grad + i * V) : nullptr;
-    T acc[W] = {};  // per-lane partial sums, added across lanes once per row
-    for (int64_t y0 = 0; y0 < Vp; y0 += W) {
-#pragma omp simd
-      for (int64_t y = 0; y < W; ++y) {
-        ScoreTerm<T> t = score_entropy_term<Math>(s[y0 + y], hb, lam_s[y0 + y], rate_s[y0 + y], rank[y0 + y], k0, k,
-                                                  logp_k);
-        acc[y] += t.loss;
-        if constexpr (kWithGrad) g[y0 + y] = w * t.grad;
-      }
-    }
-    if constexpr (kWithGrad) gb.store(grad + i * V, V);
-    loss_row[i] = w * lane_sum(acc);
-  }
-  return bad;
 }
 
 std::tuple<at::Tensor, at::Tensor> score_entropy_cpu(const at::Tensor& logscore, const at::Tensor& x_t,
@@ -381,38 +100,24 @@ std::tuple<at::Tensor, at::Tensor> score_entropy_cpu(const at::Tensor& logscore,
   check_tokens_cpu(x0c, "x0", V);
   check_times_cpu(hc, "h");
   check_times_cpu(sc, "sigma");
-  at::Tensor loss_row = at::empty({B, L}, lam.options());
+  at::Tensor loss = at::empty({B}, lam.options());
   at::Tensor grad = with_grad ? at::empty({B, L, V}, lam.options()) : at::empty({0}, lam.options());
-  std::atomic<int64_t> bad{std::numeric_limits<int64_t>::max()};
+  int64_t i = -1;
+  use_torch_threads();
   AT_DISPATCH_FLOATING_TYPES(lam.scalar_type(), "score_entropy", [&] {
-    Tables<scalar_t> tb = build_tables<scalar_t>(s);
-    const scalar_t* lsp = lsc.const_data_ptr<scalar_t>();
-    const int64_t* xtp = xtc.const_data_ptr<int64_t>();
-    const int64_t* x0p = x0c.const_data_ptr<int64_t>();
-    const scalar_t* hp = hc.const_data_ptr<scalar_t>();
-    const scalar_t* sp = sc.const_data_ptr<scalar_t>();
-    scalar_t* lp = loss_row.data_ptr<scalar_t>();
-    at::parallel_for(0, B * L, row_grain(V), [&](int64_t lo, int64_t hi) {
-      int64_t first = with_grad ? score_entropy_span<scalar_t, true>(lsp, xtp, x0p, hp, sp, tb, lp,
-                                                                     grad.data_ptr<scalar_t>(), L, V, lo, hi)
-                                : score_entropy_span<scalar_t, false>(lsp, xtp, x0p, hp, sp, tb, lp, nullptr, L, V,
-                                                                      lo, hi);
-      if (first >= 0) {
-        int64_t cur = bad.load();
-        while (first < cur && !bad.compare_exchange_weak(cur, first)) {
-        }
-      }
-    });
+    check_core(core::score_entropy(core_structure<scalar_t>(s), lsc.const_data_ptr<scalar_t>(),
+                                   xtc.const_data_ptr<int64_t>(), x0c.const_data_ptr<int64_t>(),
+                                   hc.const_data_ptr<scalar_t>(), sc.const_data_ptr<scalar_t>(), B,
+                                   loss.data_ptr<scalar_t>(), with_grad ? grad.data_ptr<scalar_t>() : nullptr, &i));
   });
-  const int64_t i = bad.load();
-  if (i != std::numeric_limits<int64_t>::max()) {
+  if (i >= 0) {
     const int64_t b = i / L, l = i % L;
     TORCH_CHECK_VALUE(false, "x_t: x_t[", b, ", ", l, "] = ", xtc[b][l].item<int64_t>(),
                       " cannot be reached from x0 = ", x0c[b][l].item<int64_t>(), " in time h = ", hc[b].item<double>(),
                       " (its rank is below x0's, or h·a underflows to 0): p(x_t | x0) = 0, so the score ratio is "
                       "undefined; sample x_t from ctmc_transition_rows(x0, h, ...)");
   }
-  return {loss_row.sum(1), grad};
+  return {loss, grad};
 }
 
 }  // namespace

@@ -110,7 +110,7 @@ at::Tensor nf4_lora_linear_cuda(const at::Tensor& x, const at::Tensor& packed, c
                                                       buf.data_ptr(), stream),
                    "nf4_lora_linear");
     };
-    y = nf4_forward_panels(op.xa.to(x.scalar_type()), out, kPanelBytes, 1, fill_rows);
+    y = nf4_forward_panels(op.xa.to(x.scalar_type()), out, kPanelBytes, fill_rows);
   }
   return y.to(x.scalar_type()).contiguous();
 }
@@ -145,7 +145,7 @@ at::Tensor nf4_linear_grad_input_cuda(const at::Tensor& grad_y, const at::Tensor
                                                        buf.stride(0), buf.data_ptr(), stream),
                    "nf4_linear_grad_input");
     };
-    dx = nf4_backward_panels(op.ga.to(grad_y.scalar_type()), in, kPanelBytes, 1, fill_cols);
+    dx = nf4_backward_panels(op.ga.to(grad_y.scalar_type()), in, kPanelBytes, fill_cols);
   }
   return dx.to(grad_y.scalar_type()).contiguous();
 }

@@ -21,6 +21,14 @@ namespace slimrate::tests {
 void check_rate_stats(const Case& c, Verdict& v);
 void check_rate_grad(const Case& c, Verdict& v);
 void check_sparse_linear(const Case& c, Verdict& v);
+void check_nf4_quantize(const Case& c, Verdict& v);
+void check_nf4_dequantize(const Case& c, Verdict& v);
+void check_nf4_absmax_dequantize(const Case& c, Verdict& v);
+void check_nf4_linear(const Case& c, Verdict& v);
+void check_ctmc_transition_rows(const Case& c, Verdict& v);
+void check_ctmc_transition_rows_backward(const Case& c, Verdict& v);
+void check_ctmc_rate_cols(const Case& c, Verdict& v);
+void check_score_entropy(const Case& c, Verdict& v);
 
 struct Checker {
   const char* op;
@@ -31,6 +39,14 @@ const Checker kCheckers[] = {
     {"rate_stats", check_rate_stats},
     {"rate_grad_", check_rate_grad},
     {"sparse_linear", check_sparse_linear},
+    {"nf4_quantize", check_nf4_quantize},
+    {"nf4_dequantize", check_nf4_dequantize},
+    {"nf4_absmax_dequantize", check_nf4_absmax_dequantize},
+    {"nf4_linear", check_nf4_linear},
+    {"ctmc_transition_rows", check_ctmc_transition_rows},
+    {"ctmc_transition_rows_backward", check_ctmc_transition_rows_backward},
+    {"ctmc_rate_cols", check_ctmc_rate_cols},
+    {"score_entropy", check_score_entropy},
 };
 
 // More threads than the build machine's 2 cores, so parallel_for splits into uneven chunks as well.

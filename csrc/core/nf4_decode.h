@@ -1,16 +1,16 @@
-// NF4 decoding on CPUs for csrc/cpu/nf4_cpu.cpp: packed bytes -> weights code[nibble]·absmax, computed in
-// float32 and stored as float32, bfloat16 or float16 (round to nearest even), the layout of csrc/kernels/nf4.h.
-// 16 nibbles are one vpermps on AVX-512 (two and a blend on AVX2), else — and on every other architecture
-// (core/arch.h) — a portable loop; the ISA is picked once at load, and each entry point decodes whole runs of
-// blocks so the per-block work stays inlined.  Storing the 16-bit formats straight from registers (no float32
-// scratch) made a bfloat16 dequantize 2.4× faster.
+// NF4 decoding for the kernels of core/nf4.h: packed bytes -> weights code[nibble]·absmax, computed in float32 and
+// stored as float32, bfloat16 or float16 (round to nearest even), the layout of csrc/kernels/nf4.h. On x86-64, 16
+// nibbles are one vpermps on AVX-512 (two and a blend on AVX2), picked once at load; elsewhere (and on x86 CPUs
+// without AVX2) a portable loop. Each entry point decodes whole runs of blocks so the per-block work stays
+// inlined. Storing the 16-bit formats straight from registers (no float32 scratch) made a bfloat16 dequantize
+// 2.4× faster.
 #pragma once
-
 #include <algorithm>
 #include <cstdint>
 #include <type_traits>
 
 #include "core/arch.h"
+#include "core/nf4.h"
 #include "kernels/nf4.h"
 #include "kernels/portable.h"
 
@@ -18,18 +18,7 @@
 #include <immintrin.h>
 #endif
 
-namespace slimrate {
-
-// ---- one block's bytes: out[2j] = code[b_j >> 4]·s, out[2j+1] = code[b_j & 15]·s ----
-
-template <class Fmt>
-inline void decode_bytes_scalar(const uint8_t* p, int64_t nbytes, float scale, typename Fmt::storage* out) {
-  for (int64_t j = 0; j < nbytes; ++j) {
-    const uint32_t b = p[j];
-    out[2 * j] = Fmt::store(kNF4Code[b >> 4] * scale);
-    out[2 * j + 1] = Fmt::store(kNF4Code[b & 15u] * scale);
-  }
-}
+namespace slimrate::core {
 
 #if SLIMRATE_X86_SIMD
 #define SLIMRATE_AVX2 __attribute__((target("avx2,fma,f16c"), always_inline)) inline
@@ -66,7 +55,20 @@ SLIMRATE_AVX2 void store8(__m256 v, typename Fmt::storage* out) {
     _mm_storeu_si128(reinterpret_cast<__m128i*>(out), _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT));
   }
 }
+#endif  // SLIMRATE_X86_SIMD
 
+// ---- one block's bytes: out[2j] = code[b_j >> 4]·s, out[2j+1] = code[b_j & 15]·s ----
+
+template <class Fmt>
+inline void decode_bytes_scalar(const uint8_t* p, int64_t nbytes, float scale, typename Fmt::storage* out) {
+  for (int64_t j = 0; j < nbytes; ++j) {
+    const uint32_t b = p[j];
+    out[2 * j] = Fmt::store(kNF4Code[b >> 4] * scale);
+    out[2 * j + 1] = Fmt::store(kNF4Code[b & 15u] * scale);
+  }
+}
+
+#if SLIMRATE_X86_SIMD
 // 4 bytes -> 8 weights: each byte widened into two 32-bit lanes, shifted by (4, 0) per lane pair; the index's
 // low 3 bits pick from code[0:8] and code[8:16], bit 3 (moved to the sign bit) blends the two.
 template <class Fmt>
@@ -114,7 +116,6 @@ SLIMRATE_AVX512 void decode_bytes_avx512(const uint8_t* p, int64_t nbytes, float
   }
   decode_bytes_scalar<Fmt>(p + j, nbytes - j, scale, out + 2 * j);
 }
-
 #endif  // SLIMRATE_X86_SIMD
 
 // ---- entry points: decode_blocks: whole blocks, block b's bs weights (bs/2 bytes at p + b·bs/2) scaled by
@@ -158,17 +159,11 @@ Decoder<Fmt> pick_decoder() {
 template <class Fmt>
 inline const Decoder<Fmt> decoder = pick_decoder<Fmt>();
 
-struct NF4View {
-  const uint8_t* packed;
-  const float* absmax;
-  int64_t blocksize;
-};
-
 // out[i - begin] = W_flat[i] for i in [begin, end), in Fmt: whole blocks in one vectorised call; a range that
 // starts or ends inside a block (rows not a multiple of the block, chunk edges) by spans, with an odd first or
 // last weight by hand.
 template <class Fmt>
-void decode_range(const NF4View& w, int64_t begin, int64_t end, typename Fmt::storage* out) {
+void decode_range(const NF4Weights& w, int64_t begin, int64_t end, typename Fmt::storage* out) {
   const Decoder<Fmt>& dec = decoder<Fmt>;
   const int64_t bs = w.blocksize;
   int64_t i = begin;
@@ -197,7 +192,9 @@ void decode_range(const NF4View& w, int64_t begin, int64_t end, typename Fmt::st
   }
 }
 
+#if SLIMRATE_X86_SIMD
 #undef SLIMRATE_AVX2
 #undef SLIMRATE_AVX512
+#endif
 
-}  // namespace slimrate
+}  // namespace slimrate::core
