@@ -92,6 +92,18 @@ def test_half_precision_sparse_layer_runs_in_executorch_like_eager(tmp_path, dty
         assert_close_flash(edge.load(path)(x), layer(x), ref64, dtype)
 
 
+def test_layer_with_no_block_left_runs_in_executorch(tmp_path):
+    linear = nn.Linear(12, 7).eval()
+    with torch.no_grad():
+        linear.weight.zero_()
+    layer = SparseLinear.from_linear(linear, format="bsr", block=(8, 1)).eval()
+    assert layer.values.shape == (0, 8, 1)
+    x = torch.randn(2, 12)
+    with torch.no_grad():
+        torch.testing.assert_close(edge.load(edge.export(layer, (x,), tmp_path / "empty.pte"))(x),
+                                   linear.bias.expand(2, 7), rtol=0, atol=0)
+
+
 def test_pte_holds_the_compact_weights(tmp_path):
     layer, w = sparse_layer(256, 256, (1, 1), torch.int16, sparsity=0.9)
     dense = nn.Linear(256, 256).eval()
