@@ -92,6 +92,17 @@ def test_half_precision_sparse_layer_runs_in_executorch_like_eager(tmp_path, dty
         assert_close_flash(edge.load(path)(x), layer(x), ref64, dtype)
 
 
+def test_layer_wider_than_65536_columns_runs_in_executorch_with_int32_columns(tmp_path):
+    w, sm = random_sparse(3, 70_001, 0.99)
+    layer = SparseLinear(sm).eval()
+    assert layer.col_idx.dtype == torch.int32  # chosen by SparseMatrix: uint16 cannot address the columns
+    x = torch.randn(1, 70_001)
+    program = edge.load(edge.export(layer, (x,), tmp_path / "wide.pte"))
+    x = torch.randn(1, 70_001)
+    with torch.no_grad():
+        assert_close_flash(program(x), layer(x), x.double() @ w.double().t(), torch.float32)
+
+
 def test_layer_with_no_block_left_runs_in_executorch(tmp_path):
     linear = nn.Linear(12, 7).eval()
     with torch.no_grad():

@@ -22,8 +22,8 @@ def load_kernels() -> ctypes.CDLL:
     same libexecutorch.so, then registers its kernels in that runtime's operator registry as it loads (a second
     copy of the runtime would get them instead). ImportError with the build command when the library is missing.
     """
-    with warnings.catch_warnings():  # the pybindings warn on import that their API is experimental
-        warnings.simplefilter("ignore")
+    with warnings.catch_warnings():  # the one warning of that import: its API may change (the pinned release's)
+        warnings.filterwarnings("ignore", message="This API is experimental")
         importlib.import_module("executorch.extension.pybindings.portable_lib")
     if not KERNEL_LIBRARY.is_file():
         raise ImportError(f"slimrate's ExecuTorch kernels {KERNEL_LIBRARY} are missing; {BUILD_HINT}")
