@@ -89,9 +89,9 @@ Tensor& sparse_linear_out(KernelRuntimeContext& ctx, const Tensor& x, const Tens
   ET_KERNEL_CHECK_MSG(ctx, out.scalar_type() == x.scalar_type() && contiguous(out), InvalidArgument, out,
                       "sparse_linear: out: expected a contiguous tensor of x's dtype");
   const SizesType out_sizes[2] = {static_cast<SizesType>(batch), static_cast<SizesType>(out_features)};
-  ET_KERNEL_CHECK_MSG(ctx, executorch::runtime::resize_tensor(out, {out_sizes, 2}) == Error::Ok, InvalidArgument, out,
-                      "sparse_linear: out: cannot be resized to [%lld, %lld]", static_cast<long long>(batch),
-                      static_cast<long long>(out_features));
+  const Error resized = executorch::runtime::resize_tensor(out, {out_sizes, 2});
+  ET_KERNEL_CHECK_MSG(ctx, resized == Error::Ok, InvalidArgument, out, "sparse_linear: out: cannot be resized to "
+                      "[%lld, %lld]", static_cast<long long>(batch), static_cast<long long>(out_features));
   if (batch == 0 || out_features == 0) return out;
 
   // x as float32, zero-padded to bcols·c rows: a vector for batch 1, else tiles [ntiles][xrows][T].
@@ -123,9 +123,9 @@ Tensor& sparse_linear_out(KernelRuntimeContext& ctx, const Tensor& x, const Tens
                          i32 ? core::IndexFormat::i32 : core::IndexFormat::u16, *w_format, brows, bcols, nblocks,
                          r, c};
   const core::Status status = core::sparse_matmul(w, xt, yt, batch);
-  ET_KERNEL_CHECK_MSG(ctx, status == core::Status::ok, InvalidArgument, out,
-                      "sparse_linear: %s (col_idx: a block column is >= ceil(in_features / c) = %lld; the sparse "
-                      "weight is corrupt)", core::describe(status), static_cast<long long>(bcols));
+  ET_KERNEL_CHECK_MSG(ctx, status == core::Status::ok, InvalidArgument, out,  // bad_index, the only other status
+                      "sparse_linear: col_idx: a block column is >= ceil(in_features / c) = %lld; the sparse weight "
+                      "is corrupt", static_cast<long long>(bcols));
   // Add the bias in float32, then un-tile with one rounding into x's dtype (nothing to move when y is out).
   const auto at = [&](int64_t b, int64_t n) { return ((b / width) * yrows + n) * width + b % width; };
   if (bias) core::with_format(*b_format, [&](auto fmt) {

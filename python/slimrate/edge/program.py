@@ -41,7 +41,8 @@ class EdgeProgram:
 
     def __call__(self, *inputs: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, ...]:
         """Run forward on ``inputs`` (CPU tensors of the exported shapes and dtypes); one output is returned as
-        a tensor, several as a tuple."""
+        a tensor, several as a tuple. RuntimeError naming the file when a kernel refuses its inputs (e.g. a
+        corrupt sparse weight)."""
         if len(inputs) != len(self.input_specs):
             raise ValueError(f"inputs: {self.path} takes {len(self.input_specs)} inputs, got {len(inputs)}")
         for i, (x, (shape, dtype)) in enumerate(zip(inputs, self.input_specs, strict=True)):
@@ -49,7 +50,11 @@ class EdgeProgram:
                 got = f"{tuple(x.shape)} {x.dtype}" if isinstance(x, torch.Tensor) else type(x).__name__
                 raise ValueError(f"inputs[{i}]: expected a tensor of shape {shape} and dtype {dtype} (the exported "
                                  f"example's), got {got}")
-        outputs = self._method.execute([x.contiguous() for x in inputs])
+        try:
+            outputs = self._method.execute([x.contiguous() for x in inputs])
+        except RuntimeError as e:  # a kernel's failed check: a bare code here, the reason in the runtime's log
+            raise RuntimeError(f"{self.path}: forward failed ({e}); the ExecuTorch log on stderr names the operator "
+                               "and the check that failed") from e
         return outputs[0] if len(outputs) == 1 else tuple(outputs)
 
 
