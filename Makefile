@@ -6,13 +6,17 @@ DEPS_STAMP := $(VENV)/.slimrate-deps
 BUILD_STAMP := $(VENV)/.slimrate-build
 EXT_SOURCES := setup.py $(shell find csrc -name '*.cpp' -o -name '*.h' -o -name '*.cu' -o -name '*.cuh')
 JOBS ?= $(shell nproc)
+# The ExecuTorch kernels of slimrate's ops (docs/edge.md), built by CMake against the executorch package in .venv
+# and copied into the Python package, where `import slimrate.edge` loads them.
+EDGE_LIB := python/slimrate/edge/libslimrate_edge.so
+EDGE_SOURCES := $(shell find edge csrc/core csrc/kernels -name '*.cpp' -o -name '*.h' -o -name CMakeLists.txt)
 
-.PHONY: demo test test-arm fuzz bench bench-7b build lint clean peers
+.PHONY: demo test test-arm fuzz bench bench-7b build edge lint clean peers
 
 demo: $(BUILD_STAMP)
 	$(VENV)/bin/slimrate demo
 
-test: $(BUILD_STAMP)
+test: $(BUILD_STAMP) $(EDGE_LIB)
 	$(VPY) -m pytest -q tests
 
 # aarch64: every C++ file of the extension cross-compiled against torch's headers, and the kernel core's C++
@@ -52,6 +56,8 @@ bench-7b: $(BUILD_STAMP)
 
 build: $(BUILD_STAMP)
 
+edge: $(EDGE_LIB)
+
 # nncodec (DeepCABAC) for the BackSlash study's comparison, in its own venv: it needs a torch of its own,
 # never installed into .venv. torch/torchvision are the releases pip takes from this machine's disk.
 peers:
@@ -75,5 +81,11 @@ $(BUILD_STAMP): $(DEPS_STAMP) $(EXT_SOURCES)
 	MAX_JOBS=$(JOBS) $(VPY) -m pip install -q --disable-pip-version-check --no-build-isolation --no-deps -e .
 	touch $@
 
+$(EDGE_LIB): $(DEPS_STAMP) $(EDGE_SOURCES)
+	$(VENV)/bin/cmake -S edge -B build/edge -DCMAKE_BUILD_TYPE=Release \
+		-DEXECUTORCH_DIR="$$($(VPY) -c 'import executorch; print(executorch.__path__[0])')"
+	$(VENV)/bin/cmake --build build/edge -j $(JOBS)
+	cp build/edge/libslimrate_edge.so $@
+
 clean:
-	rm -rf build python/slimrate/*.so $(BUILD_STAMP)
+	rm -rf build python/slimrate/*.so $(EDGE_LIB) $(BUILD_STAMP)

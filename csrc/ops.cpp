@@ -29,10 +29,14 @@ TORCH_LIBRARY(slimrate, m) {
   // Block-sparse linear layer (csrc/cpu/sparse_cpu.cpp, csrc/cuda/sparse_cuda.cu): y = x·Wᵀ + bias,
   // x [B, in] float32/bfloat16/float16 -> y [B, out] in x's dtype, float32 accumulation. W [out, in] is
   // block-CSR with blocks (r, c) = values.shape[1:]: values [nblocks, r, c] float32/bfloat16/float16,
-  // col_idx [nblocks] int32 in [0, ceil(in/c)), row_ptr [ceil(out/r)+1] int64 from 0 to nblocks,
-  // nondecreasing; x is read as zero past column in. bias: [out] or None.
+  // col_idx [nblocks] int32 (or, CPU, int16 holding uint16 bits) in [0, ceil(in/c)), row_ptr [ceil(out/r)+1]
+  // int64 from 0 to nblocks, nondecreasing; x is read as zero past column in. bias: [out] or None.
   m.def("sparse_linear(Tensor x, Tensor row_ptr, Tensor col_idx, Tensor values, int out_features, "
         "Tensor? bias) -> Tensor");
+  // The same product written into out (resized to [B, out], x's dtype; CPU only): the out variant ExecuTorch's
+  // memory planning turns the functional op into (docs/edge.md §2; its ExecuTorch kernel is edge/kernels/).
+  m.def("sparse_linear.out(Tensor x, Tensor row_ptr, Tensor col_idx, Tensor values, int out_features, "
+        "Tensor? bias, *, Tensor(a!) out) -> Tensor(a!)");
   // quantize / dequantize: plain PyTorch in python/slimrate/ops/coding.py (no kernel needed).
   // NF4 4-bit weights, bitsandbytes' layout (csrc/kernels/nf4.h; csrc/cpu/nf4_cpu.cpp, csrc/cuda/nf4_cuda.cu):
   // W flattened into n weights, two per uint8 byte (even index in the high nibble), one float32 absmax per

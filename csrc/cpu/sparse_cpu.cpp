@@ -2,6 +2,7 @@
 // x copied once into the zero-padded float32 layout of csrc/core/sparse.h (so every read is in bounds), the
 // torch-free kernels on raw pointers, then y[:B, :out] + b in x's dtype.
 #include <ATen/ATen.h>
+#include <ATen/native/Resize.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -55,8 +56,23 @@ at::Tensor sparse_linear_cpu(const at::Tensor& x, const at::Tensor& row_ptr, con
   return at::empty({batch, out_features}, x.options()).copy_(y32);
 }
 
+// sparse_linear.out: the product above copied into out, resized to [B, out_features] as ATen's out= ops do.
+at::Tensor& sparse_linear_out_cpu(const at::Tensor& x, const at::Tensor& row_ptr, const at::Tensor& col_idx,
+                                  const at::Tensor& values, int64_t out_features,
+                                  const std::optional<at::Tensor>& bias, at::Tensor& out) {
+  TORCH_CHECK(out.device() == x.device(), "out: expected a tensor on ", x.device(), ", got ", out.device());
+  TORCH_CHECK(out.scalar_type() == x.scalar_type(), "out: expected x's dtype ", x.scalar_type(), ", got ",
+              out.scalar_type());
+  at::Tensor y = sparse_linear_cpu(x, row_ptr, col_idx, values, out_features, bias);
+  at::native::resize_output(out, y.sizes());
+  return out.copy_(y);
+}
+
 }  // namespace
 
-TORCH_LIBRARY_IMPL(slimrate, CPU, m) { m.impl("sparse_linear", &sparse_linear_cpu); }
+TORCH_LIBRARY_IMPL(slimrate, CPU, m) {
+  m.impl("sparse_linear", &sparse_linear_cpu);
+  m.impl("sparse_linear.out", &sparse_linear_out_cpu);
+}
 
 }  // namespace slimrate

@@ -11,11 +11,11 @@ from __future__ import annotations
 import sys
 import warnings
 
-from slimrate.cli import demo, dmb, model_files, qlora, run, schedules, study
+from slimrate.cli import demo, dmb, export, model_files, qlora, run, schedules, study
 from slimrate.cli.arguments import Parser
 from slimrate.cli.errors import EXPECTED_ERRORS, UsageError, one_line
 
-COMMAND_GROUPS = (demo, schedules, study, model_files, run, qlora, dmb)
+COMMAND_GROUPS = (demo, schedules, study, model_files, run, export, qlora, dmb)
 
 
 def build_parser() -> Parser:

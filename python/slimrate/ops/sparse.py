@@ -46,3 +46,9 @@ if extension_available():
     @torch.library.register_fake("slimrate::sparse_linear")
     def _sparse_linear_fake(x, row_ptr, col_idx, values, out_features, bias):
         return x.new_empty((x.shape[0], out_features))
+
+    # The out variant (ExecuTorch's memory planning turns the op into it, docs/edge.md §2): out is [B, out_features]
+    # in x's dtype already when it is traced.
+    @torch.library.register_fake("slimrate::sparse_linear.out")
+    def _sparse_linear_out_fake(x, row_ptr, col_idx, values, out_features, bias, *, out):
+        return out

@@ -106,8 +106,11 @@ class SparseMatrix:
         block_rows, block_cols = keep.nonzero(as_tuple=True)       # row-major: rows ascending, cols within
         row_ptr = torch.zeros(brows + 1, dtype=torch.int64, device=w.device)
         row_ptr[1:] = keep.sum(dim=1).cumsum(0)
-        return cls(row_ptr, index_tensor(block_cols, bcols), blocks[block_rows, block_cols].contiguous(),
-                   (int(rows), int(cols)))
+        values = blocks[block_rows, block_cols]  # [nblocks, r, c]
+        # No block kept: indexing gives strides (1, 0, 0), which .contiguous() keeps (an empty tensor counts as
+        # contiguous) and ExecuTorch refuses; a fresh empty tensor has the usual strides.
+        values = values.contiguous() if values.numel() else values.new_empty(values.shape)
+        return cls(row_ptr, index_tensor(block_cols, bcols), values, (int(rows), int(cols)))
 
     def block_columns(self) -> torch.Tensor:
         """col_idx as int64 block columns (uint16 bits read back from int16)."""
