@@ -7,13 +7,19 @@ BUILD_STAMP := $(VENV)/.slimrate-build
 EXT_SOURCES := setup.py $(shell find csrc -name '*.cpp' -o -name '*.h' -o -name '*.cu' -o -name '*.cuh')
 JOBS ?= $(shell nproc)
 
-.PHONY: demo test test-arm fuzz bench bench-7b build lint clean peers
+.PHONY: demo test test-arm fuzz bench bench-7b build edge lint clean peers
 
 demo: $(BUILD_STAMP)
 	$(VENV)/bin/slimrate demo
 
-test: $(BUILD_STAMP)
+test: $(BUILD_STAMP) edge
 	$(VPY) -m pytest -q tests
+
+# The edge runtime (docs/edge-runner.md): the CMake project edge/ against the executorch package in .venv; its
+# C API and runner land in build/edge/runner/ (libslimrate_edge_runtime.so, slimrate_run).
+edge: $(DEPS_STAMP)
+	cmake -S edge -B build/edge -DEXECUTORCH_DIR="$$($(VPY) -c 'import executorch; print(executorch.__path__[0])')"
+	cmake --build build/edge -j $(JOBS)
 
 # aarch64: every C++ file of the extension cross-compiled against torch's headers, and the kernel core's C++
 # checks run under qemu-aarch64 (tools/core_check.py; it installs the cross compiler and qemu with apt-get when

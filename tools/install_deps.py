@@ -17,7 +17,7 @@ TORCH_PIN = "torch==2.13.0"
 MIN_TORCH = (2, 11)
 # CPU wheels of torch do not declare triton; these are the releases their CUDA twins pin.
 TRITON_FOR_TORCH = {(2, 13): "triton==3.7.*"}
-EXTRAS = ("triton", "hf", "qlora", "dev")
+EXTRAS = ("triton", "hf", "qlora", "edge", "dev")
 
 
 def pip(*args: str) -> None:
