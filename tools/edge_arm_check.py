@@ -33,6 +33,9 @@ WHEEL_DIR = BUILD / "edge-aarch64-wheel"
 CROSS_BUILD = BUILD / "edge-aarch64"
 TOOLCHAIN = ROOT / "edge" / "aarch64-linux-gnu.cmake"
 SYSROOT = "/usr/aarch64-linux-gnu"
+# The venv's cmake when the edge extra installed one, else the one on PATH.
+VENV_CMAKE = Path(sys.executable).with_name("cmake")
+CMAKE = str(VENV_CMAKE) if VENV_CMAKE.exists() else "cmake"
 WHEEL_PARTS = ("executorch/lib/", "executorch/include/", "executorch/share/")
 # As tests/test_edge_runner.py: err ≤ 2·err of eager float32 + 4 ulps, both against float64.
 ULPS = 4 * torch.finfo(torch.float32).eps
@@ -67,9 +70,9 @@ def aarch64_package() -> Path | None:
 
 def cross_build(package: Path) -> bool:
     """Configures and builds edge/ for aarch64; prints the build's output on failure."""
-    steps = [["cmake", "-S", "edge", "-B", str(CROSS_BUILD), f"-DCMAKE_TOOLCHAIN_FILE={TOOLCHAIN}",
+    steps = [[CMAKE, "-S", "edge", "-B", str(CROSS_BUILD), f"-DCMAKE_TOOLCHAIN_FILE={TOOLCHAIN}",
               f"-DEXECUTORCH_DIR={package}"],
-             ["cmake", "--build", str(CROSS_BUILD), "-j", "2"]]
+             [CMAKE, "--build", str(CROSS_BUILD), "-j", "2"]]
     for cmd in steps:
         result = run(cmd)
         if result.returncode != 0:

@@ -8,6 +8,7 @@
 #include <executorch/runtime/core/exec_aten/util/scalar_type_util.h>
 #include <executorch/runtime/platform/platform.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <cstdio>
 #include <cstring>
@@ -42,8 +43,11 @@ using executorch::runtime::etensor::TensorImpl;
 
 constexpr const char* kMethod = "forward";
 
+constexpr size_t kMaxRuntimeLines = 6;  // a program missing many operators logs a line for each
+
 thread_local std::string last_error;
-thread_local std::string runtime_log;  // the runtime's error lines logged during the current call
+thread_local std::vector<std::string> runtime_log;  // the runtime's distinct error lines of the current call
+thread_local size_t runtime_lines_dropped = 0;
 
 void capture_runtime_log(et_timestamp_t, et_pal_log_level_t level, const char*, const char*, size_t,
                          const char* message, size_t length) {
@@ -62,10 +66,17 @@ void capture_runtime_log(et_timestamp_t, et_pal_log_level_t level, const char*, 
       line += escaped;
     }
   }
-  while (!line.empty() && line.back() == ' ') {
+  while (!line.empty() && (line.back() == ' ' || line.back() == '.')) {
     line.pop_back();
   }
-  runtime_log += (runtime_log.empty() ? "" : "; ") + line;
+  if (std::find(runtime_log.begin(), runtime_log.end(), line) != runtime_log.end()) {
+    return;
+  }
+  if (runtime_log.size() == kMaxRuntimeLines) {
+    ++runtime_lines_dropped;
+    return;
+  }
+  runtime_log.push_back(std::move(line));
 }
 
 // Started by every entry point: the runtime's log of this call starts empty.
@@ -76,12 +87,19 @@ struct Call {
       executorch::runtime::register_pal(executorch::runtime::PalImpl::create(capture_runtime_log, __FILE__));
     });
     runtime_log.clear();
+    runtime_lines_dropped = 0;
   }
 };
 
 slimrate_edge_status fail(slimrate_edge_status status, std::string message) {
+  for (size_t i = 0; i < runtime_log.size(); ++i) {
+    message += (i == 0 ? " (the runtime said: " : "; ") + runtime_log[i];
+  }
+  if (runtime_lines_dropped > 0) {
+    message += "; " + std::to_string(runtime_lines_dropped) + " more lines";
+  }
   if (!runtime_log.empty()) {
-    message += " (the runtime said: " + runtime_log + ")";
+    message += ")";
   }
   last_error = std::move(message);
   return status;
