@@ -97,7 +97,7 @@ std::string describe(const slimrate_edge_tensor_info& info) {
   for (size_t d = 0; d < info.ndim; ++d) {
     text += (d ? ", " : "") + std::to_string(info.shape[d]);
   }
-  return text + (info.ndim == 1 ? ",)" : ")") + ", " + std::to_string(info.nbytes) + " bytes";
+  return text + "), " + std::to_string(info.nbytes) + " bytes";
 }
 
 std::vector<slimrate_edge_tensor_info> infos(slimrate_edge_model* model, bool inputs) {
