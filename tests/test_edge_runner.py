@@ -97,3 +97,21 @@ def test_runner_rejects_an_input_of_the_wrong_size(programs, digits_pte, tmp_pat
     assert result.returncode == 2
     assert "input 0" in result.stderr and "expected float32 (3, 64), 768 bytes, got 756 bytes" in result.stderr, \
         result.stderr
+
+
+def test_runner_fails_cleanly_on_randomly_corrupted_programs(programs, digits_pte, tmp_path):
+    """Random bytes overwritten anywhere in the program: the runner either runs or exits 1 with one error
+    line, never dies on a signal."""
+    pte, example, like = digits_pte
+    data = pte.read_bytes()
+    for case in range(30):
+        corrupt = bytearray(data)
+        span = 4096 if case % 2 else len(data)  # half of the cases hit the header and the first tables
+        for position in torch.randint(0, span, (8,)).tolist():
+            corrupt[position] = int(torch.randint(0, 256, ()).item())
+        (tmp_path / "fuzzed.pte").write_bytes(corrupt)
+        result, _ = programs.run_program([str(RUNNER)], tmp_path / "fuzzed.pte", example, like, tmp_path)
+        assert result.returncode in (0, 1), f"case {case}: exit {result.returncode}\n{result.stderr}"
+        if result.returncode == 1:
+            assert result.stderr.startswith("slimrate_run: error: slimrate_edge_") and \
+                result.stderr.count("\n") == 1, f"case {case}: {result.stderr}"
