@@ -21,9 +21,12 @@ test: $(BUILD_STAMP) $(EDGE_LIB)
 
 # aarch64: every C++ file of the extension cross-compiled against torch's headers, and the kernel core's C++
 # checks run under qemu-aarch64 (tools/core_check.py; it installs the cross compiler and qemu with apt-get when
-# missing, and skips with a message where it cannot). Needs no build of the extension.
-test-arm: $(DEPS_STAMP)
+# missing, and skips with a message where it cannot). Needs no build of the extension. Then the edge runtime
+# cross-compiled against the aarch64 executorch wheel, its runner under qemu on the host runner's .pte files
+# (tools/edge_arm_check.py; skips with a message where the toolchain or the wheel cannot be had).
+test-arm: $(DEPS_STAMP) $(EDGE_LIB)
 	PYTHONPATH=python $(VPY) tools/core_check.py --arm
+	PYTHONPATH=python $(VPY) tools/edge_arm_check.py
 
 # The seeded fuzzer of the .slim reader and the coder ops (README "Reliability"): 140,000 cases, 105,000 of them
 # .slim files, in 2 worker processes, about a minute on 2 cores. Writes bench/results/fuzz.{json,md} and the
