@@ -34,6 +34,12 @@ std::string rans_error(RansStatus st, const RansDecoder& decoder, int64_t size, 
   return error_text("buf: ", rans_status_reason(st), " (", size, " bytes, count ", count, ")");
 }
 
+// RansDecoder::decode out of line: inlined into rans_decode, GCC 12 spills one of the loop's table pointers and
+// reloads it per symbol (measured: a 4 Mi-symbol decode 2-3% slower).
+__attribute__((noinline)) RansStatus decode_symbols(RansDecoder& decoder, int64_t count, int32_t* out) {
+  return decoder.decode(count, out);
+}
+
 }  // namespace
 
 Status eg_plan(const int32_t* symbols, int64_t n, int k, bool is_signed, EgPlan* plan, std::string* error) noexcept {
@@ -130,7 +136,7 @@ Status rans_decode(const uint8_t* buf, int64_t size, int64_t count, int32_t* out
   try {
     RansDecoder decoder;
     RansStatus st = decoder.open(buf, size, count);
-    if (st == RansStatus::kOk) st = decoder.decode(count, out);
+    if (st == RansStatus::kOk) st = decode_symbols(decoder, count, out);
     if (st == RansStatus::kOk) st = decoder.finish();
     if (st == RansStatus::kOk) return Status::ok;
     *error = rans_error(st, decoder, size, count);
