@@ -64,8 +64,8 @@ MODELS: dict[str, Callable[[], tuple[torch.nn.Module, tuple[torch.Tensor, ...]]]
     "charlm": char_lm,
     "charlm-d512": lambda: char_lm(CHARLM_D512),
     "digits-csr": lambda: sparse(digits(), "csr"),
-    "charlm-csr": lambda: sparse(char_lm(), "csr"),
-    "charlm-bsr8x1": lambda: sparse(char_lm(), "bsr8x1"),
+    "charlm-csr": lambda: sparse(char_lm(batch=2), "csr"),
+    "charlm-bsr8x1": lambda: sparse(char_lm(batch=2), "bsr8x1"),
     "charlm-d512-csr": lambda: sparse(char_lm(CHARLM_D512), "csr"),
 }
 
