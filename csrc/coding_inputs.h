@@ -5,7 +5,8 @@
 #include <ATen/ATen.h>
 
 #include <cmath>
-#include <vector>
+
+#include "core/slim_codec.h"
 
 namespace slimrate {
 
@@ -18,27 +19,15 @@ inline at::Tensor checked_1d(const at::Tensor& t, const char* name, at::ScalarTy
 
 // ---- slim_encode / slim_decode (docs/slim-format.md) ----------------------------------------------
 
-enum class SlimCoder { kEg, kEgSigned, kRans };
-
-inline SlimCoder slim_coder(c10::string_view name) {
-  if (name == "eg") return SlimCoder::kEg;
-  if (name == "eg-signed") return SlimCoder::kEgSigned;
+inline core::SlimCoder slim_coder(c10::string_view name) {
+  if (name == "eg") return core::SlimCoder::eg;
+  if (name == "eg-signed") return core::SlimCoder::eg_signed;
   TORCH_CHECK_VALUE(name == "rans", "coder: expected \"eg\", \"eg-signed\" or \"rans\", got \"", name, "\"");
-  return SlimCoder::kRans;
+  return core::SlimCoder::rans;
 }
 
 inline bool is_slim_float(at::ScalarType st) {
   return st == at::kFloat || st == at::kDouble || st == at::kBFloat16 || st == at::kHalf;
-}
-
-// The dtype's name as Python writes it ("float16"), for messages.
-inline const char* slim_dtype_name(at::ScalarType st) {
-  switch (st) {
-    case at::kFloat: return "float32";
-    case at::kDouble: return "float64";
-    case at::kBFloat16: return "bfloat16";
-    default: return "float16";
-  }
 }
 
 inline void check_slim_scalars(double step, int64_t chunk_numel) {
@@ -46,23 +35,15 @@ inline void check_slim_scalars(double step, int64_t chunk_numel) {
   TORCH_CHECK_VALUE(chunk_numel >= 1, "chunk_numel: expected an int >= 1, got ", chunk_numel);
 }
 
-// Chunk c holds symbols [c·size, min((c+1)·size, numel)).
-struct SlimChunks {
-  int64_t numel, size, count;
-  SlimChunks(int64_t numel, int64_t size) : numel(numel), size(size), count(numel / size + (numel % size != 0)) {}
-  int64_t begin(int64_t c) const { return c * size; }
-  int64_t length(int64_t c) const { return std::min(size, numel - c * size); }
-};
-
 // layout = [table_count, table_nbytes, chunk_nbytes...] checked against numel, chunk_numel and the payload's
-// size, before anything is allocated from it.  Returns the byte offset of each chunk and the end (count + 1).
-inline std::vector<int64_t> checked_slim_layout(const at::Tensor& layout, int64_t payload_nbytes,
-                                                const SlimChunks& chunks, SlimCoder coder) {
+// size, before anything is allocated from it (core/slim_codec.h's slim_decode_plan reads it then).
+inline void check_slim_layout(const at::Tensor& layout, int64_t payload_nbytes, const core::SlimChunks& chunks,
+                              core::SlimCoder coder) {
   TORCH_CHECK_VALUE(layout.numel() == 2 + chunks.count, "layout: expected 2 + ", chunks.count,
                     " entries (numel ", chunks.numel, " in chunks of ", chunks.size, "), got ", layout.numel());
   const int64_t* l = layout.const_data_ptr<int64_t>();
   const int64_t table_count = l[0], table_nbytes = l[1];
-  if (coder == SlimCoder::kEg) {
+  if (coder == core::SlimCoder::eg) {
     // An EG0 code takes at least one bit; a non-empty tensor needs a non-empty table.
     TORCH_CHECK_VALUE(table_nbytes >= 0 && table_nbytes <= payload_nbytes && table_count >= 0 &&
                           table_count <= std::min(chunks.numel, 8 * table_nbytes) &&
@@ -71,24 +52,20 @@ inline std::vector<int64_t> checked_slim_layout(const at::Tensor& layout, int64_
                       chunks.numel, " symbols in a payload of ", payload_nbytes, " bytes");
   } else {
     TORCH_CHECK_VALUE(table_count == 0 && table_nbytes == 0, "layout: coder ",
-                      coder == SlimCoder::kRans ? "rans" : "eg-signed", " has no table, got table_count ",
+                      coder == core::SlimCoder::rans ? "rans" : "eg-signed", " has no table, got table_count ",
                       table_count, " and table_nbytes ", table_nbytes);
   }
-  std::vector<int64_t> offset(chunks.count + 1);
-  offset[0] = table_nbytes;
+  int64_t offset = table_nbytes;  // of chunk c
   for (int64_t c = 0; c < chunks.count; ++c) {
     const int64_t nbytes = l[2 + c];
-    TORCH_CHECK_VALUE(nbytes >= 0 && nbytes <= payload_nbytes - offset[c], "layout: chunk ", c, " of ",
-                      chunks.count, " claims ", nbytes, " bytes at offset ", offset[c], " of a payload of ",
-                      payload_nbytes, " bytes");
-    TORCH_CHECK_VALUE(coder == SlimCoder::kRans || chunks.length(c) <= 8 * nbytes, "layout: chunk ", c, " of ",
+    TORCH_CHECK_VALUE(nbytes >= 0 && nbytes <= payload_nbytes - offset, "layout: chunk ", c, " of ", chunks.count,
+                      " claims ", nbytes, " bytes at offset ", offset, " of a payload of ", payload_nbytes, " bytes");
+    TORCH_CHECK_VALUE(coder == core::SlimCoder::rans || chunks.length(c) <= 8 * nbytes, "layout: chunk ", c, " of ",
                       chunks.count, ": ", chunks.length(c), " exp-Golomb codes cannot fit in ", nbytes, " bytes");
-    offset[c + 1] = offset[c] + nbytes;
+    offset += nbytes;
   }
-  TORCH_CHECK_VALUE(offset[chunks.count] == payload_nbytes, "payload: ", payload_nbytes,
-                    " bytes, but the layout accounts for ", offset[chunks.count],
-                    " (trailing bytes or a wrong layout)");
-  return offset;
+  TORCH_CHECK_VALUE(offset == payload_nbytes, "payload: ", payload_nbytes, " bytes, but the layout accounts for ",
+                    offset, " (trailing bytes or a wrong layout)");
 }
 
 }  // namespace slimrate

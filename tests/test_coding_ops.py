@@ -220,6 +220,35 @@ def test_rans_round_trip_is_exact(name):
     assert_equal_symbols(ops.rans_decode(ops.rans_encode(s), s.numel()), s)
 
 
+def rans_streams() -> dict[str, torch.Tensor]:
+    """The adversarial streams, then tables whose rounded frequencies the encoder must trim (many rare symbols)
+    or top up (one dominant symbol), a mode-1 (raw) stream and an alphabet over 2^15 symbols (scale_bits 17)."""
+    return {**adversarial_streams(), "many-rare": gaussian_symbols(3000, 300.0),
+            "dominant": torch.cat([torch.zeros(4000, dtype=torch.int32), gaussian_symbols(100, 30.0)]),
+            "raw": torch.randint(-1000, 1000, (60,), dtype=torch.int32),
+            "wide-alphabet": torch.randperm(33000, dtype=torch.int32).repeat(2)}
+
+
+@pytest.mark.parametrize("name", list(rans_streams()))
+def test_rans_encode_matches_reference_bit_exactly(name):
+    skip_unless_backend("native", "cpu")
+    s = rans_streams()[name]
+    want = reference.rans_encode(s)
+    assert torch.equal(ops.rans_encode(s), want), "bytes differ from the reference"
+    assert_equal_symbols(reference.rans_decode(want, s.numel()), s)
+    assert_equal_symbols(ops.rans_decode(want, s.numel()), s)
+
+
+def test_rans_reference_decode_refuses_truncated_padded_and_miscounted_buffers():
+    s = gaussian_symbols(300, 4.0)
+    buf = reference.rans_encode(s)
+    for bad, count, match in [(buf[:-1], 300, "truncated rANS buffer"), (buf[:5], 300, "truncated rANS buffer"),
+                              (torch.cat([buf, buf[:1]]), 300, "trailing bytes"),
+                              (buf, 301, "count: the buffer holds 300 symbols, got count=301")]:
+        with pytest.raises(ValueError, match=match):
+            ops.rans_decode(bad, count, backend="reference")
+
+
 @pytest.mark.parametrize("sigma", [1.0, 8.0, 50.0])
 def test_rans_rate_is_within_one_percent_of_entropy(sigma):
     skip_unless_backend("native", "cpu")

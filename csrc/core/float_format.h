@@ -9,6 +9,12 @@ namespace slimrate::core {
 
 enum class FloatFormat : uint8_t { f32, f64, bf16, f16 };
 
+// The format's name as Python writes its dtype ("float16"), for messages.
+inline const char* format_name(FloatFormat format) {
+  static constexpr const char* kNames[] = {"float32", "float64", "bfloat16", "float16"};
+  return kNames[static_cast<int>(format)];
+}
+
 // Calls fn with the format tag (F32, F64, BF16, F16) of `format`.
 template <class Fn>
 auto with_format(FloatFormat format, Fn&& fn) {

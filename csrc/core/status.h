@@ -9,6 +9,8 @@ enum class Status : int {
   out_of_memory,    // a work buffer could not be allocated
   bad_index,        // an index input points outside the array it indexes (the function says which input)
   callback_failed,  // a function the caller passed in (e.g. a GEMM) reported a failure
+  bad_value,        // an input value cannot be coded (the function's error text names it)
+  corrupt_stream,   // a coded input is truncated, padded or corrupt (the function's error text says where)
 };
 
 inline const char* describe(Status status) {
@@ -17,6 +19,8 @@ inline const char* describe(Status status) {
     case Status::out_of_memory: return "out of memory for the kernel's work buffers";
     case Status::bad_index: return "an index is out of range";
     case Status::callback_failed: return "a function passed to the kernel failed";
+    case Status::bad_value: return "an input value cannot be coded";
+    case Status::corrupt_stream: return "a coded input is truncated or corrupt";
   }
   return "unknown status";
 }

@@ -8,6 +8,8 @@
 #include <omp.h>
 #endif
 
+#include <string>
+
 #include "core/status.h"
 
 namespace slimrate {
@@ -23,6 +25,13 @@ inline void use_torch_threads() {
 
 inline void check_core(core::Status status) {
   TORCH_CHECK(status == core::Status::ok, "slimrate CPU kernel: ", core::describe(status));
+}
+
+// check_core for a function that explains the inputs it refuses (bad_value, corrupt_stream) in `error`: those
+// are the user's data, so Python sees a ValueError with that text.
+inline void check_core(core::Status status, const std::string& error) {
+  TORCH_CHECK_VALUE(status != core::Status::bad_value && status != core::Status::corrupt_stream, error);
+  check_core(status);
 }
 
 }  // namespace slimrate

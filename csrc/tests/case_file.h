@@ -72,6 +72,12 @@ struct Array {
     return 0.0;
   }
 
+  // The elements as T, which the caller checked is the array's dtype.
+  template <class T>
+  const T* data() const {
+    return reinterpret_cast<const T*>(bytes.data());
+  }
+
   std::vector<double> values() const {
     std::vector<double> out(numel());
     for (int64_t i = 0; i < numel(); ++i) out[i] = value(i);

@@ -30,6 +30,12 @@ struct Verdict {
     if (status != core::Status::ok) fail(std::string("status: ") + core::describe(status));
   }
 
+  // status against "expected.status" (a core::Status code); a refusal must come with its error text.
+  void compare_status(const Case& c, core::Status status, const std::string& error) {
+    compare(c, "status", {static_cast<double>(status)});
+    if (status != core::Status::ok && error.empty()) fail(std::string("no error text with ") + core::describe(status));
+  }
+
   // got against "expected.<output>" within "tol.<output>": ‖got − expected‖ / ‖expected‖ ≤ tol.
   void compare(const Case& c, const std::string& output, std::vector<double> got) {
     std::vector<double> want = c.get("expected." + output).values();

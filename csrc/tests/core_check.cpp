@@ -29,6 +29,12 @@ void check_ctmc_transition_rows(const Case& c, Verdict& v);
 void check_ctmc_transition_rows_backward(const Case& c, Verdict& v);
 void check_ctmc_rate_cols(const Case& c, Verdict& v);
 void check_score_entropy(const Case& c, Verdict& v);
+void check_eg_encode(const Case& c, Verdict& v);
+void check_eg_decode(const Case& c, Verdict& v);
+void check_rans_encode(const Case& c, Verdict& v);
+void check_rans_decode(const Case& c, Verdict& v);
+void check_slim_encode(const Case& c, Verdict& v);
+void check_slim_decode(const Case& c, Verdict& v);
 
 struct Checker {
   const char* op;
@@ -47,6 +53,12 @@ const Checker kCheckers[] = {
     {"ctmc_transition_rows_backward", check_ctmc_transition_rows_backward},
     {"ctmc_rate_cols", check_ctmc_rate_cols},
     {"score_entropy", check_score_entropy},
+    {"eg_encode", check_eg_encode},
+    {"eg_decode", check_eg_decode},
+    {"rans_encode", check_rans_encode},
+    {"rans_decode", check_rans_decode},
+    {"slim_encode", check_slim_encode},
+    {"slim_decode", check_slim_decode},
 };
 
 // More threads than the build machine's 2 cores, so parallel_for splits into uneven chunks as well.

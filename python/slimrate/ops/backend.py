@@ -48,13 +48,12 @@ REGISTRY: dict[str, dict[str, str]] = {
                    "reference": _REFERENCE + "rate_stats"},
     "rate_grad_": {"native": _NATIVE + "rate_grad_", "triton": _TRITON + "rate_grad_triton",
                    "reference": _REFERENCE + "rate_grad_"},
-    # entropy coders (ops/coding.py): bit-serial, so CPU only and no Triton kernel; rANS has no reference
-    # (its tests judge the rate against the symbols' entropy)
+    # entropy coders (ops/coding.py): bit-serial, so CPU only and no Triton kernel
     "eg_code_length": {"native": _NATIVE + "eg_code_length", "reference": _REFERENCE + "eg_code_length"},
     "eg_encode": {"native": _NATIVE + "eg_encode", "reference": _REFERENCE + "eg_encode"},
     "eg_decode": {"native": _NATIVE + "eg_decode", "reference": _REFERENCE + "eg_decode"},
-    "rans_encode": {"native": _NATIVE + "rans_encode"},
-    "rans_decode": {"native": _NATIVE + "rans_decode"},
+    "rans_encode": {"native": _NATIVE + "rans_encode", "reference": _REFERENCE + "rans_encode"},
+    "rans_decode": {"native": _NATIVE + "rans_decode", "reference": _REFERENCE + "rans_decode"},
     # a float tensor ↔ its .slim payload (ops/coding.py): quantization fused with the coders above, in chunks
     "slim_encode": {"native": _NATIVE + "slim_encode", "reference": _REFERENCE + "slim_encode"},
     "slim_decode": {"native": _NATIVE + "slim_decode", "reference": _REFERENCE + "slim_decode"},

@@ -6,8 +6,8 @@
 - ``slim_encode`` / ``slim_decode``: a whole float tensor ↔ the payload of a .slim entry, i.e. quantization
   and one of the coders above, fused, in independently coded chunks.
 
-The coders run on the CPU only (C++ in csrc/cpu/entropy_cpu.cpp and slim_codec_cpu.cpp): bit-serial coding has
-no CUDA or Triton kernel, so ``backend`` is "native" (default) or "reference" (plain Python; none for rANS).
+The coders run on the CPU only (C++ in csrc/core/entropy.cpp and slim_codec.cpp): bit-serial coding has
+no CUDA or Triton kernel, so ``backend`` is "native" (default) or "reference" (plain Python).
 """
 
 from __future__ import annotations

@@ -7,7 +7,12 @@ truth and on low-precision inputs gives the error a plain PyTorch user would see
 
 from __future__ import annotations
 
+import bisect
+import collections
+import heapq
+import itertools
 import math
+import struct
 
 import torch
 
@@ -101,9 +106,148 @@ def eg_decode(buf: torch.Tensor, count: int, k: int = 0, signed: bool = True) ->
     return torch.tensor(out, dtype=torch.int32)
 
 
+# ---- static rANS (docs/slim-format.md §7): plain Python, byte for byte csrc/kernels/entropy_rans.h ----
+
+_RANS_L = 1 << 23  # the state stays in [L, 2^31); bytes leave and enter it one at a time
+_RANS_MAX_SCALE_BITS = 23
+_RANS_MAX_ALPHABET = 1 << (_RANS_MAX_SCALE_BITS - 1)
+
+
+def _varint(v: int) -> bytes:
+    """Unsigned LEB128."""
+    out = bytearray()
+    while v >= 0x80:
+        out.append(v & 0x7F | 0x80)
+        v >>= 7
+    return bytes(out + bytes([v]))
+
+
+def _rans_freqs(counts: list[int], n: int, scale_bits: int) -> list[int]:
+    """Frequencies summing to 2^scale_bits, each ≥ 1: count·2^scale_bits/n rounded half away from zero, then the
+    surplus taken one unit at a time where count·log2(f/(f−1)) is smallest (ties: the first symbol), or the
+    deficit given where count·log2((f+1)/f) is largest (ties: the last symbol), as the C++ heaps order them."""
+    total = 1 << scale_bits
+    f = []
+    for c in counts:
+        x = float(c) * total / n
+        f.append(max(1, math.floor(x) + (x - math.floor(x) >= 0.5)))
+    surplus = sum(f) - total
+    if surplus > 0:
+        heap = [(c * math.log2(fi / (fi - 1)), i) for i, (c, fi) in enumerate(zip(counts, f, strict=True)) if fi > 1]
+        heapq.heapify(heap)
+        for _ in range(surplus):
+            i = heapq.heappop(heap)[1]
+            f[i] -= 1
+            if f[i] > 1:
+                heapq.heappush(heap, (counts[i] * math.log2(f[i] / (f[i] - 1)), i))
+    elif surplus < 0:
+        heap = [(-c * math.log2((fi + 1) / fi), -i) for i, (c, fi) in enumerate(zip(counts, f, strict=True))]
+        heapq.heapify(heap)
+        for _ in range(-surplus):
+            i = -heapq.heappop(heap)[1]
+            f[i] += 1
+            heapq.heappush(heap, (-counts[i] * math.log2((f[i] + 1) / f[i]), -i))
+    return f
+
+
+def rans_encode(symbols: torch.Tensor) -> torch.Tensor:
+    """uint8 (nbytes,): mode 0, count, scale_bits, the alphabet (smallest zig-zagged, then gaps − 1) and
+    frequencies − 1 as varints, the final state (4 bytes, little-endian) and the renormalisation bytes of symbols
+    coded last to first; or mode 1, count and the raw int32s when more than half the symbols are distinct."""
+    s = symbols.tolist()
+    n = len(s)
+    counted = collections.Counter(s)
+    alphabet = sorted(counted)
+    m = len(alphabet)
+    if 2 * m > n + 1 or m > _RANS_MAX_ALPHABET:
+        return torch.tensor(list(b"\x01" + _varint(n) + struct.pack(f"<{n}i", *s)), dtype=torch.uint8)
+    scale_bits = 16
+    while 1 << (scale_bits - 1) < m:  # 2^scale_bits ≥ 2m: every symbol keeps a frequency ≥ 1
+        scale_bits += 1
+    freq = _rans_freqs([counted[a] for a in alphabet], n, scale_bits) if m else []
+    start = [0, *itertools.accumulate(freq)]
+    index = {a: j for j, a in enumerate(alphabet)}
+    state, stream = _RANS_L, bytearray()
+    for v in reversed(s):
+        j = index[v]
+        while state >= freq[j] << (31 - scale_bits):  # x_max = ((L >> scale_bits) << 8)·freq
+            stream.append(state & 0xFF)
+            state >>= 8
+        state = ((state // freq[j]) << scale_bits) + state % freq[j] + start[j]
+    header = b"\x00" + _varint(n) + bytes([scale_bits]) + _varint(m)
+    if m:
+        header += (_varint(2 * alphabet[0] if alphabet[0] >= 0 else -2 * alphabet[0] - 1)
+                   + b"".join(_varint(b - a - 1) for a, b in itertools.pairwise(alphabet))
+                   + b"".join(_varint(fi - 1) for fi in freq))
+    return torch.tensor(list(header + state.to_bytes(4, "little") + stream[::-1]), dtype=torch.uint8)
+
+
+def rans_decode(buf: torch.Tensor, count: int) -> torch.Tensor:
+    """The count int32 symbols of a rans_encode buffer; ValueError when buf is not the buffer of exactly count
+    symbols (truncated, padded, miscounted or corrupt)."""
+    data, pos = bytes(buf.tolist()), 0
+
+    def take(nbytes: int) -> bytes:
+        nonlocal pos
+        if pos + nbytes > len(data):
+            raise ValueError(f"buf: truncated rANS buffer ({len(data)} bytes, count {count})")
+        pos += nbytes
+        return data[pos - nbytes:pos]
+
+    def varint() -> int:
+        v, shift, more = 0, 0, True
+        while more:
+            b = take(1)[0]
+            v |= (b & 0x7F) << shift
+            shift, more = shift + 7, b >= 0x80
+        if v >= 2**64:
+            raise ValueError("buf: corrupt rANS header (a varint over 64 bits)")
+        return v
+
+    mode, stored = take(1)[0], varint()
+    if mode > 1:
+        raise ValueError(f"buf: corrupt rANS header (mode {mode})")
+    if stored != count:
+        raise ValueError(f"count: the buffer holds {stored} symbols, got count={count}")
+    if mode == 1:
+        if len(data) - pos != 4 * count:
+            raise ValueError(f"buf: {len(data) - pos} bytes after the header, not the {4 * count} of raw symbols")
+        return torch.tensor(struct.unpack(f"<{count}i", data[pos:]), dtype=torch.int32)
+    scale_bits, m = take(1)[0], varint()
+    bad_header = ValueError("buf: corrupt rANS header (bad alphabet or frequencies)")
+    if not 1 <= scale_bits <= _RANS_MAX_SCALE_BITS or m > min(count, 1 << scale_bits) or (m == 0 and count > 0):
+        raise bad_header
+    alphabet, freq = [], []
+    if m:
+        u = varint()
+        alphabet.append(-(u >> 1) - 1 if u & 1 else u >> 1)
+        alphabet += [0] * (m - 1)
+        for i in range(1, m):
+            alphabet[i] = alphabet[i - 1] + varint() + 1
+        freq = [varint() + 1 for _ in range(m)]
+        if not -(2**31) <= alphabet[0] <= alphabet[-1] < 2**31 or sum(freq) != 1 << scale_bits:
+            raise bad_header
+    start = [0, *itertools.accumulate(freq)]
+    state = int.from_bytes(take(4), "little")
+    if not _RANS_L <= state < _RANS_L << 8:
+        raise ValueError(f"buf: corrupt rANS stream (an initial state outside [2^23, 2^31): {state})")
+    out = []
+    for _ in range(count):
+        slot = state & ((1 << scale_bits) - 1)
+        j = bisect.bisect_right(start, slot) - 1
+        out.append(alphabet[j])
+        state = freq[j] * (state >> scale_bits) + slot - start[j]
+        while state < _RANS_L:
+            state = state << 8 | take(1)[0]
+    if pos != len(data) or state != _RANS_L:
+        raise ValueError(f"buf: corrupt rANS stream (wrong final state or trailing bytes) ({len(data)} bytes, count "
+                         f"{count})")
+    return torch.tensor(out, dtype=torch.int32)
+
+
 # ---- a tensor's .slim payload (docs/slim-format.md): ops.quantize, then the coders chunk by chunk ----
-# The coders are the native ops (eg_encode's own reference is above; rANS has none): what is checked here is
-# the chunking, the table and the quantization around them.
+# The coders are the native ops by default (their references are above), so what is checked here is the chunking,
+# the table and the quantization around them; slim_encode's coder_backend="reference" composes only plain Python.
 
 def _quantize_finitely(x: torch.Tensor, step: float) -> torch.Tensor:
     """ops.quantize of x flattened, refusing the first element (flat order) that has no symbol or whose q·step,
@@ -132,16 +276,18 @@ def _eg_table(q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return values[order].to(torch.int32), rank[inverse].to(torch.int32)
 
 
-def slim_encode(x: torch.Tensor, step: float, coder: str, chunk_numel: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(payload uint8, layout int64 [table_count, table_nbytes, chunk_nbytes...]) of x's symbols in chunks."""
+def slim_encode(x: torch.Tensor, step: float, coder: str, chunk_numel: int, *,
+                coder_backend: str = "native") -> tuple[torch.Tensor, torch.Tensor]:
+    """(payload uint8, layout int64 [table_count, table_nbytes, chunk_nbytes...]) of x's symbols in chunks, each
+    coded by the coder ops on coder_backend."""
     q = _quantize_finitely(x, step)
     table = torch.empty(0, dtype=torch.int32)
     if coder == "eg":
         table, q = _eg_table(q)  # q now holds ranks
-    code = {"eg": lambda s: coding.eg_encode(s, 0, False, backend="native"),
-            "eg-signed": lambda s: coding.eg_encode(s, 0, True, backend="native"),
-            "rans": lambda s: coding.rans_encode(s, backend="native")}[coder]
-    head = coding.eg_encode(table, 0, True, backend="native")
+    code = {"eg": lambda s: coding.eg_encode(s, 0, False, backend=coder_backend),
+            "eg-signed": lambda s: coding.eg_encode(s, 0, True, backend=coder_backend),
+            "rans": lambda s: coding.rans_encode(s, backend=coder_backend)}[coder]
+    head = coding.eg_encode(table, 0, True, backend=coder_backend)
     chunks = [code(s) for s in q.split(chunk_numel)] if q.numel() else []
     layout = [table.numel(), head.numel()] + [c.numel() for c in chunks]
     return torch.cat([head, *chunks]), torch.tensor(layout, dtype=torch.int64)
