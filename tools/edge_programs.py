@@ -71,23 +71,15 @@ MODELS: dict[str, Callable[[], tuple[torch.nn.Module, tuple[torch.Tensor, ...]]]
 
 
 def export_program(model: torch.nn.Module, example: tuple[torch.Tensor, ...], path: Path, backend: str) -> Path:
-    """torch.export → to_edge_transform_and_lower → to_executorch, written to path. backend "xnnpack" lowers
-    what XNNPACK supports to it; "portable" lowers nothing, so ExecuTorch's CPU kernels run every op. A model
-    with SparseLinear layers goes through slimrate.edge.export (the same steps), which keeps them as
-    slimrate::sparse_linear calls."""
+    """slimrate.edge.export (torch.export → to_edge_transform_and_lower → to_executorch), written to path, for
+    dense and sparse models alike, so the dense baselines get the same XNNPACK-delegated attention. backend
+    "xnnpack" lowers what XNNPACK supports to it; "portable" lowers nothing, so ExecuTorch's CPU kernels run
+    every op; SparseLinear layers stay slimrate::sparse_linear calls."""
     if backend not in BACKENDS:
         raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
-    if any(isinstance(m, SparseLinear) for m in model.modules()):
-        import slimrate.edge
+    import slimrate.edge
 
-        return slimrate.edge.export(model, example, path, backend=backend)
-    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
-    from executorch.exir import to_edge_transform_and_lower
-
-    program = torch.export.export(model, example)
-    partitioner = [XnnpackPartitioner()] if backend == "xnnpack" else []
-    path.write_bytes(to_edge_transform_and_lower(program, partitioner=partitioner).to_executorch().buffer)
-    return path
+    return slimrate.edge.export(model, example, path, backend=backend)
 
 
 def eager_outputs(model: torch.nn.Module, example: tuple[torch.Tensor, ...]) -> tuple[list, list]:
