@@ -42,7 +42,7 @@ $(VPY) -m pytest bench/bench_$(1).py --benchmark-only --benchmark-json bench/res
 $(VPY) bench/$(2) bench/results/$(1).json bench/results/$(1).md
 endef
 
-bench: $(BUILD_STAMP)
+bench: $(BUILD_STAMP) $(EDGE_LIB)
 	$(call bench_suite,rate_grad,summarize.py)
 	$(call bench_suite,coding,summarize.py)
 	$(call bench_suite,sparse,sparse_report.py)
@@ -50,6 +50,7 @@ bench: $(BUILD_STAMP)
 	$(call bench_suite,nf4,nf4_report.py)
 	$(call bench_suite,ctmc,summarize.py)
 	$(call bench_suite,dmb_train,summarize.py)
+	$(call bench_suite,edge,edge_report.py)
 	$(VPY) bench/slim_llm.py --layers 1 -o bench/results/slim_llm_1layer
 
 # The .slim path on a Llama-2-7B-shaped checkpoint (6.74B parameters, 13.5 GB of bf16 generated on demand; needs

@@ -3,6 +3,7 @@ executorch.runtime with slimrate's kernels, against eager PyTorch on fresh rando
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from slimrate.ops import extension_available
@@ -152,6 +153,51 @@ def test_char_transformer_pruned_90_percent_exports_like_eager(tmp_path):
     idx = torch.randint(0, 27, (1, 16))
     with torch.no_grad():
         torch.testing.assert_close(program(idx), model(idx), rtol=1e-4, atol=1e-4)
+
+
+# (batch, heads, queries, keys, head size): one token, odd sizes, more keys than queries and fewer.
+ATTENTION_SHAPES = [(1, 1, 1, 1, 8), (2, 3, 5, 5, 7), (1, 2, 4, 9, 16), (3, 2, 9, 4, 5)]
+
+
+@pytest.mark.parametrize("shape", ATTENTION_SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_causal_attention_matches_scaled_dot_product_attention(shape):
+    from slimrate.edge.attention import causal_attention_as_matmuls
+
+    B, nh, L, S, hs = shape
+    q, k, v = torch.randn(B, nh, L, hs), torch.randn(B, nh, S, hs), torch.randn(B, nh, S, hs)
+    for scale in (None, 0.3):
+        with causal_attention_as_matmuls():
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
+        ref64 = F.scaled_dot_product_attention(q.double(), k.double(), v.double(), is_causal=True, scale=scale)
+        ref_same = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
+        assert_close_flash(out, ref_same, ref64, torch.float32)
+
+
+def test_causal_attention_mode_leaves_other_attention_calls_alone():
+    from slimrate.edge.attention import causal_attention_as_matmuls
+
+    q, k, v = torch.randn(3, 2, 1, 5, 8).unbind(0)
+    mask = torch.randn(5, 5)
+    for kwargs in ({"attn_mask": mask}, {"is_causal": False}, {"attn_mask": mask > 0}):
+        with causal_attention_as_matmuls():
+            out = F.scaled_dot_product_attention(q, k, v, **kwargs)
+        torch.testing.assert_close(out, F.scaled_dot_product_attention(q, k, v, **kwargs), rtol=0, atol=0)
+
+
+def test_char_transformer_attention_runs_in_the_xnnpack_delegate(tmp_path):
+    from executorch.exir._serialize._program import deserialize_pte_binary
+
+    from slimrate.models.char_lm import CharLM, CharLMConfig
+
+    model = CharLM(CharLMConfig(context=16, d_model=64, n_layers=2)).eval()
+    path = edge.export(model, (torch.randint(0, 27, (2, 16)),), tmp_path / "charlm.pte")
+    plan = deserialize_pte_binary(path.read_bytes()).program.execution_plan[0]
+    outside = {op.name for op in plan.operators}
+    assert not outside & {"aten::where", "aten::eq", "aten::any", "aten::logical_not", "aten::bmm",
+                          "aten::_softmax"}, f"attention ops outside the delegate: {sorted(outside)}"
+    idx = torch.randint(0, 27, (2, 16))
+    with torch.no_grad():
+        torch.testing.assert_close(edge.load(path)(idx), model(idx), rtol=1e-5, atol=1e-5)
 
 
 def test_load_refuses_a_corrupt_or_truncated_program(tmp_path):

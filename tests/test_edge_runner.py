@@ -39,8 +39,11 @@ def digits_pte(programs, tmp_path_factory) -> tuple[Path, tuple, list]:
     return programs.export_program(model, example, path, "xnnpack"), example, programs.eager_outputs(model, example)[0]
 
 
+# Dense models, and pruned ones whose SparseLinear layers run on slimrate's kernels (CSR and BSR 8×1).
 CASES = [("digits", "xnnpack"), ("digits", "portable"), ("charlm", "xnnpack"), ("charlm", "portable"),
-         ("charlm-d512", "xnnpack")]
+         ("charlm-d512", "xnnpack"), ("digits-csr", "portable"), ("charlm-csr", "xnnpack"),
+         ("charlm-csr", "portable"), ("charlm-bsr8x1", "xnnpack"), ("charlm-bsr8x1", "portable"),
+         ("charlm-d512-csr", "xnnpack")]
 
 
 @pytest.mark.parametrize("model_name,backend", CASES, ids=[f"{m}-{b}" for m, b in CASES])

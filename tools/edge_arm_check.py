@@ -7,7 +7,8 @@ as the host runner, comparing the outputs.
 (b) The aarch64 wheel of the installed executorch version: `pip download` into build/wheels/, unpacked (lib,
     include, share) into build/edge-aarch64-wheel/; where it cannot be downloaded it says so and exits 0.
 (c) cmake with edge/aarch64-linux-gnu.cmake into build/edge-aarch64/.
-(d) The digits classifier and a small char transformer exported for XNNPACK and for the portable kernels
+(d) The digits classifier and a small char transformer, dense and pruned to 90% with slimrate's SparseLinear
+    layers (CSR, and BSR of 8×1 blocks), exported for XNNPACK and for the portable kernels
     (tools/edge_programs.py), run by the host runner (build/edge, `make edge`) and under qemu: both must match
     eager PyTorch as in tests/test_edge_runner.py. Under qemu, time means nothing: correctness only.
 Exits 1 on any failure.
@@ -110,7 +111,8 @@ def check_case(name: str, backend: str, folder: Path) -> bool:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--models", nargs="+", choices=sorted(MODELS), default=["digits", "charlm"],
+    parser.add_argument("--models", nargs="+", choices=sorted(MODELS),
+                        default=["digits", "charlm", "charlm-csr", "charlm-bsr8x1"],
                         help="models to export and run (charlm-d512: about 40 s of export, 30 s under qemu)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the models' weights and inputs")
     args = parser.parse_args()

@@ -10,12 +10,14 @@ the compact weights, not a dense copy.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from slimrate.edge.attention import causal_attention_as_matmuls
 from slimrate.files import write_bytes_atomic
 
 BACKENDS = ("xnnpack", "portable")
@@ -39,8 +41,9 @@ def export(module: nn.Module, example_inputs: tuple[torch.Tensor, ...], path: st
         calls (their weights stored compact), everything else as ATen ops.
     example_inputs: a tuple of tensors, one per forward argument: the program takes exactly these shapes and
         dtypes (e.g. (x,) with x (1, 64) float32 for batch 1).
-    backend: "xnnpack" runs the dense ops XNNPACK supports in its delegate, "portable" leaves every op to
-        ExecuTorch's own kernels; slimrate's ops run on slimrate's kernels either way.
+    backend: "xnnpack" runs the dense ops XNNPACK supports in its delegate (causal attention included, traced as
+        matmuls and softmax), "portable" leaves every op to ExecuTorch's own kernels; slimrate's ops run on
+        slimrate's kernels either way.
     """
     if not isinstance(module, nn.Module):
         raise TypeError(f"module: expected an nn.Module, got {type(module).__name__}")
@@ -57,7 +60,8 @@ def export(module: nn.Module, example_inputs: tuple[torch.Tensor, ...], path: st
                          "move them with .cpu()")
     from executorch.exir import to_edge_transform_and_lower
 
-    with torch.no_grad():
+    # For XNNPACK, causal attention is traced as matmuls, softmax and a constant mask, all delegated (attention.py).
+    with torch.no_grad(), causal_attention_as_matmuls() if backend == "xnnpack" else contextlib.nullcontext():
         program = torch.export.export(module, example_inputs)
     partitioners = []
     if backend == "xnnpack":

@@ -37,6 +37,11 @@ def sparse_linear_unchecked(x: torch.Tensor, row_ptr: torch.Tensor, col_idx: tor
                             out_features: int, bias: torch.Tensor | None, backend: str | None = None) -> torch.Tensor:
     """sparse_linear after the argument checks (SparseLinear.forward's fast path; the index data is still
     checked on every backend): x [..., in] -> [..., out_features]."""
+    if torch.compiler.is_exporting():
+        # torch.export records the reshape below as a view of x's strides at trace time; a decomposition run
+        # after it (ExecuTorch's of scaled_dot_product_attention, for one) can hand this layer a transposed x,
+        # which no view can flatten. A recorded copy to contiguous rows always can.
+        x = x.clone(memory_format=torch.contiguous_format)
     y = pick_backend("sparse_linear", backend, x.device)(x.reshape(-1, x.shape[-1]), row_ptr, col_idx, values,
                                                           out_features, bias)
     return y.reshape(*x.shape[:-1], out_features)
