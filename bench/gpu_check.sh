@@ -105,6 +105,24 @@ else
 fi
 publish
 
+# --- the exported ExecuTorch programs (CPU programs: the runner and executorch.runtime on this host's CPU) --------
+section "Edge programs (ExecuTorch)"
+if ! $PY -c "import executorch" >/dev/null 2>&1; then
+  echo "- skipped: executorch is not installed on this machine (no network to install it)" >>"$RESULTS"
+elif [ "$(remaining)" -lt 60 ]; then
+  echo "- skipped: the time budget is spent" >>"$RESULTS"
+else
+  t0=$SECONDS
+  et_dir=$($PY -c "import executorch; print(executorch.__path__[0])")
+  { cmake -S edge -B build/edge -DCMAKE_BUILD_TYPE=Release -DEXECUTORCH_DIR="$et_dir" &&
+    cmake --build build/edge -j 16 && cp build/edge/libslimrate_edge.so python/slimrate/edge/ &&
+    timeout -k 10 "$(limit 120)" $PY -m pytest -q tests/test_edge.py tests/test_edge_runner.py; } \
+    >"$LOGS/edge.log" 2>&1
+  status_line "make edge's build, then tests/test_edge.py and tests/test_edge_runner.py" $? $((SECONDS - t0))
+  tail -n 15 "$LOGS/edge.log" | fenced
+fi
+publish
+
 # --- benchmarks -------------------------------------------------------------------------------
 section "Benchmarks (pytest bench --benchmark-only -k cuda)"
 if ! $PY -c "import pytest_benchmark" >/dev/null 2>&1; then
