@@ -47,7 +47,6 @@ SHAPES = [("seq128", 128, 1), ("seq128", 128, 8), ("tok1", 1, 1), ("tok1", 1, 8)
 RUNS = {("sparse", 128): 20, ("xnnpack", 128): 20, ("portable", 128): 1,
         ("sparse", 1): 300, ("xnnpack", 1): 300, ("portable", 1): 20}
 PYTHON_ROUNDS = {128: 10, 1: 200}
-ULPS = 4 * torch.finfo(torch.float32).eps  # as tests/test_edge_runner.py
 MEDIAN = re.compile(r"median ([0-9.]+) ms, min ([0-9.]+) ms")
 _MODELS: dict[str, torch.nn.Module] = {}
 _PTE: dict[tuple[str, str, int], Path] = {}
@@ -80,7 +79,7 @@ def pte(model_name: str, backend: str, x: tuple[torch.Tensor], folder: Path) -> 
 
 
 def check_close(out: torch.Tensor, eager: torch.Tensor, ref64: torch.Tensor, what: str) -> float:
-    err, bound = programs.relative_error(out, ref64), 2 * programs.relative_error(eager, ref64) + ULPS
+    err, bound = programs.error_and_bound(out, eager, ref64)
     assert err <= bound, f"{what}: rel err {err:.3g} > {bound:.3g} against float64"
     return err
 

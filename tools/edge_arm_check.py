@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 from core_check import ensure_arm_toolchain, find_qemu
-from edge_programs import HOST_RUNNER, MODELS, ROOT, eager_outputs, export_program, relative_error, run_program
+from edge_programs import HOST_RUNNER, MODELS, ROOT, eager_outputs, error_and_bound, export_program, run_program
 
 BUILD = ROOT / "build"
 WHEEL_DIR = BUILD / "edge-aarch64-wheel"
@@ -38,8 +38,6 @@ SYSROOT = "/usr/aarch64-linux-gnu"
 VENV_CMAKE = Path(sys.executable).with_name("cmake")
 CMAKE = str(VENV_CMAKE) if VENV_CMAKE.exists() else "cmake"
 WHEEL_PARTS = ("executorch/lib/", "executorch/include/", "executorch/share/")
-# As tests/test_edge_runner.py: err ≤ 2·err of eager float32 + 4 ulps, both against float64.
-ULPS = 4 * torch.finfo(torch.float32).eps
 BACKENDS = ("xnnpack", "portable")
 
 
@@ -99,7 +97,7 @@ def check_case(name: str, backend: str, folder: Path) -> bool:
             ok = False
             continue
         for j, (out, eager, ref) in enumerate(zip(outputs[where], out32, ref64, strict=True)):
-            err, bound = relative_error(out, ref), 2 * relative_error(eager, ref) + ULPS
+            err, bound = error_and_bound(out, eager, ref)
             if err > bound:
                 print(f"FAIL  {name}-{backend} on {where}, output {j}: rel err {err:.3g} > {bound:.3g}")
                 ok = False
