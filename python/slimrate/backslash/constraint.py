@@ -10,6 +10,12 @@ re-estimated from the weights' moments (docs/backslash.md §2–§5).  Two appli
   does θ ← θ − λ·∂R/∂θ directly, with no learning rate and no optimizer state (their setting:
   λ = 2000, ε = 1).  It is a proximal-style shrink with no zero-crossing guard: a weight smaller than
   its step flips sign and oscillates around 0, as in their code.
+
+Sharded models (docs/backslash.md §7): under DDP every rank holds the whole model and the averaged
+gradients, so every rank computes the same step.  Under FSDP2 (``fully_shard``) the parameters are
+DTensors; build the constraint after ``fully_shard`` (it keeps the parameter objects it was given).
+The kernels run on each rank's shards, and per step one all_reduce of the statistics ([3] float64, or
+[T, 3] in "tensor" scope, when ν is re-estimated) and one of R (one float64) run over the mesh.
 """
 
 from __future__ import annotations
@@ -25,6 +31,8 @@ from torch import nn
 from slimrate.backslash.shape import shape_from_moments
 from slimrate.ops import rate_grad_, rate_stats
 from slimrate.ops.checks import finite_number, float_tensor_list
+from slimrate.ops.rate import is_dtensor
+from slimrate.ops.rate_sharded import FIX_MIXED, rate_grad_per_tensor_, rate_stats_per_tensor
 
 MODES = ("grad", "decoupled")
 SHAPE_SCOPES = ("global", "tensor")
@@ -151,12 +159,7 @@ class RateConstraint:
             if self.shape_scope == "global":
                 value = rate_grad_(self.params, targets, lam, self.nu_per_tensor[0], self.eps)
             else:
-                # Per-tensor calls normalise by the tensor's n_t; scaling λ and R by n_t/N restores
-                # R's global N: R = Σ_t (n_t/N)·R_t and λ·(n_t/N)·(ν_t/n_t) = λ·ν_t/N.
-                value = torch.zeros((), dtype=torch.float64, device=self.params[0].device)
-                for p, t, nu in zip(self.params, targets, self.nu_per_tensor, strict=True):
-                    share = p.numel() / self.num_params
-                    value += share * rate_grad_([p], [t], lam * share, nu, self.eps)
+                value = rate_grad_per_tensor_(self.params, targets, lam, self.nu_per_tensor, self.eps)
         self.steps += 1
         self.last_rate = value.item()
         return self.last_rate
@@ -178,8 +181,8 @@ class RateConstraint:
             nu = self._shape_or_keep("parameters", pooled, self.nu_per_tensor[0])
             self.nu_per_tensor = [nu] * len(self.params)
         else:
-            # One device sync for all tensors, not one per tensor.
-            stats = torch.stack([rate_stats([p]) for p in self.params]).tolist()
+            # One device sync (and one all_reduce when sharded) for all tensors, not one per tensor.
+            stats = rate_stats_per_tensor(self.params).tolist()
             named = zip(self.param_names, stats, self.nu_per_tensor, strict=True)
             self.nu_per_tensor = [self._shape_or_keep(name, s, nu) for name, s, nu in named]
 
@@ -257,4 +260,8 @@ def _collect(module_or_params: nn.Module | Iterable[torch.Tensor],
         raise ValueError(f"module_or_params: no parameters to constrain in {where}; pass a module with "
                          "trainable Linear/Conv/Embedding layers, include='all', or a non-empty list")
     float_tensor_list("module_or_params", params)  # float dtypes, one device
+    sharded = [is_dtensor(p) for p in params]
+    if any(sharded) and not all(sharded):
+        raise ValueError(f"{names[sharded.index(False)]}: is a plain tensor, {names[sharded.index(True)]} a DTensor; "
+                         f"{FIX_MIXED}")
     return params, names
