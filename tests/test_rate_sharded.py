@@ -8,6 +8,7 @@ import socket
 import sys
 from pathlib import Path
 
+import fsdp_rate_script as script
 import pytest
 import torch
 import torch.distributed as dist
@@ -18,7 +19,6 @@ import slimrate.ops.rate_sharded
 from slimrate.backslash import RateConstraint
 from slimrate.ops import rate_grad_, rate_stats, reference
 
-import fsdp_rate_script as script
 from helpers import assert_states_equal, finish_process, start_process
 
 SCRIPT = Path(script.__file__)
