@@ -11,7 +11,7 @@ re-estimated from the weights' moments (docs/backslash.md §2–§5).  Two appli
   λ = 2000, ε = 1).  It is a proximal-style shrink with no zero-crossing guard: a weight smaller than
   its step flips sign and oscillates around 0, as in their code.
 
-Sharded models (docs/backslash.md §7): under DDP every rank holds the whole model and the averaged
+Sharded models (docs/backslash.md §9): under DDP every rank holds the whole model and the averaged
 gradients, so every rank computes the same step.  Under FSDP2 (``fully_shard``) the parameters are
 DTensors; build the constraint after ``fully_shard`` (it keeps the parameter objects it was given).
 The kernels run on each rank's shards, and per step one all_reduce of the statistics ([3] float64, or

@@ -21,7 +21,7 @@ def rate_stats(tensors: Iterable[torch.Tensor], *, backend: str | None = None) -
     tensors: float16/bfloat16/float32/float64, one device.  Returns float64 [3] on that device
     (zeros on CPU for an empty list).  Sums are accumulated in float64.
     DTensors (all on one mesh, Shard/Replicate placements): the global sums of the full tensors, a plain
-    tensor equal on every rank, after one all_reduce over the mesh (docs/backslash.md §7).
+    tensor equal on every rank, after one all_reduce over the mesh (docs/backslash.md §9).
     """
     xs = float_tensor_list("tensors", tensors)
     if any(is_dtensor(x) for x in xs):
@@ -47,7 +47,7 @@ def rate_grad_(params: Iterable[torch.Tensor], grads: Iterable[torch.Tensor], la
     Returns R = (1/N) Σ (|θ|+ε)^ν as a float64 [] tensor (0 when N = 0).
     DTensors (grads placed like params, all on one mesh): N and R are global (R after one all_reduce of
     one number, equal on every rank), each local shard gets the update of the full tensor
-    (docs/backslash.md §7).
+    (docs/backslash.md §9).
     """
     ps = float_tensor_list("params", params)
     gs = float_tensor_list("grads", grads)

@@ -1,5 +1,5 @@
 """The BackSlash rate ops on DTensors (FSDP2's sharded parameters): kernels on the local shards, sums
-all-reduced over the device mesh (docs/backslash.md §7).
+all-reduced over the device mesh (docs/backslash.md §9).
 
 A list is all plain tensors or all DTensors on one mesh.  Each rank runs the multi-tensor kernel on its
 local shards (FSDP2's may be uneven, or empty on the last ranks) and one all_reduce sums the float64
