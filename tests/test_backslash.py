@@ -495,6 +495,18 @@ def test_callback_rejects_non_constraint():
         RateConstraintCallback(object())
 
 
+def test_callback_rejects_a_model_whose_parameters_were_replaced():
+    pytest.importorskip("transformers")
+    from slimrate.backslash import RateConstraintCallback
+
+    model = nn.Sequential(nn.Linear(4, 3), nn.Linear(3, 2))
+    callback = RateConstraintCallback(RateConstraint(model, lam=1.0))
+    callback.on_train_begin(None, None, None, model=model)  # the same parameters: accepted
+    model[1].weight = nn.Parameter(model[1].weight.detach().clone())  # as a wrapper that re-creates them
+    with pytest.raises(ValueError, match=r"constraint: 1.weight and 0 more of its 2 parameters are no longer"):
+        callback.on_train_begin(None, None, None, model=model)
+
+
 def test_importing_slimrate_backslash_does_not_import_transformers():
     code = "import sys, slimrate.backslash; print('transformers' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout

@@ -30,12 +30,31 @@ class RateConstraintCallback(TrainerCallback):
     callbacks, so to have them record these too, put this callback first:
     ``trainer.callback_handler.callbacks.insert(0, callback)``.
     Not for DeepSpeed, whose engine owns the gradients and the step.
+
+    Sharded training (docs/backslash.md §9): under DDP the constraint works unchanged.  Under FSDP2 build
+    the constraint over the model after ``fully_shard`` (root included); R and ν are then all-reduced over
+    the mesh (one all_reduce for ν's statistics, one for R per step) and equal on every rank.  accelerate's
+    FSDP shards the model inside ``Trainer.train()``, replacing its parameters, so a constraint built before
+    would update tensors the model no longer uses: ``on_train_begin`` checks that the constraint's
+    parameters are still the model's and raises ValueError otherwise.
     """
 
     def __init__(self, constraint: RateConstraint) -> None:
         if not isinstance(constraint, RateConstraint):
             raise TypeError(f"constraint: expected a RateConstraint, got {type(constraint).__name__}")
         self.constraint = constraint
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        if model is None:
+            return
+        current = {id(p) for p in model.parameters()}
+        stale = [name for name, p in zip(self.constraint.param_names, self.constraint.params, strict=True)
+                 if id(p) not in current]
+        if stale:
+            raise ValueError(f"constraint: {stale[0]} and {len(stale) - 1} more of its {len(self.constraint.params)} "
+                             "parameters are no longer parameters of the Trainer's model (accelerate's FSDP replaces "
+                             "them when it shards the model); apply fully_shard to the model yourself, then build the "
+                             "RateConstraint and the Trainer")
 
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
         if self.constraint.mode == "grad":
