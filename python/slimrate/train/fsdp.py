@@ -2,17 +2,17 @@
 
 FSDP2 (``torch.distributed.fsdp.fully_shard``) replaces each parameter by a DTensor holding this rank's
 shard; an optimizer (and anything else that keeps the parameters, such as a RateConstraint) must be built
-after sharding, so the training loop does not shard: call ``shard_model`` first (docs/training.md §5).
+after sharding, so the training loop does not shard: call ``shard_model`` first (docs/training.md §6).
+torch.distributed's FSDP, DTensor and checkpoint modules are imported when first used: they add about a
+second to every ``import slimrate.train`` otherwise.
 """
 
 from __future__ import annotations
 
+import sys
+
 import torch
 from torch import nn
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.fsdp import fully_shard
-from torch.distributed.tensor import DTensor
 
 from slimrate.train.distributed import init_distributed
 
@@ -23,6 +23,9 @@ def shard_model(model: nn.Module) -> nn.Module:
     runs; then the root, which holds the rest.  Under torchrun, starts the process group if needed
     (``init_distributed``); the model must already be on ``init_distributed()[0].device``.  In one process
     the model is returned unchanged.  Build the optimizer after this call."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
     info, _ = init_distributed()
     if not info.is_distributed:
         return model
@@ -41,8 +44,11 @@ def shard_model(model: nn.Module) -> nn.Module:
 
 
 def is_sharded(model: nn.Module) -> bool:
-    """True when any parameter of ``model`` is a DTensor (sharded by ``fully_shard``)."""
-    return any(isinstance(p, DTensor) for p in model.parameters())
+    """True when ``fully_shard`` was applied to ``model`` or a module in it.  (Its parameters are DTensors,
+    except while FSDP2 holds a unit's whole weights: the root's stay gathered after a forward pass without
+    backward, an evaluation say, until the next forward.)"""
+    fsdp = sys.modules.get("torch.distributed.fsdp")  # not imported yet: nothing can be sharded
+    return fsdp is not None and any(isinstance(m, fsdp.FSDPModule) for m in model.modules())
 
 
 def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -50,4 +56,6 @@ def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     call it); for a model that is not sharded, its state_dict as it is."""
     if not is_sharded(model):
         return model.state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
     return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=False))

@@ -49,7 +49,7 @@ class TrainConfig:
     seed: seeds torch, random and numpy at a fresh start (rank r uses seed + r).
     parallel: under torchrun, "ddp" wraps the model in DistributedDataParallel; "fsdp" expects a model
     sharded with ``slimrate.train.shard_model`` (before the optimizer was built) and writes sharded
-    checkpoints (docs/training.md §5).  In one process nothing is wrapped either way.
+    checkpoints (docs/training.md §6).  In one process nothing is wrapped either way.
     """
 
     steps: int

@@ -1,4 +1,4 @@
-"""A run's checkpoints: what one holds, and resuming from the newest one that verifies (docs/training.md §3, §5).
+"""A run's checkpoints: what one holds, and resuming from the newest one that verifies (docs/training.md §3, §6).
 
 A checkpoint that does not verify (a damaged or edited file, a missing manifest, anything ``load_checkpoint``
 refuses) is skipped with a warning naming it and why, and the run resumes from the newest one before it that
@@ -14,8 +14,6 @@ from __future__ import annotations
 import warnings
 from pathlib import Path
 from typing import Any
-
-from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 from slimrate.train.checkpoint import STATE_FILE, CheckpointError, list_checkpoints, load_checkpoint, save_checkpoint
 from slimrate.train.distributed import DistributedInfo, broadcast_object, gather_objects
@@ -47,6 +45,8 @@ def save_run(directory: Path, step: int, config, model, optimizer, scheduler, ho
              "scheduler": scheduler.state_dict() if scheduler is not None else None}
     hook_states = [h.state_dict() for h in stateful_hooks(hooks)]
     if is_sharded(model):
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+
         model_state, optimizer_state = get_state_dict(model, optimizer)
         save_sharded_checkpoint(directory, step, {"model": model_state, "optimizer": optimizer_state,
                                                   "hooks": hook_states},
@@ -166,6 +166,8 @@ def _restore_sharded(path: Path, state: dict[str, Any], model, optimizer, hooks:
                      info: DistributedInfo) -> None:
     """Every rank reads its part of the DCP files into this run's state dicts (re-sharded when the run has
     another layout: DCP reads the saved chunks each tensor needs), then loads them."""
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
     stateful = stateful_hooks(hooks)
     _check_hook_count(state["hooks"], len(stateful))
     model_state, optimizer_state = get_state_dict(model, optimizer)

@@ -1,13 +1,14 @@
 """Sharded checkpoints of an FSDP2 run: each rank writes its own part through torch.distributed.checkpoint.
 
-Layout (docs/training.md §5): ``<out_dir>/checkpoints/step-00000060/`` holding DCP's files (``.metadata`` and
+Layout (docs/training.md §6): ``<out_dir>/checkpoints/step-00000060/`` holding DCP's files (``.metadata`` and
 ``__<rank>_0.distcp`` for each rank, written by ``torch.distributed.checkpoint.save`` with a
 ``FileSystemWriter``), ``tensors.safetensors`` and ``state.json`` (the rest of the state, rank 0's, in the
 format of a plain checkpoint) and ``manifest.json`` (format ``slimrate-sharded-checkpoint``, version 1, step,
 world_size, and the SHA-256 of every other file).  Every rank writes into one hidden temporary folder; rank 0
 writes the manifest last and renames the folder once all ranks are done, so a run killed mid-save leaves
 either no new checkpoint or a complete one.  DCP re-shards on load: a checkpoint saved by N ranks loads into
-a model sharded over M ranks, or into a plain model in one process.
+a model sharded over M ranks, or into a plain model in one process.  torch.distributed.checkpoint is imported
+when first used (it adds about a second to every ``import slimrate.train`` otherwise).
 """
 
 from __future__ import annotations
@@ -16,9 +17,6 @@ import json
 import os
 from pathlib import Path
 from typing import Any
-
-import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.api import CheckpointException
 
 from slimrate.train.checkpoint import (
     CHECKPOINT_FIX,
@@ -55,6 +53,8 @@ def save_sharded_checkpoint(directory: str | os.PathLike, step: int, sharded: di
     values, e.g. ``{"model": ..., "optimizer": ...}`` from ``get_state_dict``) through DCP, each rank its part;
     ``rest`` (rank 0's: nested tensors, numbers, strings) as tensors.safetensors + state.json; the manifest;
     then keep the newest ``keep`` as ``save_checkpoint`` does.  Every rank must call it.  Returns the folder."""
+    import torch.distributed.checkpoint as dcp
+
     directory = Path(directory)
     final = checkpoint_dir(directory, step)
     temp = directory / f"{TEMP_PREFIX}{final.name}"  # one name all ranks know without talking
@@ -116,6 +116,9 @@ def load_sharded_state(path: str | os.PathLike, sharded: dict[str, Any], info: D
     plain tensors the whole value, other values are replaced): a state dict shaped like the one saved, e.g.
     from ``get_state_dict`` of this run's model and optimizer.  Every rank must call it.  ValueError when the
     saved state does not fit ``sharded`` (a missing key, another shape)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
+
     try:
         dcp.load(sharded, storage_reader=dcp.FileSystemReader(path), no_dist=not info.is_distributed)
     except CheckpointException as e:  # a BaseException: rank → (exception, traceback)
