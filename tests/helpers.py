@@ -160,10 +160,31 @@ SUBPROCESS_TIMEOUT_S = 120
 
 def start_process(args: list[str]) -> subprocess.Popen:
     """``args`` in a subprocess with one thread (bit-identical reductions) in its own session: on a timeout the
-    whole group (torchrun and its workers) is killed."""
+    whole process tree (torchrun and its workers) is killed."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     return subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True,
                             start_new_session=True)
+
+
+def kill_process_tree(proc: subprocess.Popen) -> None:
+    """SIGKILL ``proc``'s process group and every process below it: torchrun starts each worker in a session of
+    its own, out of reach of a signal to torchrun's group.  Linux: descendants are read from /proc."""
+    victims, pending = [], [proc.pid]
+    while pending:  # collected before the kill: afterwards the orphans' parent is init
+        pid = pending.pop()
+        for task in Path(f"/proc/{pid}/task").glob("*"):
+            try:
+                children = [int(c) for c in (task / "children").read_text().split()]
+            except OSError:  # the task ended meanwhile
+                continue
+            victims += children
+            pending += children
+    os.killpg(proc.pid, signal.SIGKILL)
+    for pid in victims:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
 
 
 def finish_process(proc: subprocess.Popen, what: str) -> str:
@@ -171,7 +192,7 @@ def finish_process(proc: subprocess.Popen, what: str) -> str:
     try:
         out, _ = proc.communicate(timeout=SUBPROCESS_TIMEOUT_S)
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
+        kill_process_tree(proc)
         out, _ = proc.communicate()
         pytest.fail(f"{what}: no result after {SUBPROCESS_TIMEOUT_S} s (killed); output:\n{out}")
     assert proc.returncode == 0, f"{what}: exit code {proc.returncode}; output:\n{out}"
@@ -179,15 +200,16 @@ def finish_process(proc: subprocess.Popen, what: str) -> str:
 
 
 def kill_after_checkpoint(proc: subprocess.Popen, checkpoints, step: int, steps: int) -> None:
-    """SIGKILL the training run ``proc`` as soon as its folder ``checkpoints`` holds the checkpoint of ``step``,
-    checking that it was killed before its last checkpoint (of ``steps``)."""
+    """SIGKILL the training run ``proc`` (its whole process tree: torchrun and its workers too) as soon as its
+    folder ``checkpoints`` holds the checkpoint of ``step``, checking that it was killed before its last
+    checkpoint (of ``steps``)."""
     deadline = time.monotonic() + SUBPROCESS_TIMEOUT_S
     while not any(s >= step for s, _ in list_checkpoints(checkpoints)):
         if proc.poll() is not None or time.monotonic() > deadline:
-            os.killpg(proc.pid, signal.SIGKILL)
+            kill_process_tree(proc)
             pytest.fail(f"the run ended or stalled before its step-{step} checkpoint; output:\n{proc.communicate()[0]}")
         time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
+    kill_process_tree(proc)
     proc.communicate()
     assert proc.returncode == -signal.SIGKILL
     assert list_checkpoints(checkpoints)[-1][0] < steps, "the run finished before the kill"

@@ -262,6 +262,27 @@ def test_every_command_that_resumes_has_the_same_checkpoint_options():
                 sub.parse_args([flag, "0"])
 
 
+class GotConfig(Exception):
+    """Raised by a stand-in for a command's work, carrying the config the command built."""
+
+
+@pytest.mark.parametrize("argv,work", [
+    (["demo"], "slimrate.demo.run_demo"),
+    (["dmb", "train", "--data", "digits", "--budget", "1", "--out", "{out}"], "slimrate.dmb.driver.train_dmb"),
+])
+def test_training_commands_pass_parallel_to_their_config(argv, work, tmp_path, monkeypatch):
+    def stand_in(config):
+        raise GotConfig(config)
+
+    monkeypatch.setattr(work, stand_in)
+    argv = [a.format(out=tmp_path / "out") for a in argv]
+    with pytest.raises(GotConfig) as got:
+        main([*argv, "--parallel", "fsdp"])
+    assert got.value.args[0].parallel == "fsdp"
+    with pytest.raises(UsageError, match=r"--parallel: invalid choice: 'zero'"):
+        build_parser().parse_args([*argv, "--parallel", "zero"])
+
+
 def train_dmb_argv(out):
     return ["dmb", "train", "--data", "digits", "--budget", "4", "--out", str(out), "--model", "tiny", "--batch", "4",
             "--method", "sedd-uniform", "--checkpoint-every", "2", "--no-progress"]

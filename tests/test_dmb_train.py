@@ -99,6 +99,11 @@ def test_config_rejects_bad_checkpoint_settings(tmp_path, setting, message):
         DMBConfig(out_dir=str(tmp_path), **setting)
 
 
+def test_config_rejects_an_unknown_parallel_mode(tmp_path):
+    with pytest.raises(ValueError, match="parallel: expected one of ddp, fsdp, got 'zero'"):
+        DMBConfig(out_dir=str(tmp_path), parallel="zero")
+
+
 def test_config_rejects_a_frozen_q_for_the_baselines(tmp_path):
     with pytest.raises(ValueError, match="only DMB learns Q"):
         DMBConfig(out_dir=str(tmp_path), method="sedd-uniform", learn_q=False)

@@ -1,8 +1,10 @@
-"""A small training run for tests/test_train.py's subprocess tests (kill-and-resume, torchrun/DDP).
+"""A small training run for the subprocess tests of tests/test_train.py (kill-and-resume, torchrun/DDP) and
+tests/test_train_fsdp.py (torchrun/FSDP2; also called in-process there through ``main(argv)``).
 
-A 8-32-1 MLP regressing a fixed random function, with a StepLR schedule and a BackSlash
-RateConstraint (grad mode) as a hook; batches are a function of (seed, step) only.  Each process
-writes its final weights to ``<out>/final-rank<RANK>.safetensors``.
+A 8-32-1 MLP (two blocks in an nn.ModuleList, so FSDP2 shards each) regressing a fixed random function, with
+a StepLR schedule and a hook: a BackSlash RateConstraint (grad mode), or an EMA of the weights (a hook whose
+state is sharded with the model); batches are a function of (seed, step) only.  Each process writes the
+model's final whole weights to ``<out>/final-rank<RANK>.safetensors``.
 """
 
 import argparse
@@ -11,12 +13,14 @@ import time
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from safetensors.torch import save_file
 from torch import nn
 
 from slimrate.backslash import RateConstraint
-from slimrate.train import TrainConfig, train
+from slimrate.dmb.driver import EMA
+from slimrate.train import TrainConfig, full_state_dict, shard_model, train
 
 SAMPLES, FEATURES, HIDDEN = 256, 8, 32
 DATA_SEED = 1234
@@ -32,7 +36,19 @@ class SlowDown:
         time.sleep(self.seconds)
 
 
-def main() -> None:
+class MLP(nn.Module):
+    def __init__(self, dropout: float) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList([nn.Sequential(nn.Linear(FEATURES, HIDDEN), nn.Tanh(), nn.Dropout(dropout)),
+                                     nn.Linear(HIDDEN, 1)])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for block in self.blocks:
+            x = block(x)
+        return x
+
+
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", required=True)
     parser.add_argument("--steps", type=int, default=200)
@@ -42,7 +58,9 @@ def main() -> None:
     parser.add_argument("--optimizer", choices=["adam", "sgd"], default="adam")
     parser.add_argument("--dropout", type=float, default=0.1)
     parser.add_argument("--global-batch", type=int, default=32)
-    args = parser.parse_args()
+    parser.add_argument("--parallel", choices=["ddp", "fsdp"], default="ddp")
+    parser.add_argument("--hook", choices=["rate", "ema"], default="rate")
+    args = parser.parse_args(argv)
 
     torch.set_num_threads(1)  # a fixed thread count: reductions keep their order from run to run
     torch.use_deterministic_algorithms(True)
@@ -51,11 +69,13 @@ def main() -> None:
     y = torch.sin(x @ torch.randn(FEATURES, 1, generator=data))
 
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(FEATURES, HIDDEN), nn.Tanh(), nn.Dropout(args.dropout), nn.Linear(HIDDEN, 1))
+    model = MLP(args.dropout)
+    if args.parallel == "fsdp":
+        shard_model(model)  # before the optimizer and the hooks, which keep the (sharded) parameters
     optimizer = (torch.optim.Adam(model.parameters(), lr=1e-2) if args.optimizer == "adam"
                  else torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9))
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=50, gamma=0.5)
-    hooks = [RateConstraint(model, lam=1e-3, mode="grad")]
+    hooks = [RateConstraint(model, lam=1e-3, mode="grad") if args.hook == "rate" else EMA(model, 0.9)]
     if args.step_delay:
         hooks.append(SlowDown(args.step_delay))
 
@@ -69,10 +89,14 @@ def main() -> None:
         return F.mse_loss(net(inputs), targets)
 
     config = TrainConfig(steps=args.steps, out_dir=args.out, checkpoint_every=args.checkpoint_every,
-                         resume=args.resume, log_every=10, max_grad_norm=1.0, tensorboard=False, progress=False)
+                         resume=args.resume, log_every=10, max_grad_norm=1.0, tensorboard=False, progress=False,
+                         parallel=args.parallel)
     train(model, optimizer, loss_fn, get_batch, config, scheduler=scheduler, hooks=hooks)
     rank = int(os.environ.get("RANK", "0"))
-    save_file(model.state_dict(), str(Path(args.out) / f"final-rank{rank}.safetensors"))
+    weights = {name: t.contiguous() for name, t in full_state_dict(model).items()}
+    save_file(weights, str(Path(args.out) / f"final-rank{rank}.safetensors"))
+    if dist.is_initialized():  # started by shard_model, so train left it running
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

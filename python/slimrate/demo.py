@@ -19,7 +19,7 @@ from slimrate.backslash import RateConstraint, estimate_shape, rate
 from slimrate.backslash.metrics import quantized_entropy_bits, slim_weight_bits, small_weight_share
 from slimrate.data.digits import load_digits_split
 from slimrate.models.mlp import build_digits_mlp
-from slimrate.train import TrainConfig, train
+from slimrate.train import TrainConfig, full_state_dict, is_sharded, shard_model, train
 
 LOG_EVERY = 50  # steps per progress-bar update and log record
 EVAL_POINTS = 10  # test-accuracy evaluations per run when metrics are written
@@ -43,6 +43,7 @@ class DemoConfig:
     small: float = 1e-3  # |θ| below this counts as near zero
     out_dir: str | None = None  # metrics of each run (JSONL, TensorBoard) in out_dir/plain, out_dir/backslash
     wandb: bool = False  # also log to wandb in offline mode (needs out_dir and the wandb package)
+    parallel: str = "ddp"  # under torchrun: "fsdp" shards the model with FSDP2 (docs/training.md §6)
 
 
 def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
@@ -57,6 +58,8 @@ def train_digits(cfg: DemoConfig, lam: float, label: str, out_dir: str | None = 
     x_train, y_train, x_test, y_test = load_digits_split()
     torch.manual_seed(cfg.seed)
     model = build_digits_mlp(cfg.hidden)
+    if cfg.parallel == "fsdp":
+        shard_model(model)  # before the optimizer and the RateConstraint, which keep the parameters
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     hooks = [RateConstraint(model, lam=lam, eps=cfg.eps, mode=cfg.mode)] if lam > 0 else []
     # Row k holds step k's batch: the same draws, in the same order, as one generator read step by step.
@@ -74,9 +77,13 @@ def train_digits(cfg: DemoConfig, lam: float, label: str, out_dir: str | None = 
         return {"test_acc": accuracy(net, x_test, y_test)}
 
     config = TrainConfig(steps=cfg.steps, out_dir=out_dir, seed=cfg.seed, desc=label, log_every=LOG_EVERY,
-                         wandb=cfg.wandb,
+                         wandb=cfg.wandb, parallel=cfg.parallel,
                          eval_every=max(cfg.steps // EVAL_POINTS, 1) if out_dir else 0)
     result = train(model, optimizer, loss_fn, get_batch, config, evaluate=evaluate, hooks=hooks)
+    if is_sharded(model):  # the measurements below read whole weights
+        whole = build_digits_mlp(cfg.hidden)
+        whole.load_state_dict(full_state_dict(model))
+        model = whole
     weights = [m.weight for m in model if isinstance(m, nn.Linear)]
     nu = estimate_shape(weights)
     names = [name for name, p in model.named_parameters() if p.dim() >= 2]

@@ -28,6 +28,13 @@ def add_command(commands: argparse._SubParsersAction, name: str,
     return parser
 
 
+def add_parallel_argument(parser: argparse.ArgumentParser) -> None:
+    """``--parallel ddp|fsdp``: how a training command runs under torchrun (docs/training.md §6)."""
+    parser.add_argument("--parallel", choices=["ddp", "fsdp"], default="ddp",
+                        help="under torchrun: ddp replicates the model on each process, fsdp shards it with FSDP2 "
+                             "(default %(default)s; one process runs it whole either way)")
+
+
 def positive_int(text: str) -> int:
     value = int(text)
     if value <= 0:

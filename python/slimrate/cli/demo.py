@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from slimrate.cli.arguments import add_command, nonnegative_float, positive_int
+from slimrate.cli.arguments import add_command, add_parallel_argument, nonnegative_float, positive_int
 from slimrate.cli.errors import UsageError
 from slimrate.cli.paths import check_output_file, check_output_folder
 from slimrate.files import write_text_atomic
@@ -29,6 +29,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", metavar="OUT", help="also write the results as JSON to OUT")
     parser.add_argument("--out", metavar="DIR", help="write each run's metrics (JSONL, TensorBoard) under DIR")
     parser.add_argument("--wandb", action="store_true", help="also log to wandb, offline (needs --out and wandb)")
+    add_parallel_argument(parser)
 
 
 def check(args: argparse.Namespace) -> None:
@@ -44,7 +45,7 @@ def run(args: argparse.Namespace) -> int:
     from slimrate.demo import DemoConfig, format_table, run_demo
 
     result = run_demo(DemoConfig(steps=args.steps, lam=args.lam, seed=args.seed, mode=args.mode, out_dir=args.out,
-                                 wandb=args.wandb))
+                                 wandb=args.wandb, parallel=args.parallel))
     print(format_table(result))
     if args.json:
         write_text_atomic(args.json, json.dumps(result, indent=2) + "\n")

@@ -5,7 +5,13 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from slimrate.cli.arguments import add_command, nonnegative_int, positive_finite_float, positive_int
+from slimrate.cli.arguments import (
+    add_command,
+    add_parallel_argument,
+    nonnegative_int,
+    positive_finite_float,
+    positive_int,
+)
 from slimrate.cli.errors import UsageError
 from slimrate.cli.paths import check_output_file, check_output_folder
 from slimrate.files import write_bytes_atomic
@@ -56,6 +62,7 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--resume", action="store_true",
                         help="continue from the newest checkpoint in --out that verifies (an older one when the "
                              "newest is damaged, with a warning)")
+    add_parallel_argument(parser)
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -75,7 +82,8 @@ def run_train(args: argparse.Namespace) -> int:
                                    schedule=args.schedule, eval_every=args.eval_every, seed=args.seed,
                                    checkpoint_every=args.checkpoint_every, keep_checkpoints=args.keep_checkpoints,
                                    resume=args.resume, progress=not args.no_progress,
-                                   scale_by_sigma=args.scale_by_sigma, learn_q=args.learn_q))
+                                   scale_by_sigma=args.scale_by_sigma, learn_q=args.learn_q,
+                                   parallel=args.parallel))
     final = manifest["final_eval"]
     print(f"{args.method} on {manifest['data']['name']}: bound {final['bits_per_token']:.4f} ± "
           f"{final['bits_per_token_se']:.4f} bits/token after {args.budget} steps; wrote {args.out}")

@@ -35,7 +35,7 @@ from slimrate.dmb.rate_matrix import RATE_INITS, RateMatrix
 from slimrate.dmb.sampler import estimate_p0, reverse_sample
 from slimrate.files import write_bytes_atomic, write_text_atomic
 from slimrate.schedules import UBA
-from slimrate.train import TrainConfig, latest_checkpoint, train
+from slimrate.train import TrainConfig, full_state_dict, latest_checkpoint, shard_model, train
 from slimrate.train.checkpoint import (
     DEFAULT_KEEP,
     CheckpointError,
@@ -44,7 +44,7 @@ from slimrate.train.checkpoint import (
     verify_manifest,
     write_manifest,
 )
-from slimrate.train.loop import CHECKPOINTS_DIR
+from slimrate.train.loop import CHECKPOINTS_DIR, PARALLEL_MODES
 
 METHODS = ("dmb", "sedd-absorb", "sedd-uniform")
 MODEL_FILE, RUN_FILE = "model.safetensors", "dmb.json"
@@ -71,7 +71,8 @@ class DMBConfig:
     scale_by_sigma: the network's σ̄-scaled output (``ScoreNetConfig``); None = the official codes' choice
     (SEDD-absorb yes, DMB's example script and SEDD-uniform no).
     learn_q: DMB only; False keeps Q at its ``init`` and p̂_0 = μ̂ (no outer loop): the control that shows
-    what matrix learning adds."""
+    what matrix learning adds.  parallel: under torchrun (baselines only), "ddp" or "fsdp" (the model
+    sharded with FSDP2, sharded checkpoints; docs/training.md §6)."""
 
     out_dir: str
     data: str = "text8"
@@ -105,6 +106,7 @@ class DMBConfig:
     progress: bool = True
     scale_by_sigma: bool | None = None
     learn_q: bool = True
+    parallel: str = "ddp"
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -114,6 +116,8 @@ class DMBConfig:
         if not self.learn_q and self.method != "dmb":
             raise ValueError(f"learn_q: only DMB learns Q; {self.method} has a fixed Q, so learn_q=False means "
                              "nothing there (leave it True)")
+        if self.parallel not in PARALLEL_MODES:
+            raise ValueError(f"parallel: expected one of {', '.join(PARALLEL_MODES)}, got {self.parallel!r}")
         if self.init not in RATE_INITS:
             raise ValueError(f"init: expected one of {RATE_INITS}, got {self.init!r}")
         for name, low in (("steps", 1), ("batch", 1), ("seq_len", 1), ("outer_every", 1), ("matrix_steps", 1),
@@ -288,6 +292,8 @@ def train_dmb(config: DMBConfig) -> dict[str, Any]:
                          "without torchrun, or train a baseline (sedd-absorb, sedd-uniform) under torchrun")
     data = load_token_data(config.data, config.seq_len)
     model = build_model(config, data)
+    if config.parallel == "fsdp":  # the network is the root: evaluation and sampling call it, not model
+        shard_model(model.net)  # before the EMA and the optimizer, which keep the parameters
     out = Path(config.out_dir)
     ema = EMA(model.net, config.ema)
     hooks: list[Any] = [ema]
@@ -303,7 +309,7 @@ def train_dmb(config: DMBConfig) -> dict[str, Any]:
                               log_every=config.log_every, checkpoint_every=config.checkpoint_every,
                               keep_checkpoints=config.keep_checkpoints, resume=config.resume,
                               max_grad_norm=config.grad_clip, seed=config.seed, progress=config.progress,
-                              desc=f"dmb {config.method}")
+                              desc=f"dmb {config.method}", parallel=config.parallel)
     result = train(model, optimizer, lambda m, x0: m(x0), data.batch_fn(config.batch, config.seed), loop_config,
                    scheduler=scheduler, evaluate=BoundEvaluator(ema, x_eval, config.eval_samples), hooks=hooks)
     with ema.applied():
@@ -311,9 +317,9 @@ def train_dmb(config: DMBConfig) -> dict[str, Any]:
 
 
 def save_model(out: Path, model: DMBModel, config: DMBConfig, data: TokenData, final: dict) -> dict[str, Any]:
-    """Write model.safetensors (the module's current state), dmb.json and their manifest atomically; returns
-    dmb.json's content (the run record)."""
-    state = {name: t.detach().contiguous() for name, t in model.state_dict().items()}
+    """Write model.safetensors (the module's current state, whole when sharded), dmb.json and their manifest
+    atomically; returns dmb.json's content (the run record)."""
+    state = {name: t.detach().contiguous() for name, t in full_state_dict(model).items()}
     write_bytes_atomic(out / MODEL_FILE, save_safetensors(state, metadata={"format": FORMAT}))
     record = {"config": asdict(config), "net": asdict(model.net.cfg), "noise": model.noise.to_dict(),
               "data": {"name": data.name, "vocab_size": data.vocab_size, "seq_len": data.seq_len,

@@ -1,4 +1,4 @@
-"""The shared training loop: budget in steps, schedule, hooks, logging, checkpoint/resume, DDP."""
+"""The shared training loop: budget in steps, schedule, hooks, logging, checkpoint/resume, DDP and FSDP2."""
 
 from slimrate.train.checkpoint import (
     CheckpointError,
@@ -8,10 +8,13 @@ from slimrate.train.checkpoint import (
     save_checkpoint,
 )
 from slimrate.train.distributed import DistributedInfo, init_distributed
+from slimrate.train.fsdp import full_state_dict, is_sharded, shard_model
 from slimrate.train.loop import TrainConfig, TrainResult, train
 from slimrate.train.metrics import MetricsLogger, read_jsonl
 from slimrate.train.rng import rng_state, seed_everything, set_rng_state
+from slimrate.train.sharded_checkpoint import verify_sharded_checkpoint
 
-__all__ = ["CheckpointError", "DistributedInfo", "MetricsLogger", "TrainConfig", "TrainResult",
-           "init_distributed", "latest_checkpoint", "list_checkpoints", "load_checkpoint", "read_jsonl", "rng_state",
-           "save_checkpoint", "seed_everything", "set_rng_state", "train"]
+__all__ = ["CheckpointError", "DistributedInfo", "MetricsLogger", "TrainConfig", "TrainResult", "full_state_dict",
+           "init_distributed", "is_sharded", "latest_checkpoint", "list_checkpoints", "load_checkpoint", "read_jsonl",
+           "rng_state", "save_checkpoint", "seed_everything", "set_rng_state", "shard_model", "train",
+           "verify_sharded_checkpoint"]

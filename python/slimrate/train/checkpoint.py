@@ -37,9 +37,9 @@ CHECKPOINT_FILES = (TENSORS_FILE, STATE_FILE)  # what a checkpoint's manifest li
 DEFAULT_KEEP = 2  # so that a damaged newest checkpoint still leaves one to resume from
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 _SHA256_HEX = re.compile(r"[0-9a-f]{64}")
-_TEMP_PREFIX = ".tmp-"
+TEMP_PREFIX = ".tmp-"
 _HASH_CHUNK = 1 << 20
-_CHECKPOINT_FIX = "the checkpoint cannot be used (resume falls back to the newest one that verifies)"
+CHECKPOINT_FIX = "the checkpoint cannot be used (resume falls back to the newest one that verifies)"
 
 # JSON has no tensors, tuples or non-string keys; these markers carry them through state.json.
 _TENSOR, _TUPLE, _ITEMS = "__tensor__", "__tuple__", "__items__"
@@ -88,17 +88,43 @@ def save_checkpoint(directory: str | os.PathLike, step: int, state: dict[str, An
         raise ValueError(f"keep: expected an int >= 1, got {keep!r}")
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    for stale in directory.glob(f"{_TEMP_PREFIX}*"):
-        shutil.rmtree(stale, ignore_errors=True)
+    remove_temp_folders(directory)
     final = checkpoint_dir(directory, step)
-    temp = directory / f"{_TEMP_PREFIX}{final.name}-{os.getpid()}"
+    temp = directory / f"{TEMP_PREFIX}{final.name}-{os.getpid()}"
     temp.mkdir()
+    write_state_files(temp, state)
+    write_manifest(temp, CHECKPOINT_FORMAT, CHECKPOINT_VERSION, CHECKPOINT_FILES, step=step)
+    return publish_checkpoint(temp, final, keep)
+
+
+def remove_temp_folders(directory: Path) -> None:
+    """Delete the hidden temporary folders interrupted saves left in ``directory``."""
+    for stale in directory.glob(f"{TEMP_PREFIX}*"):
+        shutil.rmtree(stale, ignore_errors=True)
+
+
+def write_state_files(folder: Path, state: dict[str, Any]) -> None:
+    """Write ``state`` into ``folder`` as tensors.safetensors and state.json (tensors replaced by references),
+    each flushed to disk."""
     store = _TensorStore()
     encoded = _encode(state, store, "")
-    save_file(store.tensors, str(temp / TENSORS_FILE), metadata={"format": CHECKPOINT_FORMAT})
-    _fsync_file(temp / TENSORS_FILE)
-    _write_synced(temp / STATE_FILE, json.dumps(encoded).encode())
-    write_manifest(temp, CHECKPOINT_FORMAT, CHECKPOINT_VERSION, CHECKPOINT_FILES, step=step)
+    save_file(store.tensors, str(folder / TENSORS_FILE), metadata={"format": CHECKPOINT_FORMAT})
+    _fsync_file(folder / TENSORS_FILE)
+    _write_synced(folder / STATE_FILE, json.dumps(encoded).encode())
+
+
+def read_state_files(folder: Path, fix: str = CHECKPOINT_FIX) -> dict[str, Any]:
+    """The state ``write_state_files`` wrote into ``folder`` (tensors on the CPU); CheckpointError naming the
+    file when either cannot be read or does not hold what it would write.  Checksums are the caller's."""
+    tensors = read_tensors(folder / TENSORS_FILE, fix)
+    return _decode(read_json(folder / STATE_FILE, fix), tensors, folder / STATE_FILE)
+
+
+def publish_checkpoint(temp: Path, final: Path, keep: int) -> Path:
+    """Rename the complete checkpoint ``temp`` (manifest written) to ``final`` durably, replacing one of the same
+    step; then delete all but the newest ``keep`` checkpoints up to its step.  Returns ``final``."""
+    directory = final.parent
+    step = int(_STEP_DIR.match(final.name).group(1))
     if final.exists():  # this step saved again (after resuming from an earlier checkpoint): the new one wins
         shutil.rmtree(final)
     os.rename(temp, final)
@@ -113,14 +139,18 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     (``verify_manifest``: exactly tensors.safetensors and state.json, nothing else in the folder, their
     checksums; the manifest's step is the folder's), then read; ``CheckpointError`` naming the file otherwise."""
     path = Path(path)
-    manifest = verify_manifest(path, CHECKPOINT_FORMAT, CHECKPOINT_VERSION, CHECKPOINT_FILES, _CHECKPOINT_FIX,
+    manifest = verify_manifest(path, CHECKPOINT_FORMAT, CHECKPOINT_VERSION, CHECKPOINT_FILES, CHECKPOINT_FIX,
                                whole_folder=True)
+    check_manifest_step(manifest, path)
+    return read_state_files(path)
+
+
+def check_manifest_step(manifest: dict[str, Any], path: Path, fix: str = CHECKPOINT_FIX) -> None:
+    """CheckpointError unless the manifest's ``step`` is an int equal to the step in the folder's name."""
     step, match = manifest.get("step"), _STEP_DIR.match(path.name)
     if type(step) is not int or (match and int(match.group(1)) != step):
         raise CheckpointError(f"{path / MANIFEST_FILE}: step: expected the folder's step "
-                              f"({int(match.group(1)) if match else 'an int'}), got {step!r:.80}", _CHECKPOINT_FIX)
-    tensors = read_tensors(path / TENSORS_FILE, _CHECKPOINT_FIX)
-    return _decode(read_json(path / STATE_FILE, _CHECKPOINT_FIX), tensors, path / STATE_FILE)
+                              f"({int(match.group(1)) if match else 'an int'}), got {step!r:.80}", fix)
 
 
 def write_manifest(folder: str | os.PathLike, format_name: str, version: int, files: tuple[str, ...],
@@ -270,7 +300,7 @@ def _decode(obj: Any, tensors: dict[str, torch.Tensor], path: Path) -> Any:
     try:
         return _decode_value(obj, tensors)
     except (_Malformed, RecursionError) as e:
-        raise CheckpointError(f"{path}: {e}", _CHECKPOINT_FIX) from None
+        raise CheckpointError(f"{path}: {e}", CHECKPOINT_FIX) from None
 
 
 def _decode_value(obj: Any, tensors: dict[str, torch.Tensor]) -> Any:

@@ -1,4 +1,4 @@
-"""torchrun / DDP support: read the launcher's environment, start the process group, reduce metrics.
+"""torchrun support: read the launcher's environment, start the process group, reduce and share values.
 
 torchrun sets RANK, WORLD_SIZE and LOCAL_RANK in each process; without them (or with WORLD_SIZE=1)
 training runs as one plain process.  CUDA uses NCCL with one GPU per process (cuda:LOCAL_RANK);
@@ -72,3 +72,18 @@ def gather_objects(obj: Any, info: DistributedInfo) -> list[Any]:
     gathered: list[Any] = [None] * info.world_size
     dist.all_gather_object(gathered, obj)
     return gathered
+
+
+def broadcast_object(obj: Any, info: DistributedInfo) -> Any:
+    """Rank 0's ``obj`` on every rank (a picklable object; what the other ranks pass is ignored)."""
+    if not info.is_distributed:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def barrier(info: DistributedInfo) -> None:
+    """Wait until every rank gets here (nothing in one process)."""
+    if info.is_distributed:
+        dist.barrier()

@@ -1,9 +1,9 @@
-"""The training loop: a step budget, schedule, hooks, clipping, autocast, logging, checkpoints, DDP.
+"""The training loop: a step budget, schedule, hooks, clipping, autocast, logging, checkpoints, DDP and FSDP2.
 
 Data comes by step: ``get_batch(step, rank, world_size)`` returns this rank's shard of the global
 batch of ``step``, as a deterministic function of its arguments (e.g. indices drawn from a generator
 seeded with (seed, step)).  So a resumed run sees the same batches as an uninterrupted one with no
-data-loader state to save, and N DDP ranks together see the batch one process would.
+data-loader state to save, and N ranks (DDP or FSDP2) together see the batch one process would.
 """
 
 from __future__ import annotations
@@ -23,12 +23,14 @@ from tqdm import tqdm
 
 from slimrate.train.checkpoint import DEFAULT_KEEP
 from slimrate.train.distributed import DistributedInfo, init_distributed, sum_across_ranks
+from slimrate.train.fsdp import is_sharded
 from slimrate.train.metrics import MetricsLogger, check_wandb_installed
 from slimrate.train.resume import resume_run, save_run
 from slimrate.train.rng import seed_everything
 
 CHECKPOINTS_DIR = "checkpoints"
 AUTOCAST_DTYPES = (None, torch.bfloat16)
+PARALLEL_MODES = ("ddp", "fsdp")
 
 
 @dataclass
@@ -45,6 +47,9 @@ class TrainConfig:
     max_grad_norm: clip the gradients' total 2-norm.
     autocast_dtype: None or torch.bfloat16 (CPU and CUDA; float16 would need loss scaling).
     seed: seeds torch, random and numpy at a fresh start (rank r uses seed + r).
+    parallel: under torchrun, "ddp" wraps the model in DistributedDataParallel; "fsdp" expects a model
+    sharded with ``slimrate.train.shard_model`` (before the optimizer was built) and writes sharded
+    checkpoints (docs/training.md §6).  In one process nothing is wrapped either way.
     """
 
     steps: int
@@ -57,6 +62,7 @@ class TrainConfig:
     max_grad_norm: float | None = None
     autocast_dtype: torch.dtype | None = None
     seed: int = 0
+    parallel: str = "ddp"
     tensorboard: bool = True
     wandb: bool = False
     progress: bool = True
@@ -70,6 +76,8 @@ class TrainConfig:
                 raise ValueError(f"{name}: expected an int >= {low}, got {value!r}")
         if self.max_grad_norm is not None and not (math.isfinite(self.max_grad_norm) and self.max_grad_norm > 0):
             raise ValueError(f"max_grad_norm: expected None or a finite number > 0, got {self.max_grad_norm!r}")
+        if self.parallel not in PARALLEL_MODES:
+            raise ValueError(f"parallel: expected one of {', '.join(PARALLEL_MODES)}, got {self.parallel!r}")
         if self.autocast_dtype not in AUTOCAST_DTYPES:
             raise ValueError(f"autocast_dtype: expected None or torch.bfloat16, got {self.autocast_dtype}; "
                              "float16 needs gradient scaling, which this loop does not do")
@@ -101,12 +109,13 @@ def train(model: nn.Module, optimizer: torch.optim.Optimizer, loss_fn: Callable[
     """Train ``model`` for ``config.steps`` optimizer steps; returns a ``TrainResult``.
 
     Each step (counted from 0): ``batch = get_batch(step, rank, world_size)``, ``loss = loss_fn(model,
-    batch)`` under autocast (the DDP-wrapped model under torchrun), backward, gradient clipping, hooks'
-    ``after_backward``, ``optimizer.step()``, ``scheduler.step()``, hooks' ``after_step``.
+    batch)`` under autocast (the DDP-wrapped model under torchrun with parallel="ddp"), backward, gradient
+    clipping, hooks' ``after_backward``, ``optimizer.step()``, ``scheduler.step()``, hooks' ``after_step``.
 
     A hook may define any of (all optional): ``after_backward(step)``, after the backward pass (under DDP:
-    after the gradients are averaged over ranks) and after clipping, so what it adds to the gradients is
-    not clipped, as in the transformers Trainer's ``on_pre_optimizer_step``; ``after_step(step)``;
+    after the gradients are averaged over ranks; under FSDP2: averaged and sharded) and after clipping, so
+    what it adds to the gradients is not clipped, as in the transformers Trainer's ``on_pre_optimizer_step``;
+    ``after_step(step)``;
     ``metrics() -> dict[str, float]``, extra values for each training log record; ``state_dict()`` /
     ``load_state_dict(state)``, saved in and restored from checkpoints; ``as_train_hook()``, returning the
     object to use in its place (so a bare ``RateConstraint`` is accepted as a hook).  ``step`` is the
@@ -115,7 +124,8 @@ def train(model: nn.Module, optimizer: torch.optim.Optimizer, loss_fn: Callable[
 
     Under torchrun the process group is started (gloo on CPU, NCCL on CUDA: put the model and the
     batches on cuda:LOCAL_RANK, see ``init_distributed``) and ended again if this call started it;
-    only rank 0 writes logs, checkpoints and the progress bar; out_dir must be visible to every rank.
+    only rank 0 writes logs, checkpoints and the progress bar (under FSDP2 each rank writes its part of
+    the checkpoints); out_dir must be visible to every rank.
     Resume is bit-identical on CPU to an uninterrupted run when the computation is deterministic
     (``torch.use_deterministic_algorithms(True)``, a fixed thread count).
     """
@@ -135,13 +145,15 @@ def _train(model, optimizer, loss_fn, get_batch, config, scheduler, evaluate, ho
     if info.is_distributed and device != info.device:
         raise ValueError(f"model: expected on {info.device} (rank {info.rank}, LOCAL_RANK {info.local_rank}), "
                          f"got {device}; move it with model.to(init_distributed()[0].device) first")
+    _check_parallel(model, config.parallel, info)
     checkpoints = Path(config.out_dir) / CHECKPOINTS_DIR if config.out_dir else None
     start = resume_run(config, checkpoints, model, optimizer, scheduler, hooks, info) if checkpoints else 0
     if start == 0:
         seed_everything(config.seed + info.rank)
     model.train()
     wrapped = nn.parallel.DistributedDataParallel(
-        model, device_ids=[info.local_rank] if device.type == "cuda" else None) if info.is_distributed else model
+        model, device_ids=[info.local_rank] if device.type == "cuda" else None) \
+        if info.is_distributed and config.parallel == "ddp" else model
     autocast = (lambda: torch.autocast(device.type, dtype=config.autocast_dtype)) if config.autocast_dtype \
         else nullcontext
     logger = None
@@ -188,6 +200,18 @@ def _train(model, optimizer, loss_fn, get_batch, config, scheduler, evaluate, ho
         if logger:
             logger.close()
     return result
+
+
+def _check_parallel(model: nn.Module, parallel: str, info: DistributedInfo) -> None:
+    """ValueError unless the model is sharded exactly when FSDP2 is asked for under torchrun."""
+    sharded = is_sharded(model)
+    if parallel == "ddp" and sharded:
+        raise ValueError("model: its parameters are DTensors (sharded with fully_shard), but parallel='ddp'; "
+                         "pass TrainConfig(parallel='fsdp')")
+    if parallel == "fsdp" and info.is_distributed and not sharded:
+        raise ValueError(f"model: parallel='fsdp' under torchrun ({info.world_size} processes) needs a sharded "
+                         "model, got plain parameters; call slimrate.train.shard_model(model) before building "
+                         "the optimizer")
 
 
 class _LogWindow:
