@@ -33,10 +33,10 @@ from helpers import assert_states_equal, finish_process, kill_after_checkpoint, 
 
 SCRIPT = Path(__file__).with_name("train_script.py")
 STEPS, EVERY = 40, 10
-# SGD without dropout, so that one process with the whole batch computes what two do with half each; an EMA of
-# the weights as the stateful hook (its state is sharded with the model).
+# SGD without dropout, so that one process with the whole batch computes what two do with half each; BackSlash's
+# RateConstraint (on the sharded parameters) and an EMA of the weights (its state sharded with the model) as hooks.
 RUN_ARGS = ["--steps", str(STEPS), "--checkpoint-every", str(EVERY), "--optimizer", "sgd", "--dropout", "0",
-            "--parallel", "fsdp", "--hook", "ema"]
+            "--parallel", "fsdp", "--hook", "both"]
 SHARD_FILES = {".metadata", "__0_0.distcp", "__1_0.distcp", "tensors.safetensors", "state.json", MANIFEST_FILE}
 
 
@@ -99,7 +99,8 @@ def test_fsdp_two_processes_match_one_process_with_the_same_global_batch(runs):
     for name in one:
         torch.testing.assert_close(rank0[name], one[name], rtol=0, atol=1e-6, msg=lambda m, n=name: f"{n}: {m}")
     fsdp, single = (read_jsonl(runs / name / "metrics.jsonl") for name in ("fsdp", "single"))
-    for key in ("loss", "grad_norm"):  # clip_grad_norm_ on DTensor gradients gives the unsharded norm
+    # clip_grad_norm_ on DTensor gradients gives the unsharded norm; R and ν are reduced over the shards
+    for key in ("loss", "grad_norm", "backslash_rate", "backslash_nu"):
         assert [r[key] for r in fsdp] == pytest.approx([r[key] for r in single], rel=1e-5), key
 
 
@@ -113,10 +114,10 @@ def test_sharded_checkpoint_holds_each_ranks_part_our_state_and_the_manifest(run
     assert set(manifest["sha256"]) == SHARD_FILES - {MANIFEST_FILE}
     rest = read_state_files(folder)
     assert set(rest) == {"step", "world_size", "config", "rng", "scheduler", "hooks"}
-    assert (rest["step"], rest["world_size"], len(rest["rng"]), rest["hooks"]) == (STEPS, 2, 2, 1)
+    assert (rest["step"], rest["world_size"], len(rest["rng"]), rest["hooks"]) == (STEPS, 2, 2, 2)
     state = _sharded_state(folder, tmp_path)
     assert_states_equal(state["model"], _final(runs / "fsdp"))  # DCP keys "model.<fqn>": the whole weights
-    assert state["hooks"][0]["updates"] == STEPS and set(state["optimizer"]) == {"state", "param_groups"}
+    assert state["hooks"][0]["steps"] == STEPS and state["hooks"][1]["updates"] == STEPS and set(state["optimizer"]) == {"state", "param_groups"}
 
 
 def test_fsdp_run_killed_mid_way_and_resumed_ends_bit_identical(runs, tmp_path):

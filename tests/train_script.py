@@ -2,8 +2,8 @@
 tests/test_train_fsdp.py (torchrun/FSDP2; also called in-process there through ``main(argv)``).
 
 A 8-32-1 MLP (two blocks in an nn.ModuleList, so FSDP2 shards each) regressing a fixed random function, with
-a StepLR schedule and a hook: a BackSlash RateConstraint (grad mode), or an EMA of the weights (a hook whose
-state is sharded with the model); batches are a function of (seed, step) only.  Each process writes the
+a StepLR schedule and hooks: a BackSlash RateConstraint (grad mode), an EMA of the weights (a hook whose
+state is sharded with the model), or both; batches are a function of (seed, step) only.  Each process writes the
 model's final whole weights to ``<out>/final-rank<RANK>.safetensors``.
 """
 
@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--dropout", type=float, default=0.1)
     parser.add_argument("--global-batch", type=int, default=32)
     parser.add_argument("--parallel", choices=["ddp", "fsdp"], default="ddp")
-    parser.add_argument("--hook", choices=["rate", "ema"], default="rate")
+    parser.add_argument("--hook", choices=["rate", "ema", "both"], default="rate")
     args = parser.parse_args(argv)
 
     torch.set_num_threads(1)  # a fixed thread count: reductions keep their order from run to run
@@ -75,7 +75,8 @@ def main(argv: list[str] | None = None) -> None:
     optimizer = (torch.optim.Adam(model.parameters(), lr=1e-2) if args.optimizer == "adam"
                  else torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9))
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=50, gamma=0.5)
-    hooks = [RateConstraint(model, lam=1e-3, mode="grad") if args.hook == "rate" else EMA(model, 0.9)]
+    hooks = ([RateConstraint(model, lam=1e-3, mode="grad")] if args.hook in ("rate", "both") else []) + (
+        [EMA(model, 0.9)] if args.hook in ("ema", "both") else [])
     if args.step_delay:
         hooks.append(SlowDown(args.step_delay))
 
