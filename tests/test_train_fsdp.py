@@ -117,7 +117,8 @@ def test_sharded_checkpoint_holds_each_ranks_part_our_state_and_the_manifest(run
     assert (rest["step"], rest["world_size"], len(rest["rng"]), rest["hooks"]) == (STEPS, 2, 2, 2)
     state = _sharded_state(folder, tmp_path)
     assert_states_equal(state["model"], _final(runs / "fsdp"))  # DCP keys "model.<fqn>": the whole weights
-    assert state["hooks"][0]["steps"] == STEPS and state["hooks"][1]["updates"] == STEPS and set(state["optimizer"]) == {"state", "param_groups"}
+    assert state["hooks"][0]["steps"] == STEPS and state["hooks"][1]["updates"] == STEPS
+    assert set(state["optimizer"]) == {"state", "param_groups"}
 
 
 def test_fsdp_run_killed_mid_way_and_resumed_ends_bit_identical(runs, tmp_path):
