@@ -51,6 +51,7 @@ bench: $(BUILD_STAMP) $(EDGE_LIB)
 	$(call bench_suite,ctmc,summarize.py)
 	$(call bench_suite,dmb_train,summarize.py)
 	$(call bench_suite,edge,edge_report.py)
+	$(call bench_suite,fsdp,fsdp_report.py)
 	$(VPY) bench/slim_llm.py --layers 1 -o bench/results/slim_llm_1layer
 
 # The .slim path on a Llama-2-7B-shaped checkpoint (6.74B parameters, 13.5 GB of bf16 generated on demand; needs
