@@ -1,9 +1,11 @@
-"""`slimrate compress`, `inspect`, `decompress`: safetensors checkpoints (files, model folders, sharded folders) to
-and from .slim files, streamed one tensor at a time."""
+"""`slimrate compress`, `inspect`, `decompress`: safetensors checkpoints (files, model folders, sharded folders) and
+torch.distributed.checkpoint folders to .slim files, and .slim files back to safetensors, streamed one tensor at a
+time."""
 
 from __future__ import annotations
 
 import argparse
+import json
 import math
 from functools import partial
 from pathlib import Path
@@ -21,16 +23,23 @@ from slimrate.checkpoints import (
     write_checkpoint,
     write_model_files,
 )
+from slimrate.checkpoints_dcp import METADATA_FILE, is_dcp_checkpoint, iter_dcp_checkpoint
 from slimrate.cli.arguments import MAX_BYTES_HELP, add_command, byte_limit, byte_size, positive_finite_float
 from slimrate.cli.errors import UsageError
 from slimrate.cli.paths import check_input_file, check_output_file, check_output_folder, naming_file
+from slimrate.train import list_checkpoints
+from slimrate.train.checkpoint import MANIFEST_FILE, read_json, verify_manifest
 
+SHARDED_FORMAT = "slimrate-sharded-checkpoint"  # the manifest of the training loop's DCP checkpoints
+SHARDED_VERSION = 1
+SOURCE_KEY = "slimrate.source"  # the .slim metadata key that describes a DCP source
 STORED_BITS = {str(dtype).removeprefix("torch."): 8 * dtype.itemsize for dtype in SAFETENSORS_DTYPES.values()}
 
 
 def add_commands(commands: argparse._SubParsersAction) -> None:
     add_command(commands, "compress", add_compress_arguments, check_compress, run_compress,
-                help="entropy-code a safetensors checkpoint (file, model folder or sharded folder) into a .slim file")
+                help="entropy-code a safetensors checkpoint (file, model folder or sharded folder) or a "
+                     "torch.distributed.checkpoint folder into a .slim file")
     add_command(commands, "inspect", add_inspect_arguments, check_inspect, run_inspect,
                 help="per-tensor table of a .slim file: shape, bits/param, ratio against the stored dtype")
     add_command(commands, "decompress", add_decompress_arguments, check_decompress, run_decompress,
@@ -40,7 +49,9 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
 def add_compress_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("sources", nargs="+", metavar="SRC",
                         help="a .safetensors file, a model folder (model.safetensors, or the shards named by "
-                             "model.safetensors.index.json) or an index file; several are read in order")
+                             "model.safetensors.index.json) or an index file; several are read in order. Or one "
+                             "torch.distributed.checkpoint folder (.metadata and .distcp files: an FSDP training "
+                             "checkpoint's step-N folder): its model's tensors, never the optimizer's")
     parser.add_argument("-o", "--output", required=True, help="the .slim file to write")
     step = parser.add_mutually_exclusive_group(required=True)
     step.add_argument("--step", type=positive_finite_float, help="quantization step Δ for float tensors with ≥ 2 dims")
@@ -51,7 +62,39 @@ def add_compress_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def check_compress(args: argparse.Namespace) -> None:
-    check_output_file("--output", args.output, inputs=checkpoint_files(args.sources))
+    for source in map(Path, args.sources):
+        steps = list_checkpoints(source) if not is_dcp_checkpoint(source) else []
+        if steps and not any(source.glob("*.safetensors")):
+            raise UsageError(f"{source}: a folder of training checkpoints, not one checkpoint; pass one of its step "
+                             f"folders, e.g. the newest: {steps[-1][1]}")
+    if not any(map(is_dcp_checkpoint, args.sources)):
+        check_output_file("--output", args.output, inputs=checkpoint_files(args.sources))
+        return
+    if len(args.sources) > 1:
+        raise UsageError(f"SRC: {next(filter(is_dcp_checkpoint, args.sources))} is a torch.distributed.checkpoint "
+                         "folder; compress it on its own")
+    folder = Path(args.sources[0])
+    args.manifest = verify_sharded_manifest(folder)
+    check_output_file("--output", args.output, inputs=[p for p in folder.iterdir() if p.is_file()])
+
+
+def verify_sharded_manifest(folder: Path) -> dict | None:
+    """The manifest of a training checkpoint's DCP folder, verified (format, version, the SHA-256 of every file
+    of the folder, .metadata among them) before .metadata is read; None for a folder without manifest.json."""
+    if not (folder / MANIFEST_FILE).is_file():
+        return None
+    fix = "the checkpoint cannot be compressed; copy the whole folder again or compress another step"
+    manifest = read_json(folder / MANIFEST_FILE, fix)
+    listed = manifest.get("sha256") if isinstance(manifest, dict) else None
+    files = tuple(listed) if isinstance(listed, dict) and METADATA_FILE in listed else (METADATA_FILE,)
+    return verify_manifest(folder, SHARDED_FORMAT, SHARDED_VERSION, files, fix, whole_folder=True)
+
+
+def dcp_source_metadata(folder: Path, manifest: dict | None) -> dict[str, str]:
+    """The .slim metadata of a DCP source: its folder's name, and the step and world size its manifest gives."""
+    source = {"format": "torch.distributed.checkpoint", "folder": folder.resolve().name}
+    source.update({key: manifest[key] for key in ("step", "world_size") if manifest and key in manifest})
+    return {SOURCE_KEY: json.dumps(source, sort_keys=True)}
 
 
 def source_metadata(sources: list[str]) -> dict[str, str]:
@@ -72,8 +115,13 @@ def run_compress(args: argparse.Namespace) -> int:
     from slimrate.backslash import save_slim, slim_report
 
     with naming_file(", ".join(args.sources)):
-        save_slim(iter_checkpoint(args.sources), args.output, step=args.step, max_error=args.max_error,
-                  coder=args.coder, metadata=source_metadata(args.sources))
+        if is_dcp_checkpoint(args.sources[0]):
+            tensors = iter_dcp_checkpoint(args.sources[0])
+            metadata = dcp_source_metadata(Path(args.sources[0]), args.manifest)
+        else:
+            tensors, metadata = iter_checkpoint(args.sources), source_metadata(args.sources)
+        save_slim(tensors, args.output, step=args.step, max_error=args.max_error, coder=args.coder,
+                  metadata=metadata)
     total = sum(row["bytes"] for row in slim_report(args.output))
     print(f"wrote {args.output}: {Path(args.output).stat().st_size} bytes ({total} in tensor payloads)")
     return 0

@@ -47,12 +47,13 @@ def check_output_folder(flag: str, output: str | os.PathLike) -> None:
 
 @contextmanager
 def naming_file(path: str | os.PathLike) -> Iterator[None]:
-    """Report a bad content of the input file ``path`` (ValueError, SafetensorError) as ``path: reason``; a reason
-    that starts with the path already (SlimFormatError's do) is not prefixed again."""
+    """Report a bad content of the input file or folder ``path`` (ValueError, SafetensorError) as ``path: reason``;
+    a reason that starts with the path already (SlimFormatError's do), or with a file inside the folder, is not
+    prefixed again."""
     try:
         yield
     except (ValueError, SafetensorError) as e:
         message = one_line(e)
-        if not message.startswith((f"{path}: ", f"{Path(path)}: ")):
+        if not message.startswith((f"{path}: ", f"{Path(path)}: ", f"{Path(path)}{os.sep}")):
             message = f"{path}: {message}"
         raise UsageError(message) from e

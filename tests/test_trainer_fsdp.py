@@ -1,0 +1,47 @@
+"""RateConstraintCallback in a transformers Trainer on a model sharded with FSDP2 at load time
+(from_pretrained(distributed_config=DistributedConfig(fsdp_size=2))), 2 CPU processes with gloo, through
+bench/trainer_fsdp.py. (A model sharded with fully_shard before the Trainer is wrapped in DDP by accelerate on the
+CPU, whose fsdp arguments it ignores there, and DDP's first broadcast fails on the DTensor parameters; on GPUs the
+same script runs it through accelerate's FSDP2 plugin with --sharding self.)"""
+
+import json
+import socket
+import sys
+from pathlib import Path
+
+import pytest
+
+from helpers import env_with_this_slimrate, finish_process, start_process
+
+SCRIPT = Path(__file__).parents[1] / "bench" / "trainer_fsdp.py"
+DTENSOR_RATE_OPS_MISSING = "Operator slimrate.rate_stats.default does not have a sharding strategy registered"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_trainer_runs_the_callback_on_a_model_sharded_at_load_time(monkeypatch):
+    pytest.importorskip("transformers.distributed", reason="transformers >= 5 shards models at load time")
+    monkeypatch.setenv("PYTHONPATH", env_with_this_slimrate()["PYTHONPATH"])  # the workers import this slimrate
+    proc = start_process([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                          "--master_addr=127.0.0.1", f"--master_port={_free_port()}", str(SCRIPT),
+                          "--sharding", "load", "--device", "cpu", "--steps", "3"])
+    try:
+        out = finish_process(proc, "torchrun --nproc_per_node=2 bench/trainer_fsdp.py --sharding load")
+    except AssertionError as failure:  # its message holds the workers' output
+        if DTENSOR_RATE_OPS_MISSING in str(failure):
+            pytest.xfail("rate_stats does not take DTensor parameters yet")
+        raise
+    ranks = sorted((json.loads(line.removeprefix("trainer_fsdp:")) for line in out.splitlines()
+                    if line.startswith("trainer_fsdp:")), key=lambda r: r["rank"])
+    assert [r["rank"] for r in ranks] == [0, 1]
+    for r in ranks:
+        assert r["dtensor_params"], r
+        assert len(r["backslash_rate"]) == 3 and None not in r["backslash_rate"] + r["backslash_nu"], r
+    # R and ν are of the whole model, all-reduced: the same on both ranks, whose shards differ
+    assert ranks[0]["backslash_rate"] == ranks[1]["backslash_rate"]
+    assert ranks[0]["backslash_nu"] == ranks[1]["backslash_nu"]
+    assert ranks[0]["loss"] == ranks[1]["loss"]
