@@ -3,9 +3,8 @@
     torchrun --nproc_per_node=2 bench/fsdp_rate_worker.py --out fsdp.json [--width 4096 --layers 6]
 
 The model: --layers blocks of Linear(width, width) + GELU (≥ 100M parameters at the defaults), each block
-sharded with slimrate.train.shard_model (FSDP2 fully_shard per block, then the root), Adam.  Every timed round
-runs three training steps back to back on the same model, in alternating order, so drift of the machine hits
-all three alike:
+sharded with slimrate.train.shard_model (FSDP2 fully_shard per block, then the root), Adam.  Three kinds of
+training step on the same model:
 
 - plain: forward, backward, optimizer step;
 - backslash: the same with RateConstraint(mode="grad", nu="auto") between backward and the optimizer step
@@ -14,9 +13,11 @@ all three alike:
   gradient gathered in full (``full_tensor()``), rate_stats and rate_grad_ over the full tensors on every rank,
   this rank's rows of the result copied back into its gradient shard.
 
-Within the two rate terms, the time spent inside torch.distributed collectives is summed (the gather variant's
-all-gathers run inside DTensor's redistribution, which this count does not see: its collective share is
-reported as unknown).  Rank 0 writes medians (ms) of each quantity to --out as JSON.
+Plain and backslash steps alternate (ABBA order over the rounds), so drift of the machine hits both alike;
+the gather steps run after them, each after an untimed plain step (the memory its full tensors take and free
+would otherwise slow the step that follows it).  Within the two rate terms, the time spent inside
+torch.distributed.all_reduce is summed (the gather variant's all-gathers run inside DTensor's redistribution,
+which this count does not see).  Rank 0 writes medians (ms) of each quantity to --out as JSON.
 """
 
 from __future__ import annotations
@@ -121,11 +122,15 @@ def main() -> None:
                 "gather": lambda: gathered_rate_term(params, info.rank, info.world_size)}
     times: dict[str, list[dict[str, float]]] = {name: [] for name in variants}
     for r in range(args.warmup + args.rounds):
-        order = list(variants) if r % 2 == 0 else list(reversed(variants))
-        for name in order:
+        for name in (("plain", "backslash") if r % 2 == 0 else ("backslash", "plain")):
             result = step(variants[name])
             if r >= args.warmup:
                 times[name].append(result)
+    for r in range(args.warmup + args.rounds):
+        step(None)
+        result = step(variants["gather"])
+        if r >= args.warmup:
+            times["gather"].append(result)
 
     def median_ms(name: str, key: str) -> float:
         return statistics.median(t[key] for t in times[name]) * 1e3

@@ -123,6 +123,30 @@ else
 fi
 publish
 
+# --- FSDP2 over NCCL (two GPUs): the Trainer with accelerate's FSDP2 plugin, the rate term's cost ----------------
+section "FSDP2 (NCCL)"
+ngpu=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU')
+if [ "$ngpu" -lt 2 ]; then
+  echo "- skipped: $ngpu GPU here; FSDP2 over NCCL needs two (make test runs it on 2 CPU processes over gloo)" \
+    >>"$RESULTS"
+elif [ "$(remaining)" -lt 90 ]; then
+  echo "- skipped: the time budget is spent" >>"$RESULTS"
+else
+  torchrun2=("$PY" -m torch.distributed.run --nproc_per_node=2 --master_addr=127.0.0.1)
+  t0=$SECONDS
+  timeout -k 10 "$(limit 120)" "${torchrun2[@]}" --master_port=29517 bench/trainer_fsdp.py --sharding self >"$LOGS/trainer_fsdp.log" 2>&1
+  status_line "Trainer + accelerate FSDP2 + RateConstraintCallback (bench/trainer_fsdp.py --sharding self)" $? \
+    $((SECONDS - t0))
+  { grep '^trainer_fsdp:' "$LOGS/trainer_fsdp.log" || tail -n 30 "$LOGS/trainer_fsdp.log"; } | fenced
+  t0=$SECONDS
+  timeout -k 10 "$(limit 180)" "${torchrun2[@]}" --master_port=29518 bench/fsdp_rate_worker.py --out "$LOGS/fsdp.json" --batch 256 \
+    >"$LOGS/fsdp_rate.log" 2>&1
+  status_line "the rate term under FSDP2, 100.7M parameters (bench/fsdp_rate_worker.py --batch 256)" $? \
+    $((SECONDS - t0))
+  { cat "$LOGS/fsdp.json" 2>/dev/null || tail -n 30 "$LOGS/fsdp_rate.log"; } | fenced
+fi
+publish
+
 # --- benchmarks -------------------------------------------------------------------------------
 section "Benchmarks (pytest bench --benchmark-only -k cuda)"
 if ! $PY -c "import pytest_benchmark" >/dev/null 2>&1; then

@@ -24,8 +24,9 @@ from torch.distributed.checkpoint.metadata import MetadataIndex
 from slimrate import SlimFile
 from slimrate.checkpoints_dcp import METADATA_FILE, dcp_tensors, iter_dcp_checkpoint
 from slimrate.cli import main
-from slimrate.cli.model_files import SHARDED_FORMAT, SOURCE_KEY
+from slimrate.cli.model_files import SOURCE_KEY
 from slimrate.train.checkpoint import write_manifest
+from slimrate.train.sharded_checkpoint import SHARDED_FORMAT
 
 from helpers import finish_process, start_process
 
@@ -104,6 +105,8 @@ def test_a_flat_state_dict_is_read_whole_with_its_keys(tmp_path):
 
 def test_a_verified_manifest_gives_the_step_and_a_damaged_file_is_refused_before_reading(saved, tmp_path, capsys):
     folder = copy_of(saved, tmp_path)
+    for name in ("tensors.safetensors", "state.json"):  # the training loop's other files (compress skips them)
+        (folder / name).write_bytes(b"{}")
     files = tuple(sorted(p.name for p in folder.iterdir()))
     write_manifest(folder, SHARDED_FORMAT, 1, files, step=7, world_size=2)
     assert main(["compress", str(folder), "-o", str(tmp_path / "m.slim"), "--step", "0.01"]) == 0

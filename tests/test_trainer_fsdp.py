@@ -14,7 +14,6 @@ import pytest
 from helpers import env_with_this_slimrate, finish_process, start_process
 
 SCRIPT = Path(__file__).parents[1] / "bench" / "trainer_fsdp.py"
-DTENSOR_RATE_OPS_MISSING = "Operator slimrate.rate_stats.default does not have a sharding strategy registered"
 
 
 def _free_port() -> int:
@@ -29,12 +28,7 @@ def test_trainer_runs_the_callback_on_a_model_sharded_at_load_time(monkeypatch):
     proc = start_process([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
                           "--master_addr=127.0.0.1", f"--master_port={_free_port()}", str(SCRIPT),
                           "--sharding", "load", "--device", "cpu", "--steps", "3"])
-    try:
-        out = finish_process(proc, "torchrun --nproc_per_node=2 bench/trainer_fsdp.py --sharding load")
-    except AssertionError as failure:  # its message holds the workers' output
-        if DTENSOR_RATE_OPS_MISSING in str(failure):
-            pytest.xfail("rate_stats does not take DTensor parameters yet")
-        raise
+    out = finish_process(proc, "torchrun --nproc_per_node=2 bench/trainer_fsdp.py --sharding load")
     ranks = sorted((json.loads(line.removeprefix("trainer_fsdp:")) for line in out.splitlines()
                     if line.startswith("trainer_fsdp:")), key=lambda r: r["rank"])
     assert [r["rank"] for r in ranks] == [0, 1]

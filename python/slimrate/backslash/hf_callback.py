@@ -36,7 +36,11 @@ class RateConstraintCallback(TrainerCallback):
     the mesh (one all_reduce for ν's statistics, one for R per step) and equal on every rank.  accelerate's
     FSDP shards the model inside ``Trainer.train()``, replacing its parameters, so a constraint built before
     would update tensors the model no longer uses: ``on_train_begin`` checks that the constraint's
-    parameters are still the model's and raises ValueError otherwise.
+    parameters are still the model's and raises ValueError otherwise.  Build it on a model sharded before
+    the Trainer sees it: by transformers at load time (``from_pretrained(..., distributed_config=
+    DistributedConfig(fsdp_size=N))``; tested on 2 CPU processes), or by ``fully_shard`` yourself with
+    ``fsdp_config={"fsdp_version": 2}``, which accelerate leaves as it is on GPUs (on the CPU accelerate
+    ignores the FSDP arguments and wraps the model in DDP, which fails on DTensor parameters).
     """
 
     def __init__(self, constraint: RateConstraint) -> None:
@@ -53,8 +57,9 @@ class RateConstraintCallback(TrainerCallback):
         if stale:
             raise ValueError(f"constraint: {stale[0]} and {len(stale) - 1} more of its {len(self.constraint.params)} "
                              "parameters are no longer parameters of the Trainer's model (accelerate's FSDP replaces "
-                             "them when it shards the model); apply fully_shard to the model yourself, then build the "
-                             "RateConstraint and the Trainer")
+                             "them when it shards the model); build the RateConstraint on a model that is sharded "
+                             "already: from_pretrained(..., distributed_config=DistributedConfig(fsdp_size=N)), or "
+                             "(on GPUs) fully_shard applied yourself with fsdp_config={'fsdp_version': 2}")
 
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
         if self.constraint.mode == "grad":

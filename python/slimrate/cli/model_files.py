@@ -23,15 +23,13 @@ from slimrate.checkpoints import (
     write_checkpoint,
     write_model_files,
 )
-from slimrate.checkpoints_dcp import METADATA_FILE, is_dcp_checkpoint, iter_dcp_checkpoint
+from slimrate.checkpoints_dcp import is_dcp_checkpoint, iter_dcp_checkpoint
 from slimrate.cli.arguments import MAX_BYTES_HELP, add_command, byte_limit, byte_size, positive_finite_float
 from slimrate.cli.errors import UsageError
 from slimrate.cli.paths import check_input_file, check_output_file, check_output_folder, naming_file
-from slimrate.train import list_checkpoints
-from slimrate.train.checkpoint import MANIFEST_FILE, read_json, verify_manifest
+from slimrate.train import list_checkpoints, verify_sharded_checkpoint
+from slimrate.train.checkpoint import MANIFEST_FILE
 
-SHARDED_FORMAT = "slimrate-sharded-checkpoint"  # the manifest of the training loop's DCP checkpoints
-SHARDED_VERSION = 1
 SOURCE_KEY = "slimrate.source"  # the .slim metadata key that describes a DCP source
 STORED_BITS = {str(dtype).removeprefix("torch."): 8 * dtype.itemsize for dtype in SAFETENSORS_DTYPES.values()}
 
@@ -74,20 +72,9 @@ def check_compress(args: argparse.Namespace) -> None:
         raise UsageError(f"SRC: {next(filter(is_dcp_checkpoint, args.sources))} is a torch.distributed.checkpoint "
                          "folder; compress it on its own")
     folder = Path(args.sources[0])
-    args.manifest = verify_sharded_manifest(folder)
+    # a training checkpoint's folder: its manifest verified before .metadata is read
+    args.manifest = verify_sharded_checkpoint(folder) if (folder / MANIFEST_FILE).is_file() else None
     check_output_file("--output", args.output, inputs=[p for p in folder.iterdir() if p.is_file()])
-
-
-def verify_sharded_manifest(folder: Path) -> dict | None:
-    """The manifest of a training checkpoint's DCP folder, verified (format, version, the SHA-256 of every file
-    of the folder, .metadata among them) before .metadata is read; None for a folder without manifest.json."""
-    if not (folder / MANIFEST_FILE).is_file():
-        return None
-    fix = "the checkpoint cannot be compressed; copy the whole folder again or compress another step"
-    manifest = read_json(folder / MANIFEST_FILE, fix)
-    listed = manifest.get("sha256") if isinstance(manifest, dict) else None
-    files = tuple(listed) if isinstance(listed, dict) and METADATA_FILE in listed else (METADATA_FILE,)
-    return verify_manifest(folder, SHARDED_FORMAT, SHARDED_VERSION, files, fix, whole_folder=True)
 
 
 def dcp_source_metadata(folder: Path, manifest: dict | None) -> dict[str, str]:
