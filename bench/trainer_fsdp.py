@@ -96,7 +96,7 @@ def main() -> int:
         "LlamaDecoderLayer"]}} if args.sharding == "self" else {}
     with tempfile.TemporaryDirectory() as scratch:
         training = TrainingArguments(output_dir=args.out or scratch, use_cpu=args.device == "cpu", max_steps=args.steps,
-                                     per_device_train_batch_size=4, logging_steps=1, report_to=[],
+                                     per_device_train_batch_size=4, logging_steps=1, report_to=[], disable_tqdm=True,
                                      save_strategy="no", ddp_backend="gloo" if args.device == "cpu" else None, **fsdp)
         trainer = Trainer(model=model, args=training, train_dataset=RandomTokens(8 * world_size, 128),
                           callbacks=callbacks)
@@ -108,7 +108,8 @@ def main() -> int:
               "loss": [e["loss"] for e in logs],
               "backslash_rate": [e.get("backslash_rate") for e in logs],
               "backslash_nu": [e.get("backslash_nu") for e in logs]}
-    print(RESULT_PREFIX, json.dumps(result), flush=True)
+    sys.stdout.flush()  # then the line in one write: the ranks share the pipe, and two lines must not interleave
+    os.write(sys.stdout.fileno(), f"{RESULT_PREFIX} {json.dumps(result)}\n".encode())
     finite = all(math.isfinite(v) for v in result["backslash_rate"] + result["backslash_nu"] if v is not None)
     return 0 if result["dtensor_params"] and finite else 1
 

@@ -5,6 +5,7 @@ CPU, whose fsdp arguments it ignores there, and DDP's first broadcast fails on t
 same script runs it through accelerate's FSDP2 plugin with --sharding self.)"""
 
 import json
+import re
 import socket
 import sys
 from pathlib import Path
@@ -29,8 +30,9 @@ def test_trainer_runs_the_callback_on_a_model_sharded_at_load_time(monkeypatch):
                           "--master_addr=127.0.0.1", f"--master_port={_free_port()}", str(SCRIPT),
                           "--sharding", "load", "--device", "cpu", "--steps", "3"])
     out = finish_process(proc, "torchrun --nproc_per_node=2 bench/trainer_fsdp.py --sharding load")
-    ranks = sorted((json.loads(line.removeprefix("trainer_fsdp:")) for line in out.splitlines()
-                    if line.startswith("trainer_fsdp:")), key=lambda r: r["rank"])
+    # each rank writes its line in one write; another rank's output may still precede it on the same line
+    ranks = sorted((json.loads(found) for found in re.findall(r"trainer_fsdp: (\{.*\})$", out, re.M)),
+                   key=lambda r: r["rank"])
     assert [r["rank"] for r in ranks] == [0, 1]
     for r in ranks:
         assert r["dtensor_params"], r
