@@ -89,7 +89,8 @@ def test_driver_writes_slim_adapter_whose_heldout_loss_matches_peft_file(tmp_pat
         model = load_4bit(out / "tiny-base", adapter, compute_dtype=torch.float32).eval()
         peft_loss = mean_token_loss(model, heldout)
         slim_loss = mean_token_loss(load_adapter(model, adapter / SLIM_ADAPTER_FILE), heldout)
-        # Δ/2 = 2.5e-4 per weight; measured |Δloss| / loss ≤ 2e-4 on these runs
+        # Δ/2 = 2.5e-4 per weight moved the held-out loss by ≤ 3e-4 (relative) after the default 120 steps
+        # (bench/results/qlora_adapter_rate.md, λ = 0); 2e-3 leaves room for other seeds and budgets
         assert slim_loss == pytest.approx(peft_loss, rel=2e-3)
         assert slim_loss != peft_loss  # the .slim values are quantized: a different model, barely
 

@@ -122,8 +122,8 @@ class RateConstraint:
     ``step()`` returns R (float, before the update; one device sync).  Attributes: ``last_rate``,
     ``last_lam`` (the λ applied at the last step), ``nu`` (the ν in use, first estimated at construction
     when "auto"; in "tensor" scope the element-weighted mean of ``nu_per_tensor``),
-    ``nu_per_tensor``, ``num_params`` (N), ``steps``, ``params``, ``param_names``.
-    ``lam`` may be changed between steps.  Cost per step: one fused pass over the
+    ``nu_per_tensor``, ``num_params`` (N), ``steps``, ``params``, ``param_names``; ``current_lam()`` is
+    the λ the next step applies.  ``lam`` may be changed between steps (it scales the schedule).  Cost per step: one fused pass over the
     constrained parameters, plus one moment pass when ν is re-estimated.
     """
 
