@@ -123,8 +123,8 @@ class RateConstraint:
     ``last_lam`` (the λ applied at the last step), ``nu`` (the ν in use, first estimated at construction
     when "auto"; in "tensor" scope the element-weighted mean of ``nu_per_tensor``),
     ``nu_per_tensor``, ``num_params`` (N), ``steps``, ``params``, ``param_names``; ``current_lam()`` is
-    the λ the next step applies.  ``lam`` may be changed between steps (it scales the schedule).  Cost per step: one fused pass over the
-    constrained parameters, plus one moment pass when ν is re-estimated.
+    the λ the next step applies.  ``lam`` may be changed between steps (it scales the schedule).
+    Cost per step: one fused pass over the constrained parameters, plus one moment pass when ν is re-estimated.
     """
 
     def __init__(self, module_or_params: nn.Module | Iterable[torch.Tensor], lam: float, eps: float = 1.0,
