@@ -7,7 +7,7 @@ sharded with slimrate.train.shard_model (FSDP2 fully_shard per block, then the r
 training step on the same model:
 
 - plain: forward, backward, optimizer step;
-- backslash: the same with RateConstraint(mode="grad", nu="auto") between backward and the optimizer step
+- backslash: the same with RateConstraint(mode="loss", nu="auto") between backward and the optimizer step
   (slimrate's DTensor-aware rate ops: kernels on the local shards, the statistics all-reduced);
 - gather: the same rate term computed the way one would without DTensor-aware ops: every parameter and
   gradient gathered in full (``full_tensor()``), rate_stats and rate_grad_ over the full tensors on every rank,
@@ -100,7 +100,7 @@ def main() -> None:
     num_params = sum(p.numel() for p in model.parameters())
     model = shard_model(model)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
-    constraint = RateConstraint(model, lam=LAM, eps=EPS, mode="grad")
+    constraint = RateConstraint(model, lam=LAM, eps=EPS, mode="loss")
     timer = CollectiveTimer()
     x = torch.randn(args.batch, args.width, generator=torch.Generator().manual_seed(info.rank)).to(info.device)
 

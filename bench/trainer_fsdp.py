@@ -76,7 +76,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sharding", choices=["self", "load"], default="self")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--mode", choices=["grad", "decoupled"], default="grad")
+    parser.add_argument("--mode", choices=["loss", "decoupled", "grad"], default="loss")  # grad: older name of loss
     parser.add_argument("--lam", type=float, default=1e-3)
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--hidden", type=int, default=32)

@@ -212,7 +212,7 @@ def test_constraint_include_all_callable_and_frozen_and_tied():
     assert RateConstraint([tied[0].weight, tied[1].weight], 1.0).num_params == 28
 
 
-# ---- RateConstraint: mode "grad" -------------------------------------------------------------------
+# ---- RateConstraint: mode "loss" -------------------------------------------------------------------
 
 @pytest.mark.parametrize("lam", [0.37, 250.0])
 def test_grad_mode_adds_lam_times_rate_gradient_to_grads(lam):
@@ -369,7 +369,7 @@ def test_load_state_dict_rejects_other_parameters_and_missing_keys():
     ({"nu": 0.0}, ValueError, "nu: expected a value > 0"),
     ({"nu": -2.0}, ValueError, "nu: expected a value > 0"),
     ({"nu": "fixed"}, ValueError, "nu: expected 'auto' or a number"),
-    ({"mode": "loss"}, ValueError, "mode: expected one of"),
+    ({"mode": "gradient"}, ValueError, "mode: expected one of"),
     ({"shape_every": 0}, ValueError, "shape_every: expected an int >= 1"),
     ({"shape_every": 1.5}, TypeError, "shape_every: expected an int"),
     ({"shape_scope": "layer"}, ValueError, "shape_scope: expected one of"),
@@ -409,7 +409,7 @@ def train_tiny_mlp(constraint_kwargs=None, steps=40):
         opt.zero_grad()
         loss = (model(x) - y).square().mean()
         loss.backward()
-        if c is not None and c.mode == "grad":
+        if c is not None and c.mode == "loss":
             c.step()
         opt.step()
         if c is not None and c.mode == "decoupled":
@@ -418,7 +418,7 @@ def train_tiny_mlp(constraint_kwargs=None, steps=40):
     return torch.stack(losses), model
 
 
-@pytest.mark.parametrize("mode", ["grad", "decoupled"])
+@pytest.mark.parametrize("mode", ["loss", "grad", "decoupled"])
 def test_lam_zero_training_matches_plain_training_at_every_step(mode):
     plain, plain_model = train_tiny_mlp()
     zero, zero_model = train_tiny_mlp({"lam": 0.0, "mode": mode})
@@ -429,7 +429,7 @@ def test_lam_zero_training_matches_plain_training_at_every_step(mode):
 
 # λ where the rate term is felt but the task still trains (scanned 0.1–300 here; larger λ freezes the
 # loss: with Adam, grad mode's λ·ν/N term dominates once λ ≳ 1 for N = 288).
-@pytest.mark.parametrize("mode,lam", [("grad", 0.1), ("decoupled", 0.2)])
+@pytest.mark.parametrize("mode,lam", [("loss", 0.1), ("decoupled", 0.2)])
 def test_rate_constraint_lowers_the_rate(mode, lam):
     plain, plain_model = train_tiny_mlp()
     constrained, model = train_tiny_mlp({"lam": lam, "mode": mode})
@@ -471,7 +471,7 @@ def train_tiny_bert(tmp_path, constraint_kwargs=None, max_steps=5):
     return model, constraint, trainer.state.log_history
 
 
-@pytest.mark.parametrize("mode,lam", [("grad", 100.0), ("decoupled", 50.0)])
+@pytest.mark.parametrize("mode,lam", [("loss", 100.0), ("decoupled", 50.0)])
 def test_trainer_callback_applies_constraint_each_step(tmp_path, mode, lam):
     plain, _, _ = train_tiny_bert(tmp_path)
     control, control_c, _ = train_tiny_bert(tmp_path, {"lam": 0.0, "mode": mode})
@@ -483,7 +483,8 @@ def test_trainer_callback_applies_constraint_each_step(tmp_path, mode, lam):
     assert "bert.encoder.layer.0.attention.self.query.weight" in changed
     assert "bert.embeddings.word_embeddings.weight" in changed
     step_logs = [entry for entry in logs if "loss" in entry]
-    assert len(step_logs) == 5 and all("backslash_rate" in e and "backslash_nu" in e for e in step_logs)
+    assert len(step_logs) == 5 and all({"backslash_rate", "backslash_nu", "backslash_lam"} <= set(e) for e in step_logs)
+    assert step_logs[-1]["backslash_lam"] == lam
     assert step_logs[-1]["backslash_rate"] == constraint.last_rate
 
 

@@ -38,6 +38,14 @@ def test_demo_is_reproducible_for_a_seed(tmp_path):
     assert rows[0] == rows[1]
 
 
+def test_demo_mode_loss_and_its_older_name_grad_train_alike(tmp_path):
+    paths = {mode: tmp_path / f"{mode}.json" for mode in ("loss", "grad", "decoupled")}
+    for mode, path in paths.items():
+        assert main(["demo", "--steps", "20", "--lam", "10", "--mode", mode, "--json", str(path)]) == 0
+    rows = {mode: json.loads(path.read_text())["rows"] for mode, path in paths.items()}
+    assert rows["loss"] == rows["grad"] and rows["loss"][1] != rows["decoupled"][1]
+
+
 @pytest.mark.parametrize("argv,message", [
     (["demo", "--steps", "0"], "expected an integer > 0"),
     (["demo", "--lam", "-1"], "expected a number >= 0"),

@@ -67,7 +67,7 @@ def run_resumable(out_dir, steps, **config):
 
 # ---- the loop in-process ----
 
-@pytest.mark.parametrize("mode", ["grad", "decoupled"])
+@pytest.mark.parametrize("mode", ["loss", "decoupled"])
 def test_loop_matches_hand_written_loop_with_clipping_and_rate_constraint(mode):
     model, opt, loss_fn, get_batch = make_run(dropout=0.0)
     train(model, opt, loss_fn, get_batch, TrainConfig(steps=15, max_grad_norm=0.5, progress=False),
@@ -80,7 +80,7 @@ def test_loop_matches_hand_written_loop_with_clipping_and_rate_constraint(mode):
         ref_opt.zero_grad(set_to_none=True)
         loss.backward()
         nn.utils.clip_grad_norm_(ref.parameters(), 0.5)
-        if mode == "grad":
+        if mode == "loss":
             constraint.step()  # after clipping: the rate gradient itself is not clipped
         ref_opt.step()
         if mode == "decoupled":
@@ -132,7 +132,9 @@ def test_metrics_go_to_jsonl_and_tensorboard_with_expected_keys(tmp_path):
     train_records = [r for r in records if "loss" in r]
     assert [r["step"] for r in train_records] == [5, 10, 15, 20]
     for r in train_records:
-        assert set(r) == {"step", "loss", "lr", "samples_per_s", "grad_norm", "backslash_rate", "backslash_nu"}
+        assert set(r) == {"step", "loss", "lr", "samples_per_s", "grad_norm", "backslash_rate", "backslash_nu",
+                          "backslash_lam"}
+        assert r["backslash_lam"] == 1e-3
         assert r["lr"] == 1e-2 and r["samples_per_s"] > 0 and r["loss"] > 0
     assert [(r["step"], r["eval/mse"]) for r in records if "eval/mse" in r] == [(10, 0.5), (20, 0.5)]
     assert result.loss == train_records[-1]["loss"]

@@ -6,7 +6,7 @@ Imports transformers; ``slimrate.backslash`` loads this module only when the cal
 from __future__ import annotations
 
 from slimrate.backslash.constraint import RateConstraint
-from slimrate.backslash.train_hook import NU_LOG_KEY, RATE_LOG_KEY
+from slimrate.backslash.train_hook import log_entries
 
 try:
     from transformers import TrainerCallback
@@ -18,14 +18,15 @@ except ImportError as error:
 class RateConstraintCallback(TrainerCallback):
     """Apply ``constraint.step()`` once per optimizer step of a transformers ``Trainer``.
 
-    mode "grad": on ``on_pre_optimizer_step``.  In transformers 5.x the Trainer calls it after the
+    mode "loss": on ``on_pre_optimizer_step``.  In transformers 5.x the Trainer calls it after the
         backward passes of all accumulation micro-batches and after gradient clipping (which always
         runs, with max_norm = inf when ``max_grad_norm`` is 0, so AMP gradients are already unscaled),
         right before ``optimizer.step()``.  So λ·∂R/∂θ is added to the clipped gradient: the LR, its
         schedule and Adam's preconditioning apply to it, the clipping does not.
     mode "decoupled": on ``on_step_end``, after ``optimizer.step()`` (as the authors' re-implementation,
         docs/backslash.md §4): θ ← θ − λ·∂R/∂θ with no LR.
-    On every log, R and ν of the last step are added as "backslash_rate" and "backslash_nu" to the
+    On every log, R, ν and λ of the last step are added as "backslash_rate", "backslash_nu" and
+    "backslash_lam" to the
     logged dict and to ``state.log_history``; reporting integrations (``report_to``) run before user
     callbacks, so to have them record these too, put this callback first:
     ``trainer.callback_handler.callbacks.insert(0, callback)``.
@@ -62,7 +63,7 @@ class RateConstraintCallback(TrainerCallback):
                              "(on GPUs) fully_shard applied yourself with fsdp_config={'fsdp_version': 2}")
 
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
-        if self.constraint.mode == "grad":
+        if self.constraint.mode == "loss":
             self.constraint.step()
 
     def on_step_end(self, args, state, control, **kwargs):
@@ -70,9 +71,9 @@ class RateConstraintCallback(TrainerCallback):
             self.constraint.step()
 
     def on_log(self, args, state, control, logs=None, **kwargs):
-        if logs is None or self.constraint.steps == 0:
+        entries = log_entries(self.constraint)
+        if logs is None or not entries:
             return
-        entries = {RATE_LOG_KEY: self.constraint.last_rate, NU_LOG_KEY: self.constraint.nu}
         logs.update(entries)
         if state.log_history:  # Trainer.log appends a copy of ``logs`` just before on_log
             state.log_history[-1].update(entries)

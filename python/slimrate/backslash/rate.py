@@ -1,6 +1,6 @@
 """Differentiable BackSlash rate proxy R(θ) = (1/N)·Σ_i (|θ_i| + ε)^ν, for use as a loss term.
 
-docs/backslash.md §2 (formula) and §4 (mode "grad": J = D + λ·R, gradient through the optimizer).
+docs/backslash.md §2 (formula) and §4 (mode "loss": J = D + λ·R, gradient through the optimizer).
 """
 
 from __future__ import annotations

@@ -7,18 +7,27 @@ from typing import Any
 
 from slimrate.backslash.constraint import RateConstraint
 
-# Keys of R and ν in log records, here and in RateConstraintCallback's Trainer logs.
+# Keys of R, ν and the applied λ in log records, here and in RateConstraintCallback's Trainer logs.
 RATE_LOG_KEY = "backslash_rate"
 NU_LOG_KEY = "backslash_nu"
+LAM_LOG_KEY = "backslash_lam"
+
+
+def log_entries(constraint: RateConstraint) -> dict[str, float]:
+    """R, ν and λ of the constraint's last step, under their log keys ({} before the first step)."""
+    if constraint.steps == 0:
+        return {}
+    return {RATE_LOG_KEY: constraint.last_rate, NU_LOG_KEY: constraint.nu, LAM_LOG_KEY: constraint.last_lam}
 
 
 class RateConstraintHook:
     """Apply a BackSlash ``RateConstraint`` once per training step of ``slimrate.train.train``.
 
-    mode "grad": ``after_backward`` adds λ·∂R/∂θ to the already clipped gradients, so the LR, its
+    mode "loss": ``after_backward`` adds λ·∂R/∂θ to the already clipped gradients, so the LR, its
     schedule and Adam's preconditioning apply to the rate term and the clipping does not.
     mode "decoupled": ``after_step`` does θ ← θ − λ·∂R/∂θ after the optimizer step, with no LR.
-    Logs R and ν of the last step as "backslash_rate" and "backslash_nu"; its state (ν, step count,
+    Logs R, ν and the λ applied (``last_lam``, after ``lam_schedule``) of the last step as "backslash_rate",
+    "backslash_nu" and "backslash_lam"; its state (ν, step count,
     λ, ...) is saved in checkpoints.  ``train`` wraps a bare ``RateConstraint`` in ``hooks`` in this
     (through ``RateConstraint.as_train_hook``).
     """
@@ -29,7 +38,7 @@ class RateConstraintHook:
         self.constraint = constraint
 
     def after_backward(self, step: int) -> None:
-        if self.constraint.mode == "grad":
+        if self.constraint.mode == "loss":
             self.constraint.step()
 
     def after_step(self, step: int) -> None:
@@ -37,9 +46,7 @@ class RateConstraintHook:
             self.constraint.step()
 
     def metrics(self) -> dict[str, float]:
-        if self.constraint.steps == 0:
-            return {}
-        return {RATE_LOG_KEY: self.constraint.last_rate, NU_LOG_KEY: self.constraint.nu}
+        return log_entries(self.constraint)
 
     def state_dict(self) -> dict[str, Any]:
         return self.constraint.state_dict()

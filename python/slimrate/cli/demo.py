@@ -24,8 +24,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="rate weight λ (default %(default)s)")
     parser.add_argument("--steps", type=positive_int, default=defaults.steps, help="training steps per run")
     parser.add_argument("--seed", type=int, default=defaults.seed)
-    parser.add_argument("--mode", choices=["decoupled", "grad"], default=defaults.mode,
-                        help="decoupled: θ ← θ − λ∂R/∂θ after each optimizer step; grad: λ∂R/∂θ added to the gradient")
+    parser.add_argument("--mode", choices=["decoupled", "loss", "grad"], default=defaults.mode,
+                        help="decoupled: θ ← θ − λ∂R/∂θ after each optimizer step; loss: λR in the loss, so "
+                        "λ∂R/∂θ is added to the gradient (grad: an older name for loss)")
     parser.add_argument("--json", metavar="OUT", help="also write the results as JSON to OUT")
     parser.add_argument("--out", metavar="DIR", help="write each run's metrics (JSONL, TensorBoard) under DIR")
     parser.add_argument("--wandb", action="store_true", help="also log to wandb, offline (needs --out and wandb)")

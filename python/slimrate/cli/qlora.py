@@ -55,6 +55,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="run LoRA layers through slimrate's fused nf4_lora_linear (default on)")
     parser.add_argument("--backend", choices=["native", "triton", "reference"], help="nf4_lora_linear backend")
     parser.add_argument("--merge", action="store_true", help="also write a merged model (dequantized base + LoRA)")
+    parser.add_argument("--rate-lam", type=nonnegative_float, default=defaults.rate_lam, metavar="L",
+                        help="BackSlash λ on the LoRA A/B matrices (default 0: no rate constraint)")
+    parser.add_argument("--rate-mode", choices=["loss", "decoupled"], default=defaults.rate_mode,
+                        help="loss: λR through AdamW; decoupled: θ ← θ − λ∂R/∂θ after each step (default %(default)s)")
+    parser.add_argument("--slim-step", type=positive_finite_float, default=defaults.slim_step, metavar="DELTA",
+                        help="quantization step Δ of each phase's adapter.slim (default %(default)s)")
     parser.add_argument("--seed", type=int, default=defaults.seed)
     parser.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     parser.add_argument("--wandb", action="store_true", help="also log to wandb, offline")
@@ -81,7 +87,8 @@ def run(args: argparse.Namespace) -> int:
         questions=args.questions, steps=args.steps, batch=args.batch, lr=args.lr, phi=args.phi, rank=args.rank,
         alpha=args.alpha, dropout=args.dropout, max_length=args.max_length, max_new_tokens=args.max_new_tokens,
         eval_limit=args.eval_limit, dtype=args.dtype, fused=args.fused, backend=args.backend, merge=args.merge,
-        seed=args.seed, device=args.device, wandb=args.wandb, progress=not args.no_progress))
+        seed=args.seed, device=args.device, wandb=args.wandb, progress=not args.no_progress, rate_lam=args.rate_lam,
+        rate_mode=args.rate_mode, slim_step=args.slim_step))
     print(format_summary(summary))
     print(f"wrote {Path(args.out) / 'summary.json'} and summary.md")
     return 0

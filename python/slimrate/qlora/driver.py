@@ -12,13 +12,17 @@ TensorBoard, optional offline wandb) with AdamW and the UBA schedule, saves its 
 - exact_accuracy: share of held-out questions answered exactly (``normalize_answer``); None without
   a question set;
 - median_samples_per_s: the median over the phase's log records (each the mean over ``log_every``
-  steps), the first record (warm-up) left out when there are three or more.
+  steps), the first record (warm-up) left out when there are three or more;
+- adapter_bytes / slim_adapter_bytes: the sizes of peft's adapter_model.safetensors and of adapter.slim
+  (the same tensors quantized with step ``slim_step`` and entropy-coded, ``slimrate.qlora.adapter``).
+With ``rate_lam`` > 0 a BackSlash RateConstraint on the LoRA A/B matrices runs in each phase (docs/qlora.md §11).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import shutil
 import statistics
@@ -32,6 +36,13 @@ import torch
 from slimrate.checkpoints import local_model_folder
 from slimrate.data.advising import advising_heldout, advising_phase1, advising_phase2, advising_questions
 from slimrate.files import write_text_atomic
+from slimrate.qlora.adapter import (
+    DEFAULT_ADAPTER_STEP,
+    PEFT_ADAPTER_FILE,
+    SLIM_ADAPTER_FILE,
+    lora_rate_constraint,
+    save_adapter_slim,
+)
 from slimrate.qlora.chat import ChatBatches, prompt_of, read_chat_jsonl, reference_of, write_chat_jsonl
 from slimrate.qlora.evaluate import (
     exact_accuracy,
@@ -52,6 +63,7 @@ HELDOUT_SHARE = 0.1  # of each phase file, when no held-out file is given
 TINY_MODULES_TO_SAVE = ("lm_head",)  # see FinetuneConfig.modules_to_save
 REAL_LR, TINY_LR = 2e-4, 1e-2  # QLoRA's usual LoRA lr; the random tiny model needs far more to move at all
 SUMMARY_VERSION = 1
+RATE_MODES = ("loss", "decoupled")
 
 
 @dataclass
@@ -68,7 +80,10 @@ class FinetuneConfig:
     modules_to_save: modules trained in full beside the LoRA adapters (peft's option); None: ("lm_head",)
     for the tiny model, () otherwise.  The tiny model's random frozen head makes LoRA alone nearly
     useless: measured on phase 1, lr 1e-2, 120 steps, the training loss went 4.63 → 4.15 nats/char
-    with LoRA only and 4.63 → 0.61 with the head trained too."""
+    with LoRA only and 4.63 → 0.61 with the head trained too.
+    rate_lam: λ of a BackSlash RateConstraint on the LoRA A/B matrices in each phase (0: none);
+    rate_mode: its mode, "loss" (λR through AdamW) or "decoupled".  slim_step: the quantization step Δ of
+    each phase's adapter.slim."""
 
     out_dir: str
     model: str | None = None
@@ -100,6 +115,9 @@ class FinetuneConfig:
     log_every: int | None = None
     wandb: bool = False
     progress: bool = True
+    rate_lam: float = 0.0
+    rate_mode: str = "loss"
+    slim_step: float = DEFAULT_ADAPTER_STEP
 
     def __post_init__(self) -> None:
         if self.phase2 is not None and self.phase1 is None:
@@ -114,6 +132,14 @@ class FinetuneConfig:
                 raise ValueError(f"{name}: expected an int >= 1, got {value!r}")
         if not 0 <= self.dropout < 1:
             raise ValueError(f"dropout: expected a number in [0, 1), got {self.dropout!r}")
+        for name in ("rate_lam", "slim_step"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+                    or value < 0 or (name == "slim_step" and value == 0):
+                raise ValueError(f"{name}: expected a finite number {'> 0' if name == 'slim_step' else '>= 0'}, "
+                                 f"got {value!r}")
+        if self.rate_mode not in RATE_MODES:
+            raise ValueError(f"rate_mode: expected one of {RATE_MODES}, got {self.rate_mode!r}")
         if self.dtype is not None and self.dtype not in DTYPES:
             raise ValueError(f"dtype: expected one of {sorted(DTYPES)} or None, got {self.dtype!r}")
 
@@ -222,21 +248,28 @@ def _run_phase(config: FinetuneConfig, index: int, name: str, records: list[dict
     log_every = config.log_every or max(1, config.steps // 20)
     train_config = TrainConfig(steps=config.steps, out_dir=str(phase_dir), log_every=log_every,
                                seed=config.seed + index, wandb=config.wandb, progress=config.progress, desc=name)
+    hooks = [lora_rate_constraint(model, config.rate_lam, config.rate_mode)] if config.rate_lam > 0 else []
     start = time.perf_counter()
-    result = train(model, optimizer, loss_fn, get_batch, train_config, scheduler=scheduler, evaluate=evaluator)
+    result = train(model, optimizer, loss_fn, get_batch, train_config, scheduler=scheduler, evaluate=evaluator,
+                   hooks=hooks)
     seconds = time.perf_counter() - start
     model.eval()
     after = mean_token_loss(model, probe, config.batch)
     model.train()
     rates = [r["samples_per_s"] for r in read_jsonl(phase_dir / "metrics.jsonl") if "samples_per_s" in r]
-    adapter = _save_dir(phase_dir / "adapter", model.save_pretrained)
+    def save_adapter(folder: Path) -> None:
+        model.save_pretrained(folder)
+        save_adapter_slim(model, folder / SLIM_ADAPTER_FILE, config.slim_step)
+
+    adapter = _save_dir(phase_dir / "adapter", save_adapter)
     return {"phase": name, "train_chats": len(batches), "steps": config.steps, "batch": config.batch, "lr": lr,
             "train_loss_before": before, "train_loss_after": after,
             "train_loss_reduction_pct": 100.0 * (before - after) / before,
             "heldout_loss": result.eval["heldout_loss"], "markdown_share": result.eval.get("markdown_share"),
             "exact_accuracy": result.eval.get("exact_accuracy"),
             "median_samples_per_s": statistics.median(rates[1:] if len(rates) >= 3 else rates),
-            "seconds": seconds, "adapter": str(adapter), "examples": evaluator.examples}
+            "seconds": seconds, "adapter": str(adapter), "adapter_bytes": (adapter / PEFT_ADAPTER_FILE).stat().st_size,
+            "slim_adapter_bytes": (adapter / SLIM_ADAPTER_FILE).stat().st_size, "examples": evaluator.examples}
 
 
 def finetune(config: FinetuneConfig) -> dict[str, Any]:
@@ -303,6 +336,12 @@ def format_summary(summary: dict[str, Any]) -> str:
         lines.append(f"| {p['phase']} | {p['train_chats']} | {p['steps']} | {p['train_loss_before']:.3f} → "
                      f"{p['train_loss_after']:.3f} | {p['train_loss_reduction_pct']:.1f}% | {p['heldout_loss']:.3f} "
                      f"| {_pct(p['markdown_share'])} | {_pct(p['exact_accuracy'])} | {p['median_samples_per_s']:.1f} |")
+    config = summary["config"]
+    rate = f"BackSlash λ = {config['rate_lam']:g} ({config['rate_mode']} mode) on LoRA A/B" if config["rate_lam"] \
+        else "no rate constraint"
+    sizes = ", ".join(f"{p['phase']} {p['adapter_bytes']:,} / {p['slim_adapter_bytes']:,}" for p in summary["phases"])
+    lines += ["", f"Adapter bytes, adapter_model.safetensors / adapter.slim (Δ = {config['slim_step']:g}, {rate}): "
+              f"{sizes}."]
     lines += ["", f"{summary['heldout_chats']} held-out chats, {summary['questions']} held-out questions. Losses are "
               "nats per assistant token; markdown ok and exact answers are defined in slimrate.qlora.evaluate.", ""]
     for p in summary["phases"]:
