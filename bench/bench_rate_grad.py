@@ -7,6 +7,10 @@ rate_grad_ rows per size and device (group "rate_grad_-<size>-fp32-<device>"):
 - compile: the same loss under torch.compile(dynamic=False), compiled and warmed up before timing;
 - add:     torch.add(g, p, out=g) per tensor: the same three streams (read θ, read g, write g),
            i.e. the memory-bandwidth bound for this access pattern.
+At the memory roofline (group "rate_grad_-16M-fp32-cpu-1thread", `-k roofline`): one thread, 16M fp32
+weights, the native rows with the ISA the CPU picks, then forced by SLIMRATE_CPU_ISA to AVX2 and to
+AVX-512 (skipped, with the reason, where the CPU lacks it), beside add; bench/summarize.py shows each
+row's time as a multiple of add's.
 rate_stats rows (group "rate_stats-<size>-fp32-<device>"): native vs the eager per-tensor sums,
 beside a plain per-tensor t.sum() over the same bytes.  On CUDA every timed call ends with a
 device synchronize, so rows time the work, not the launch.
@@ -17,6 +21,7 @@ slimrate.ops.reference on a zero-grad copy, so every row times the same work.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 
 import pytest
@@ -175,3 +180,44 @@ def test_rate_stats(benchmark, backend: str, model: Model):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=0.0)
     set_info(benchmark, "rate_stats", backend, model, model.params[0].element_size() * model.numel)
     benchmark.pedantic(call, args=(model.data,), rounds=ROUNDS[model.size], warmup_rounds=1)
+
+
+# SLIMRATE_CPU_ISA per roofline row (docs/kernels.md §8); None: the best ISA the CPU runs.
+ROOFLINE_ISAS = {"native": None, "native-avx2": "avx2", "native-avx512": "avx512"}
+ROOFLINE_SIZE, ROOFLINE_ROUNDS = "16M", 20
+
+
+@pytest.fixture(scope="module")
+def roofline_model() -> Model:
+    return Model(ROOFLINE_SIZE, "cpu")
+
+
+@pytest.fixture
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("backend", ["add", *ROOFLINE_ISAS])
+def test_rate_grad_roofline(benchmark, backend: str, roofline_model: Model, one_thread, monkeypatch):
+    m = roofline_model
+    if backend == "add":
+        step = add_step(m)
+    else:
+        isa = ROOFLINE_ISAS[backend]
+        if isa is not None:
+            monkeypatch.setenv("SLIMRATE_CPU_ISA", isa)
+        try:
+            assert_same_gradient_as_reference(native_step, "cpu")
+        except RuntimeError as err:
+            if "names no instruction set this CPU runs" not in str(err):
+                raise
+            pytest.skip(f"this CPU cannot run {isa}: {err}")
+        step = native_step(m)
+    step()
+    set_info(benchmark, "rate_grad_", backend, m, 3 * m.params[0].element_size() * m.numel)
+    benchmark.group = f"rate_grad_-{m.size}-{DTYPE_NAME}-cpu-1thread"
+    benchmark.extra_info.update(threads=1, cpu_isa=os.environ.get("SLIMRATE_CPU_ISA", "best"))
+    benchmark.pedantic(step, rounds=ROOFLINE_ROUNDS, warmup_rounds=1)

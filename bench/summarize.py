@@ -3,7 +3,8 @@
     python bench/summarize.py bench/results/rate_grad.json bench/results/rate_grad.md
 
 Per row: backend, median, IQR and min of the per-round time, speed-up over the group's `eager` and
-`compile` rows (their median / this median; > 1 is faster), and GB/s = extra_info["bytes"] / median.
+`compile` rows (their median / this median; > 1 is faster), the time as a multiple of the group's `add`
+row (this median / add's: 1.00× is the memory roofline), and GB/s = extra_info["bytes"] / median.
 The header states the machine, torch/triton versions and date recorded in the JSON by
 bench/conftest.py.
 """
@@ -55,13 +56,16 @@ def group_table(name: str, rows: list[dict]) -> list[str]:
     if "params" in first:
         lines += [f"{first['params']:,} elements in {first.get('tensors', '?')} tensors, "
                   f"{first.get('dtype', '?')}, {first.get('device', '?')}", ""]
-    columns = ["backend", "median", "IQR", "min", *(f"vs {b}" for b in BASELINES if b in medians), "GB/s", "rounds"]
+    columns = ["backend", "median", "IQR", "min", *(f"vs {b}" for b in BASELINES if b in medians),
+               *(["time / add"] if "add" in medians else []), "GB/s", "rounds"]
     lines += ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for r in rows:
         info, stats = r["extra_info"], r["stats"]
         median = stats["median"]
         cells = [info.get("backend", r["name"]), fmt_time(median), fmt_time(stats["iqr"]), fmt_time(stats["min"])]
         cells += [fmt_ratio(medians[b], median) for b in BASELINES if b in medians]
+        if "add" in medians:  # the memory-bound pass over the same bytes: 1.00× is the roofline
+            cells.append(fmt_ratio(median, medians["add"]))
         cells.append(f"{info['bytes'] / median / 1e9:.1f}" if "bytes" in info else "—")
         cells.append(str(stats["rounds"]))
         lines.append("| " + " | ".join(cells) + " |")

@@ -110,6 +110,54 @@ def test_rate_grad_in_place_on_params_applies_decoupled_shrink(backend):
         assert rel_err(p, e) <= 4 * torch.finfo(torch.float32).eps
 
 
+@pytest.mark.parametrize("nu", [0.3, 1.6])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_rate_grad_handles_denormal_weights_with_eps_zero(backend, nu):
+    """With ε = 0, |θ| + ε can be a float32 denormal (the C++ power scales those before its log2)."""
+    skip_unless_backend(backend, "cpu")
+    tiny = torch.finfo(torch.float32).tiny
+    p = (torch.rand(300, dtype=torch.float64) * tiny * torch.randn(300).sign()).float()
+    p[::50] = 0.0
+    g = torch.zeros_like(p)
+    g64, g_same = g.double(), g.clone()
+    reference.rate_grad_([p.double()], [g64], 1.0, nu, 0.0)
+    reference.rate_grad_([p], [g_same], 1.0, nu, 0.0)
+    ops.rate_grad_([p], [g], 1.0, nu, 0.0, backend=backend)
+    # A float32 power 2^y or e^y rounds its exponent y = (ν−1)·ln|θ|: |y| ulps (64 here) come with the input.
+    ill_conditioning = ((nu - 1) * p[p != 0].double().abs().log()).abs().max().item()
+    assert_close_flash(g, g_same, g64, torch.float32, ulps=int(4 + ill_conditioning), what="grads[0]")
+
+
+# SLIMRATE_CPU_ISA values of the native CPU kernel (docs/kernels.md §8); a CPU without one refuses it.
+CPU_ISAS = ["generic", "avx2", "avx512"]
+ISA_REFUSED = "SLIMRATE_CPU_ISA names no instruction set this CPU runs"
+
+
+@pytest.mark.parametrize("isa", CPU_ISAS)
+def test_rate_grad_native_forced_cpu_isa_matches_reference(isa, monkeypatch):
+    """Each ISA's code (SLIMRATE_CPU_ISA is read at every call) on every dtype, and on float32 over ν and ε,
+    the exact paths of ν = ½, 1, 2 included."""
+    skip_unless_backend("native", "cpu")
+    monkeypatch.setenv("SLIMRATE_CPU_ISA", isa)
+    try:
+        ops.rate_grad_([torch.ones(1)], [torch.zeros(1)], 1.0, 0.7, 1.0, backend="native")
+    except RuntimeError as err:
+        if isa == "generic" or ISA_REFUSED not in str(err):
+            raise
+        pytest.skip(f"this CPU cannot run {isa}")
+    for dtype in DTYPES:
+        check_rate_grad("native", SHAPE_LISTS["chunks"], dtype, "cpu", nu=0.7, eps=1e-2)
+    for nu, eps in [(0.5, 1.0), (1.0, 1e-3), (2.0, 0.0), (0.3, 0.0), (2.6, 1.0)]:
+        check_rate_grad("native", SHAPE_LISTS["odd"], torch.float32, "cpu", nu=nu, eps=eps)
+
+
+def test_rate_grad_native_rejects_an_unknown_cpu_isa(monkeypatch):
+    skip_unless_backend("native", "cpu")
+    monkeypatch.setenv("SLIMRATE_CPU_ISA", "avx9")
+    with pytest.raises(RuntimeError, match=ISA_REFUSED):
+        ops.rate_grad_([torch.randn(3)], [torch.randn(3)], 1.0, 0.5, 1.0, backend="native")
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("shapes", SHAPE_LISTS.values(), ids=SHAPE_LISTS.keys())
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS.get)

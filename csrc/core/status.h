@@ -11,6 +11,7 @@ enum class Status : int {
   callback_failed,  // a function the caller passed in (e.g. a GEMM) reported a failure
   bad_value,        // an input value cannot be coded (the function's error text names it)
   corrupt_stream,   // a coded input is truncated, padded or corrupt (the function's error text says where)
+  bad_cpu_isa,      // SLIMRATE_CPU_ISA names no instruction set this CPU runs (core/arch.h)
 };
 
 inline const char* describe(Status status) {
@@ -21,6 +22,9 @@ inline const char* describe(Status status) {
     case Status::callback_failed: return "a function passed to the kernel failed";
     case Status::bad_value: return "an input value cannot be coded";
     case Status::corrupt_stream: return "a coded input is truncated or corrupt";
+    case Status::bad_cpu_isa:
+      return "SLIMRATE_CPU_ISA names no instruction set this CPU runs: set generic, avx2 or avx512 (one the CPU "
+             "has), or unset it to pick the best";
   }
   return "unknown status";
 }

@@ -41,7 +41,11 @@ struct PolyMathF32 : ExpFromReduction<PolyMathF32, float, int32_t> {
   // x > 0.  x = m·2^e with m in [√½, √2), log x = e·ln2 + log(1 + f), f = m − 1; ln2 split into
   // an exact head and a tail.  Denormal x is scaled by 2^23 first.
   SLIMRATE_HD static float log(float x) {
+#ifdef NO_TINY
+    bool tiny = false;
+#else
     bool tiny = x < 1.17549435e-38f;
+#endif
     uint32_t u = f32_to_bits(tiny ? x * 8388608.0f : x);
     float e = static_cast<float>(static_cast<int32_t>((u >> 23) & 0xFF)) - (tiny ? 150.0f : 127.0f);
     float m = bits_to_f32((u & 0x007FFFFFu) | 0x3F800000u);  // [1, 2)
@@ -72,6 +76,54 @@ struct PolyMathF32 : ExpFromReduction<PolyMathF32, float, int32_t> {
   SLIMRATE_HD static float pow2(int32_t k) { return bits_to_f32(static_cast<uint32_t>(k + 127) << 23); }
   // Below kExpMin e^y is a float32 denormal or 0; below kExpm1Min e^y is under half an ulp of 1.
   static constexpr float kExpMin = -103.0f, kExpMax = 88.7f, kExpm1Min = -30.0f, kExpm1Max = 88.0f;
+};
+
+// log2 and exp2 in float32 for the CPU's rate loops, where a power x^y = 2^(y·log2 x) is all they need: shorter
+// than PolyMathF32's log and exp (no select on the mantissa, no Cody–Waite reduction, no denormal results), free of
+// calls and branches.  Polynomials fitted for this (minimax by Lawson's iteration in float64).  Over a dense sweep
+// of x and y the power's relative error is that of PolyMathF32's exp(y·log x) (docs/kernels.md §8).
+struct Pow2MathF32 {
+  // log2 x for x > 0, and x = 0 (gives −150) where kDenormals: x = m·2^e with m in [√½, √2) (the bits of x minus
+  // those of √½ split e and m), log2 x = e + f·Q(f), f = m − 1 exact, Q of degree 8 (absolute error 7e-9 in
+  // exact arithmetic, 5e-8 in float32).  kDenormals scales x below 2^-126 by 2^23 first; without it such x give
+  // wrong results, so callers pass it unless x ≥ 2^-126 is known.
+  template <bool kDenormals>
+  SLIMRATE_HD static float log2(float x) {
+    constexpr uint32_t kSqrtHalf = 0x3F3504F3u;  // √½ in float32
+    uint32_t u;
+    float e;
+    if constexpr (kDenormals) {
+      bool tiny = x < 1.17549435e-38f;
+      u = f32_to_bits(tiny ? x * 8388608.0f : x) - kSqrtHalf;
+      e = static_cast<float>(static_cast<int32_t>(u) >> 23) - (tiny ? 23.0f : 0.0f);
+    } else {
+      u = f32_to_bits(x) - kSqrtHalf;
+      e = static_cast<float>(static_cast<int32_t>(u) >> 23);
+    }
+    float f = bits_to_f32((u & 0x007FFFFFu) + kSqrtHalf) - 1.0f;
+    // Q by Estrin's scheme: a 16-cycle chain of FMAs instead of Horner's 36, so more elements are in flight.
+    float f2 = f * f, f4 = f2 * f2;
+    float q01 = 1.44269490f - 7.21347153e-1f * f, q23 = 4.80922520e-1f - 3.60721201e-1f * f;
+    float q45 = 2.87656665e-1f - 2.38519430e-1f * f, q67 = 2.17379421e-1f - 2.10303426e-1f * f;
+    float q03 = q01 + q23 * f2, q48 = (q45 + q67 * f2) + 1.25412419e-1f * f4;
+    float q = q03 + q48 * f4;
+    return e + f * q;
+  }
+  // The range of y that exp2 takes; clamped there, its results are normal floats from 0.7·2^-126 to 1.4·2^127.
+  static constexpr float kExp2Min = -126.0f, kExp2Max = 127.0f;
+  // 2^y for y in [kExp2Min, kExp2Max] (callers clamp): n = round(y), 2^(y − n) = 1 + f·Q(f) on |f| ≤ ½, Q of
+  // degree 5 (Cephes exp2f's; relative error 2e-9).
+  SLIMRATE_HD static float exp2(float y) {
+    constexpr float kRound = 12582912.0f;  // 1.5·2^23: adding it rounds to an integer n, held in the low bits
+    float shifted = y + kRound;
+    float f = y - (shifted - kRound);
+    float f2 = f * f;  // Estrin's scheme again
+    float p01 = 6.9314720e-1f + 2.4022648e-1f * f, p23 = 5.5503325e-2f + 9.6184374e-3f * f;
+    float p45 = 1.3398874e-3f + 1.5353362e-4f * f;
+    float q = 1.0f + f * (p01 + (p23 + p45 * f2) * f2);
+    // 2^n: n + 127 in the exponent field, from n's low 9 bits (two's complement) in shifted's mantissa.
+    return q * bits_to_f32((f32_to_bits(shifted) << 23) + 0x3F800000u);
+  }
 };
 
 // Full-precision libm, for float64 weights.
