@@ -22,6 +22,13 @@ from slimrate.files import write_bytes_atomic, write_text_atomic
 C = TypeVar("C")  # a study's config dataclass; every one has ``seed: int``, the base seed of its runs
 
 
+def seed_range(seed: int, seed_count: int) -> tuple[int, ...]:
+    """The seeds of a study that repeats each run: ``seed``, ``seed + 1``, … (``seed_count`` of them)."""
+    if isinstance(seed_count, bool) or not isinstance(seed_count, int) or seed_count < 1:
+        raise ValueError(f"seed_count: expected an int >= 1, got {seed_count!r}")
+    return tuple(range(seed, seed + seed_count))
+
+
 @dataclass
 class StudyResults:
     """What ``Study.run`` returns: one JSON-ready dict per training run, study-wide facts (JSON-ready,
