@@ -168,7 +168,7 @@ def results_table(cfg, results: StudyResults) -> str:
                   f"Pruning ({metric} after global magnitude pruning of the weight matrices):", "",
                   *pruning_table(cfg, task, groups), "", *target_lines(task, groups), ""]
     lines.append("Sizes in bits per weight of the quantized weight matrices: fixed-length is ⌈log2 K⌉ bits per "
-                 "weight for a tensor's K distinct symbols plus its table (docs/backslash.md §10); eg and rANS "
+                 "weight for a tensor's K distinct symbols plus its table (docs/backslash.md §7); eg and rANS "
                  "are .slim payloads, tables included; nncodec: whole bitstreams, one per tensor. vs fp32: "
                  "1 − eg/32.")
     return "\n".join(lines)
