@@ -50,8 +50,8 @@ def default_peers_python() -> str:
 
 @dataclass
 class BackslashStudyConfig:
-    """The default takes about 25 minutes on 2 shared CPU cores with one torch thread (the char LM runs
-    dominate: 5 λ × 3 seeds).  Each (task, λ) runs with seeds ``seed``, ``seed + 1``, … (``seed_count``)."""
+    """The default took 35 minutes on 2 CPU cores shared with other work, one torch thread (the char LM
+    runs dominate: 5 λ × 3 seeds).  Each (task, λ) runs with seeds ``seed``, ``seed + 1``, … (``seed_count``)."""
 
     # The LM loses quality at the digits' λ (val_bpc 2.13 → 2.30 at λ = 10), so its grid starts
     # 50× lower; measured (seed 0): λ = 0.2 costs 0.003 bits/char, 1 costs 0.03, 5 costs 0.07.

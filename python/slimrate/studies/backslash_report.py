@@ -54,6 +54,11 @@ def column(group: list[dict], key: str, fmt: str = ".3f") -> str:
     return spread([r[key] for r in group], fmt) if key in group[0] else "—"
 
 
+def percent(changes: list[float]) -> str:
+    """Relative size changes (−0.5 = half the size) as "mean% (min–max)", signed."""
+    return f"{spread(changes, '+.1f', 100)}%"
+
+
 def paired(group: list[dict], plain: list[dict], fn: Callable[[dict, dict], float]) -> list[float]:
     """``fn(run, plain run of the same seed)`` for each run of ``group``."""
     plain_by_seed = {p["seed"]: p for p in plain}
@@ -80,22 +85,21 @@ def comparison_lines(task: str, groups: dict[float, list[dict]]) -> list[str]:
             continue
         losses = mean_loss_after_slim(task, group, plain)
         ok = statistics.fmean(losses) <= QUALITY_BUDGET
-        reductions = {name: paired(group, plain, fn) for name, fn in (
-            ("fixed", lambda r, p: 1 - r["eg_bits"] / p["fixed_bits"]),
-            ("eg", lambda r, p: 1 - r["eg_bits"] / p["eg_bits"]),
-            ("rans", lambda r, p: 1 - r["rans_bits"] / p["rans_bits"]),
-            ("fp32", lambda r, p: 1 - r["eg_bits"] / FP32_BITS))}
+        changes = {name: paired(group, plain, fn) for name, fn in (
+            ("fixed", lambda r, p: r["eg_bits"] / p["fixed_bits"] - 1),
+            ("eg", lambda r, p: r["eg_bits"] / p["eg_bits"] - 1),
+            ("rans", lambda r, p: r["rans_bits"] / p["rans_bits"] - 1),
+            ("fp32", lambda r, p: r["eg_bits"] / FP32_BITS - 1))}
         if ok:
-            within.append((statistics.fmean(reductions["eg"]), lam, reductions))
+            within.append((-statistics.fmean(changes["eg"]), lam, changes))
         lines.append(f"| {lam:g} | {spread(losses, '+.2f', 100)} | {column(group, 'eg_bits')} | "
-                     + " | ".join(f"−{spread(v, '.1f', 100)}%" for v in reductions.values())
-                     + f" | {'yes' if ok else 'no'} |")
+                     + " | ".join(percent(v) for v in changes.values()) + f" | {'yes' if ok else 'no'} |")
     head = (f"**Headline** (BackSlash + eg against plain training at the same Δ, the largest saving within the "
             f"quality budget, ≤ {100 * QUALITY_BUDGET:g}{units} mean loss):")
     if within:
-        _, lam, red = max(within)
-        lines += ["", f"{head} λ = {lam:g}: −{spread(red['fixed'], '.1f', 100)}% vs plain + fixed-length, "
-                      f"−{spread(red['eg'], '.1f', 100)}% vs plain + eg (−{spread(red['fp32'], '.1f', 100)}% vs fp32)."]
+        _, lam, change = max(within)
+        lines += ["", f"{head} λ = {lam:g}: {percent(change['fixed'])} vs plain + fixed-length, "
+                      f"{percent(change['eg'])} vs plain + eg ({percent(change['fp32'])} vs fp32)."]
     else:
         lines += ["", f"{head} no λ > 0 stays within the budget."]
     return lines
@@ -162,7 +166,8 @@ def results_table(cfg, results: StudyResults) -> str:
         lines += [f"### {task}: Δ = {cfg.quant_step[task]:g}, {cfg.steps[task]} steps "
                   f"({metric}: {'lower' if lower else 'higher'} is better)", "",
                   "The paper's comparison, BackSlash (+ eg) against plain training (λ = 0) of the same seed coded "
-                  "the usual ways at the same Δ (− = smaller):", "",
+                  "the usual ways at the same Δ: the change of size, paired by seed (−75% = a quarter of the size):",
+                  "",
                   *comparison_lines(task, groups), "",
                   "Sizes in bits per weight and quality:", "", *size_table(task, groups), "",
                   f"Pruning ({metric} after global magnitude pruning of the weight matrices):", "",
