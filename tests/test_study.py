@@ -9,6 +9,7 @@ import pytest
 
 from slimrate.cli import main
 from slimrate.studies import STUDIES, run_study
+from slimrate.studies.backslash_finetune import ARMS, LamScheduleHook, lam_factor
 from slimrate.studies.schedules import SchedulesStudyConfig, quick_config, run_one, schedule_variants
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -29,12 +30,13 @@ def check_schedules(cfg, payload, table):
 
 def check_backslash(cfg, payload, table):
     rows = payload["rows"]
-    assert {(r["task"], r["lam"]) for r in rows} == {(t, lam) for t in ("digits", "charlm") for lam in (0.0, 50.0)}
+    assert {(r["task"], r["lam"], r["seed"]) for r in rows} == {
+        (t, lam, 1) for t in ("digits", "charlm") for lam in (0.0, 50.0)}
     for r in rows:
         # rANS codes within a few % of the empirical entropy; no symbol-wise code beats it by more than
-        # its table's share, and exp-Golomb (a fixed code) cannot beat it at all.
+        # its table's share, and exp-Golomb and the fixed-length code (prefix codes) cannot beat it at all.
         assert r["rans_bits"] <= 1.1 * r["entropy_bits"] + 0.05
-        assert r["eg_bits"] >= r["entropy_bits"]
+        assert r["eg_bits"] >= r["entropy_bits"] and r["fixed_bits"] >= r["entropy_bits"]
         assert set(r["pruning"]) == {"0.0", "0.8"}
     for task, metric in (("digits", "test_acc"), ("charlm", "val_bpc")):
         plain, constrained = (r for r in rows if r["task"] == task)
@@ -45,6 +47,21 @@ def check_backslash(cfg, payload, table):
     assert "| λ |" in table and "| — | — | — |" in table
     assert "nncodec (DeepCABAC) was not run" in table and "make peers" in table
     assert table.count("Size target") == 2 and table.count("Pruning target") == 2
+    assert table.count("**Headline**") == 2 and "vs plain + fixed-length" in table and "seeds 1:" in table
+
+
+def check_backslash_finetune(cfg, payload, table):
+    rows = payload["rows"]
+    runs = {("plain", 0.0), ("plain finetune", 0.0), ("scratch", 50.0)} | {(arm, 50.0) for arm in ARMS}
+    assert {(r["arm"], r["lam"], r["quant_step"], r["seed"]) for r in rows} == {
+        (arm, lam, step, 1) for arm, lam in runs for step in cfg.quant_steps}
+    by_run = {(r["arm"], r["quant_step"]): r for r in rows}
+    for step in cfg.quant_steps:  # the rate term shrinks the fine-tuned file; its last plain phase lets it regrow
+        assert by_run[("constant", step)]["rans_bits"] < by_run[("recipe", step)]["rans_bits"] \
+            < by_run[("plain finetune", step)]["rans_bits"]
+    assert payload["nncodec"] == {}
+    assert "| uba_shape | 50 | 0.005 |" in table and table.count("Size target") == 3
+    assert "nncodec was not run" in table
 
 
 def check_dmb(cfg, payload, table):
@@ -63,7 +80,8 @@ def check_dmb(cfg, payload, table):
     assert table.count(" SE), ") == 3 * 2 + 1  # each DMB run against each baseline, learned against frozen Q
 
 
-CHECKS = {"schedules": check_schedules, "backslash": check_backslash, "dmb": check_dmb}
+CHECKS = {"schedules": check_schedules, "backslash": check_backslash, "backslash-finetune": check_backslash_finetune,
+          "dmb": check_dmb}
 
 
 @pytest.mark.parametrize("name", list(STUDIES))
@@ -89,7 +107,8 @@ def test_schedule_seeds_derive_from_the_base_seed():
 
 
 def test_run_study_rejects_an_unknown_name(tmp_path):
-    with pytest.raises(ValueError, match=r"name: expected one of \['schedules', 'backslash', 'dmb'\], got 'sizes'"):
+    names = r"\['schedules', 'backslash', 'backslash-finetune', 'dmb'\]"
+    with pytest.raises(ValueError, match=rf"name: expected one of {names}, got 'sizes'"):
         run_study("sizes", None, tmp_path)
 
 
@@ -133,3 +152,29 @@ def test_nncodec_adapter_codes_each_tensor_at_the_nearest_step():
     assert uniform["max_abs_error"] <= result["step"] / 2 * (1 + 1e-6)  # round to nearest, float32 slack
     assert dq["total_bytes"] > 0 and dq["max_abs_error"] > 0
     assert {n: t.shape for n, t in dq_decoded.items()} == {n: w.shape for n, w in weights.items()}
+
+
+def test_finetune_lam_factors_follow_their_shapes():
+    cfg = dataclasses.replace(STUDIES["backslash-finetune"].quick(), finetune_steps=100, warmup_share=0.5,
+                              recipe_share=0.6, uba_phi=2.0)
+    warmup, uba, recipe = (lam_factor(cfg, arm) for arm in ("linear_warmup", "uba_shape", "recipe"))
+    assert [warmup(k) for k in (0, 25, 50, 99)] == [0.0, 0.5, 1.0, 1.0]
+    assert [recipe(k) for k in (0, 59, 60, 99)] == [1.0, 1.0, 0.0, 0.0]
+    assert [uba(k) for k in (0, 50, 100)] == pytest.approx([1.0, 0.5, 0.0])  # φ = 2: cosine
+    assert lam_factor(cfg, "constant")(77) == 1.0
+
+
+def test_lam_schedule_hook_sets_lambda_before_each_constraint_step():
+    import torch
+
+    from slimrate.backslash import RateConstraint
+
+    model = torch.nn.Linear(6, 5)
+    constraint = RateConstraint(model, lam=4.0, mode="decoupled")
+    hook = LamScheduleHook(constraint, lambda k: 1.0 / (k + 1))
+    applied = []
+    for step in range(3):
+        hook.after_backward(step)
+        applied.append(constraint.lam)
+        constraint.step()
+    assert applied == [4.0, 2.0, 4.0 / 3]

@@ -1,7 +1,9 @@
-"""Size proxies reported by the demo and studies: the empirical entropy of quantized weights."""
+"""Size proxies reported by the demo and studies: the empirical entropy of quantized weights and the size of
+a fixed-length code of them."""
 
 from __future__ import annotations
 
+import math
 import tempfile
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -10,6 +12,7 @@ import torch
 
 from slimrate.backslash.slim_file import load_slim, slim_report
 from slimrate.backslash.slim_writer import save_slim
+from slimrate.ops import eg_code_length
 
 
 def symbol_entropy_bits(symbols: torch.Tensor) -> float:
@@ -22,6 +25,24 @@ def symbol_entropy_bits(symbols: torch.Tensor) -> float:
     _, counts = torch.unique(symbols.reshape(-1), return_counts=True)
     p = counts.double() / symbols.numel()
     return float(-(p * torch.log2(p)).sum())
+
+
+def fixed_length_bits(symbols: torch.Tensor) -> float:
+    """Bits per symbol of one tensor's fixed-length code, table included (docs/backslash.md §7).
+
+    symbols: int32 (any shape), the tensor's quantized weights.  With K distinct values each symbol takes
+    ⌈log2 K⌉ bits (0 when K = 1), written in whole bytes; the table of the K values is counted as .slim's
+    "eg" coder stores its table: signed exp-Golomb of order 0 of each value, in whole bytes.
+    """
+    if symbols.dtype != torch.int32:
+        raise TypeError(f"symbols: expected int32 quantized weights, got {symbols.dtype}; quantize them with "
+                        "slimrate.ops.quantize")
+    if symbols.numel() == 0:
+        raise ValueError("symbols: expected at least one symbol, got an empty tensor")
+    table = torch.unique(symbols.reshape(-1))
+    code_bits = symbols.numel() * math.ceil(math.log2(table.numel()))
+    table_bits = eg_code_length(table.to(torch.int32).contiguous(), 0, True)
+    return 8 * (math.ceil(code_bits / 8) + math.ceil(table_bits / 8)) / symbols.numel()
 
 
 def quantized_entropy_bits(tensors: Iterable[torch.Tensor], step: float) -> float:

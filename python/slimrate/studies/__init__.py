@@ -12,10 +12,11 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from slimrate.studies import backslash, dmb, schedules
+from slimrate.studies import backslash, backslash_finetune, dmb, schedules
 from slimrate.studies.protocol import Study, StudyResults
 
-STUDIES: dict[str, Study] = {study.name: study for study in (schedules.STUDY, backslash.STUDY, dmb.STUDY)}
+STUDIES: dict[str, Study] = {study.name: study for study in (schedules.STUDY, backslash.STUDY, backslash_finetune.STUDY,
+                                                                   dmb.STUDY)}
 
 
 def run_study(name: str, config=None, out_dir: str | os.PathLike = "bench/results") -> list[Path]:

@@ -22,6 +22,23 @@ from slimrate.files import write_bytes_atomic, write_text_atomic
 C = TypeVar("C")  # a study's config dataclass; every one has ``seed: int``, the base seed of its runs
 
 
+def cpu_model() -> str:
+    """The CPU's model name from /proc/cpuinfo ("unknown CPU" where there is none, e.g. macOS)."""
+    try:
+        with open("/proc/cpuinfo") as info:
+            return next((line.split(":", 1)[1].strip() for line in info if line.startswith("model name")),
+                        "unknown CPU")
+    except OSError:
+        return "unknown CPU"
+
+
+def seed_range(seed: int, seed_count: int) -> tuple[int, ...]:
+    """The seeds of a study that repeats each run: ``seed``, ``seed + 1``, … (``seed_count`` of them)."""
+    if isinstance(seed_count, bool) or not isinstance(seed_count, int) or seed_count < 1:
+        raise ValueError(f"seed_count: expected an int >= 1, got {seed_count!r}")
+    return tuple(range(seed, seed + seed_count))
+
+
 @dataclass
 class StudyResults:
     """What ``Study.run`` returns: one JSON-ready dict per training run, study-wide facts (JSON-ready,
@@ -59,7 +76,8 @@ class Study(Generic[C]):
     def write(self, config: C, results: StudyResults, out_dir: str | os.PathLike) -> list[Path]:
         """Write <stem>.md (title, machine line, table), <stem>.png and <stem>.json (config, facts, rows)
         atomically into ``out_dir``; returns the three paths."""
-        header = (f"# {self.title}\n\n{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
+        header = (f"# {self.title}\n\n{platform.machine()} {cpu_model()}, {os.cpu_count()} cores, "
+                  f"torch {torch.__version__} with {torch.get_num_threads()} threads, "
                   f"{len(results.rows)} runs in {results.minutes:.1f} min, {datetime.date.today()}.\n\n")
         payload = {"config": dataclasses.asdict(config), **results.facts, "rows": results.rows}
         out = Path(out_dir)

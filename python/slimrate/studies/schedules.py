@@ -16,7 +16,7 @@ from tqdm import tqdm
 
 from slimrate.files import figure_png
 from slimrate.schedules import make_schedule
-from slimrate.studies.protocol import Study, StudyResults
+from slimrate.studies.protocol import Study, StudyResults, seed_range
 from slimrate.studies.tasks import PRIMARY, TASKS, TaskConfig, quick_task_config
 from slimrate.train import TrainConfig, train
 
@@ -35,12 +35,11 @@ class SchedulesStudyConfig:
     task_config: TaskConfig = field(default_factory=TaskConfig)
 
     def __post_init__(self) -> None:
-        if isinstance(self.seed_count, bool) or not isinstance(self.seed_count, int) or self.seed_count < 1:
-            raise ValueError(f"seed_count: expected an int >= 1, got {self.seed_count!r}")
+        seed_range(self.seed, self.seed_count)  # checks seed_count
 
     @property
     def seeds(self) -> tuple[int, ...]:
-        return tuple(range(self.seed, self.seed + self.seed_count))
+        return seed_range(self.seed, self.seed_count)
 
 
 def quick_config() -> SchedulesStudyConfig:
