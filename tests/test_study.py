@@ -9,7 +9,7 @@ import pytest
 
 from slimrate.cli import main
 from slimrate.studies import STUDIES, run_study
-from slimrate.studies.backslash_finetune import ARMS, LamScheduleHook, lam_factor
+from slimrate.studies.backslash_finetune import ARMS, lam_factor
 from slimrate.studies.schedules import SchedulesStudyConfig, quick_config, run_one, schedule_variants
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -162,19 +162,3 @@ def test_finetune_lam_factors_follow_their_shapes():
     assert [recipe(k) for k in (0, 59, 60, 99)] == [1.0, 1.0, 0.0, 0.0]
     assert [uba(k) for k in (0, 50, 100)] == pytest.approx([1.0, 0.5, 0.0])  # φ = 2: cosine
     assert lam_factor(cfg, "constant")(77) == 1.0
-
-
-def test_lam_schedule_hook_sets_lambda_before_each_constraint_step():
-    import torch
-
-    from slimrate.backslash import RateConstraint
-
-    model = torch.nn.Linear(6, 5)
-    constraint = RateConstraint(model, lam=4.0, mode="decoupled")
-    hook = LamScheduleHook(constraint, lambda k: 1.0 / (k + 1))
-    applied = []
-    for step in range(3):
-        hook.after_backward(step)
-        applied.append(constraint.lam)
-        constraint.step()
-    assert applied == [4.0, 2.0, 4.0 / 3]

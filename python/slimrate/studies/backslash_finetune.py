@@ -2,10 +2,11 @@
 
 Per seed: the plain run of the BackSlash study (``pretrain_steps`` steps, λ = 0) is the pretrained model.
 From it, each arm fine-tunes for ``finetune_steps`` more steps (the next batches of the seed's data order,
-a fresh AdamW at ``finetune_lr``), BackSlash in the decoupled mode with λ·f(k) at its step k:
+a fresh AdamW at ``finetune_lr``), BackSlash in the decoupled mode with λ·f(k) at its step k (RateConstraint's
+lam_schedule):
 - "constant": f = 1;
 - "linear_warmup": f ramps from 0 to 1 over the first ``warmup_share`` of the budget, then holds;
-- "uba_shape": f follows the UBA learning-rate shape over the budget (``slimrate.schedules.uba_lr``, peak 1,
+- "uba_shape": f follows the UBA learning-rate shape over the budget (``lam_schedules.uba_shape``, peak 1,
   φ = ``uba_phi``, no warm-up): from 1 down to 0 at the end;
 - "recipe" (the authors' re-implementation): a BackSlash phase (f = 1) for ``recipe_share`` of the budget,
   then plain fine-tuning (f = 0).
@@ -26,8 +27,8 @@ import torch
 from tqdm import tqdm
 
 from slimrate.backslash import RateConstraint
+from slimrate.backslash.lam_schedules import constant, linear_warmup, uba_shape
 from slimrate.files import figure_png
-from slimrate.schedules import uba_lr
 from slimrate.studies.backslash import add_nncodec_columns, default_peers_python, measure, runs_nncodec, train_steps
 from slimrate.studies.backslash_report import FP32_BITS, QUALITY_BUDGET, SIZE_TARGET, error_bars, spread
 from slimrate.studies.protocol import Study, StudyResults, seed_range
@@ -80,28 +81,16 @@ def quick_config() -> FinetuneStudyConfig:
 
 
 def lam_factor(cfg: FinetuneStudyConfig, arm: str) -> Callable[[int], float]:
-    """The arm's λ factor f(k) at the constraint's step k (0-based), the form of RateConstraint's lam_schedule."""
+    """The arm's λ schedule for RateConstraint's lam_schedule: the factor f(k) at the constraint's step k."""
     steps = cfg.finetune_steps
     if arm == "constant":
-        return lambda k: 1.0
+        return constant()
     if arm == "linear_warmup":
-        ramp = max(1, round(cfg.warmup_share * steps))
-        return lambda k: min(1.0, k / ramp)
+        return linear_warmup(max(1, round(cfg.warmup_share * steps)))
     if arm == "uba_shape":
-        return lambda k: uba_lr(min(k, steps), steps, 1.0, 0.0, cfg.uba_phi)
-    phase = round(cfg.recipe_share * steps)  # "recipe"
+        return uba_shape(steps, cfg.uba_phi)
+    phase = round(cfg.recipe_share * steps)  # "recipe": a BackSlash phase, then plain fine-tuning
     return lambda k: 1.0 if k < phase else 0.0
-
-
-class LamScheduleHook:
-    """Sets ``constraint.lam = lam · factor(constraint.steps)`` before each of its steps (RateConstraint
-    documents that lam may change between steps); list it before the constraint in ``train``'s hooks."""
-
-    def __init__(self, constraint: RateConstraint, factor: Callable[[int], float]) -> None:
-        self.constraint, self.lam, self.factor = constraint, constraint.lam, factor
-
-    def after_backward(self, step: int) -> None:  # before the constraint's step in either mode
-        self.constraint.lam = self.lam * self.factor(self.constraint.steps)
 
 
 def measured_rows(cfg: FinetuneStudyConfig, task, model, base: dict) -> list[dict]:
@@ -118,8 +107,7 @@ def finetune(cfg: FinetuneStudyConfig, pretrained: dict[str, torch.Tensor], seed
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.finetune_lr, weight_decay=0.1, fused=True)
     hooks = []
     if lam > 0:
-        constraint = RateConstraint(model, lam=lam, eps=cfg.eps, mode="decoupled")
-        hooks = [LamScheduleHook(constraint, lam_factor(cfg, arm)), constraint]
+        hooks = [RateConstraint(model, lam=lam, eps=cfg.eps, mode="decoupled", lam_schedule=lam_factor(cfg, arm))]
     train_steps(task, model, optimizer, cfg.finetune_steps, seed, hooks, first_step=cfg.pretrain_steps)
     return task, model
 
