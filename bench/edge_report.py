@@ -10,11 +10,7 @@ the eager module's weights) and its share of the dense XNNPACK .pte's, and the r
 
 from __future__ import annotations
 
-import argparse
-import json
-from pathlib import Path
-
-from summarize import header
+from summarize import header, write_report
 
 BASELINE = "xnnpack-dense-runner"
 
@@ -58,11 +54,7 @@ def report(data: dict) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("json", type=Path)
-    parser.add_argument("markdown", type=Path)
-    args = parser.parse_args()
-    args.markdown.write_text(report(json.loads(args.json.read_text())))
+    write_report(__doc__.split("\n\n")[0], report)
 
 
 if __name__ == "__main__":

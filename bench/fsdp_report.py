@@ -10,11 +10,7 @@ parameters), the all_reduce calls inside it and their time.
 
 from __future__ import annotations
 
-import argparse
-import json
-from pathlib import Path
-
-from summarize import header
+from summarize import header, write_report
 
 
 def report(data: dict) -> str:
@@ -43,11 +39,7 @@ def report(data: dict) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("json", type=Path)
-    parser.add_argument("md", type=Path)
-    args = parser.parse_args()
-    args.md.write_text(report(json.loads(args.json.read_text())))
+    write_report(__doc__.splitlines()[0], report)
 
 
 if __name__ == "__main__":

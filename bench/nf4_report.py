@@ -10,11 +10,7 @@ tokens, ≥ 1.2× at 512; faster than bnb-dequant everywhere).  Then nf4_dequant
 
 from __future__ import annotations
 
-import argparse
-import json
-from pathlib import Path
-
-from summarize import fmt_time, header
+from summarize import fmt_time, header, write_report
 
 TARGET_VS_PEFT = {1: 3.0, 16: 3.0, 512: 1.2}
 
@@ -85,16 +81,8 @@ def dequant_table(benchmarks: list[dict]) -> list[str]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("json_path", type=Path)
-    parser.add_argument("md_path", type=Path)
-    args = parser.parse_args()
-    data = json.loads(args.json_path.read_text())
-    text = "\n".join(header(data) + [NOTES] + layer_table(data["benchmarks"]) + dequant_table(data["benchmarks"]))
-    tmp = args.md_path.with_suffix(args.md_path.suffix + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(args.md_path)
-    print(text)
+    print(write_report(__doc__.splitlines()[0], lambda data: "\n".join(
+        header(data) + [NOTES] + layer_table(data["benchmarks"]) + dequant_table(data["benchmarks"]))))
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 BASELINES = ("eager", "compile", "dense")  # ratio columns, when the group has such a row
@@ -82,17 +83,23 @@ def summarize(data: dict) -> str:
     return "\n".join(lines)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def write_report(description: str, render: Callable[[dict], str]) -> str:
+    """The command line of every report script: ``JSON MD`` arguments, ``render`` of the pytest-benchmark JSON
+    written to MD atomically (a reader never sees half a table); returns the text."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("json_path", type=Path, help="pytest-benchmark JSON (--benchmark-json)")
     parser.add_argument("md_path", type=Path, help="markdown file to write")
     args = parser.parse_args()
-    text = summarize(json.loads(args.json_path.read_text()))
+    text = render(json.loads(args.json_path.read_text()))
     args.md_path.parent.mkdir(parents=True, exist_ok=True)
     tmp = args.md_path.with_suffix(args.md_path.suffix + ".tmp")
     tmp.write_text(text)
-    tmp.replace(args.md_path)  # atomic: a reader never sees half a table
-    print(text)
+    tmp.replace(args.md_path)
+    return text
+
+
+def main() -> None:
+    print(write_report(__doc__.splitlines()[0], summarize))
 
 
 if __name__ == "__main__":
