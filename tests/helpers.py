@@ -7,8 +7,10 @@ import itertools
 import json
 import os
 import signal
+import socket
 import struct
 import subprocess
+import sys
 import time
 import zlib
 from pathlib import Path
@@ -185,6 +187,19 @@ def kill_process_tree(proc: subprocess.Popen) -> None:
             os.kill(pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that is free now (for a process group's rendezvous)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_torchrun(args: list[str]) -> subprocess.Popen:
+    """``torchrun --nproc_per_node=2 ARGS`` (2 CPU processes, gloo) on a free local port, as ``start_process``."""
+    return start_process([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                          "--master_addr=127.0.0.1", f"--master_port={free_port()}", *args])
 
 
 def finish_process(proc: subprocess.Popen, what: str) -> str:

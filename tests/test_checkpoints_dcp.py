@@ -9,7 +9,6 @@ import os
 import pickle
 import re
 import shutil
-import socket
 import struct
 import sys
 import zipfile
@@ -28,7 +27,7 @@ from slimrate.cli.model_files import SOURCE_KEY
 from slimrate.train.checkpoint import write_manifest
 from slimrate.train.sharded_checkpoint import SHARDED_FORMAT
 
-from helpers import finish_process, start_process
+from helpers import finish_process, start_process, start_torchrun
 
 # the tests' own 1-process dcp.save calls: no process group is the point
 pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
@@ -36,20 +35,13 @@ SCRIPT = Path(__file__).with_name("fsdp_save_script.py")
 MAX_ERROR = 1e-3
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory) -> dict[str, Path]:
     """"fsdp": written by 2 FSDP2 ranks (rows 11 → 6 + 5), "single": by one process; each holds dcp/ and the full
     model state dict full.safetensors."""
     root = tmp_path_factory.mktemp("dcp")
-    fsdp = start_process([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-                          "--master_addr=127.0.0.1", f"--master_port={_free_port()}", str(SCRIPT),
-                          "--out", str(root / "fsdp")])
+    fsdp = start_torchrun([str(SCRIPT), "--out", str(root / "fsdp")])
     single = start_process([sys.executable, str(SCRIPT), "--out", str(root / "single"), "--layers", "3"])
     finish_process(fsdp, "torchrun --nproc_per_node=2 fsdp_save_script.py")
     finish_process(single, "fsdp_save_script.py")

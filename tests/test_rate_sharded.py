@@ -4,8 +4,6 @@ One torchrun launch (2 CPU ranks, gloo) runs every case of tests/fsdp_rate_scrip
 cases on one plain model with the whole batch and compares.  Bad inputs run here on a 1-rank gloo group.
 """
 
-import socket
-import sys
 from pathlib import Path
 
 import fsdp_rate_script as script
@@ -19,7 +17,7 @@ import slimrate.ops.rate_sharded
 from slimrate.backslash import RateConstraint
 from slimrate.ops import rate_grad_, rate_stats, reference
 
-from helpers import assert_states_equal, finish_process, start_process
+from helpers import assert_states_equal, finish_process, start_torchrun
 
 SCRIPT = Path(script.__file__)
 # Two ranks sum their shards' float64 partial sums in another order than one process, and each rank's loss is
@@ -33,11 +31,7 @@ RTOL, ATOL = 1e-5, 3e-7
 def two_rank_results(tmp_path_factory):
     """The rank0/rank1 results of one torchrun launch of the worker."""
     out = tmp_path_factory.mktemp("fsdp")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    proc = start_process([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-                          "--master_addr=127.0.0.1", f"--master_port={port}", str(SCRIPT), "--out", str(out)])
+    proc = start_torchrun([str(SCRIPT), "--out", str(out)])
     finish_process(proc, "torchrun fsdp_rate_script.py")
     return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in (0, 1)]
 

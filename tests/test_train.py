@@ -3,7 +3,6 @@ kill-and-resume in a real subprocess, and torchrun/DDP with two CPU processes.""
 
 import json
 import random
-import socket
 import sys
 from pathlib import Path
 
@@ -29,7 +28,7 @@ from slimrate.train import (
 )
 from slimrate.train.checkpoint import CHECKPOINT_FILES, write_manifest
 
-from helpers import assert_states_equal, finish_process, kill_after_checkpoint, start_process
+from helpers import assert_states_equal, finish_process, kill_after_checkpoint, start_process, start_torchrun
 
 SCRIPT = Path(__file__).with_name("train_script.py")
 
@@ -290,11 +289,6 @@ def test_resume_in_process_is_bit_identical_and_logs_each_step_once(tmp_path):
 
 # ---- real processes ----
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def test_run_killed_mid_way_and_resumed_ends_bit_identical(tmp_path):
     common = [sys.executable, str(SCRIPT), "--steps", "200", "--checkpoint-every", "20"]
@@ -315,8 +309,7 @@ def test_run_killed_mid_way_and_resumed_ends_bit_identical(tmp_path):
 
 def test_torchrun_two_cpu_processes_match_one_process_with_the_same_global_batch(tmp_path):
     args = [str(SCRIPT), "--steps", "30", "--optimizer", "sgd", "--dropout", "0", "--global-batch", "32"]
-    ddp = start_process([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
-                  f"--master_port={_free_port()}"] + args + ["--out", str(tmp_path / "ddp")])
+    ddp = start_torchrun(args + ["--out", str(tmp_path / "ddp")])
     single = start_process([sys.executable] + args + ["--out", str(tmp_path / "single")])
     finish_process(ddp, "torchrun --nproc_per_node=2")
     finish_process(single, "single process")

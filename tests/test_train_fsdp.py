@@ -4,7 +4,6 @@ resume (a two-process checkpoint resumed in one process); the argument checks in
 
 import json
 import shutil
-import socket
 import sys
 import warnings
 from pathlib import Path
@@ -29,7 +28,7 @@ from slimrate.train import (
 )
 from slimrate.train.checkpoint import MANIFEST_FILE, read_state_files
 
-from helpers import assert_states_equal, finish_process, kill_after_checkpoint, start_process
+from helpers import assert_states_equal, finish_process, free_port, kill_after_checkpoint, start_process, start_torchrun
 
 SCRIPT = Path(__file__).with_name("train_script.py")
 STEPS, EVERY = 40, 10
@@ -40,16 +39,9 @@ RUN_ARGS = ["--steps", str(STEPS), "--checkpoint-every", str(EVERY), "--optimize
 SHARD_FILES = {".metadata", "__0_0.distcp", "__1_0.distcp", "tensors.safetensors", "state.json", MANIFEST_FILE}
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def _torchrun(out, *extra):
-    return start_process([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-                          "--master_addr=127.0.0.1", f"--master_port={_free_port()}", str(SCRIPT), *RUN_ARGS,
-                          "--out", str(out), *extra])
+    return start_torchrun([str(SCRIPT), *RUN_ARGS, "--out", str(out), *extra])
 
 
 @pytest.fixture(scope="module")
@@ -211,7 +203,7 @@ def test_verify_sharded_checkpoint_refuses_a_forged_manifest(runs, tmp_path, how
 
 @pytest.fixture
 def one_rank_group():
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
     yield
     dist.destroy_process_group()
 

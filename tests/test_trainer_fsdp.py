@@ -6,29 +6,20 @@ same script runs it through accelerate's FSDP2 plugin with --sharding self.)"""
 
 import json
 import re
-import socket
-import sys
 from pathlib import Path
 
 import pytest
 
-from helpers import env_with_this_slimrate, finish_process, start_process
+from helpers import env_with_this_slimrate, finish_process, start_torchrun
 
 SCRIPT = Path(__file__).parents[1] / "bench" / "trainer_fsdp.py"
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_trainer_runs_the_callback_on_a_model_sharded_at_load_time(monkeypatch):
     pytest.importorskip("transformers.distributed", reason="transformers >= 5 shards models at load time")
     monkeypatch.setenv("PYTHONPATH", env_with_this_slimrate()["PYTHONPATH"])  # the workers import this slimrate
-    proc = start_process([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-                          "--master_addr=127.0.0.1", f"--master_port={_free_port()}", str(SCRIPT),
-                          "--sharding", "load", "--device", "cpu", "--steps", "3"])
+    proc = start_torchrun([str(SCRIPT), "--sharding", "load", "--device", "cpu", "--steps", "3"])
     out = finish_process(proc, "torchrun --nproc_per_node=2 bench/trainer_fsdp.py --sharding load")
     # each rank writes its line in one write; another rank's output may still precede it on the same line
     ranks = sorted((json.loads(found) for found in re.findall(r"trainer_fsdp: (\{.*\})$", out, re.M)),
