@@ -75,6 +75,9 @@ TORCH_LIBRARY(slimrate, m) {
   // with_grad, else [0]); logscore [B, L, V] in lam's dtype.  The gradient comes from the same pass.
   m.def("score_entropy(Tensor logscore, Tensor x_t, Tensor x0, Tensor h, Tensor sigma, Tensor lam, Tensor perm, "
         "Tensor perm_inv, bool with_grad) -> (Tensor, Tensor)");
+  // Its backward in (lam, h, sigma) for the loss gradient [B] -> (dlam [L, V], dh [B], dsigma [B]): a composite of
+  // the kernels above, torch.library.custom_op("slimrate::score_entropy_rate_backward") in
+  // python/slimrate/ops/ctmc.py, called by csrc/cpu/ctmc_autograd.cpp.
   // expm (scaling and squaring, Padé) and expm_multi_t (shared Taylor powers): plain PyTorch in
   // python/slimrate/ops/expm.py (matmul-bound: torch's GEMMs are the kernels).
 }

@@ -329,18 +329,24 @@ def test_opcheck_native_ops():
         (torch.ops.slimrate.score_entropy.default, (logscore.clone().requires_grad_(), x_t, x0, h, sigma, lam, perm,
                                                     perm_inv, True)),
         (torch.ops.slimrate.score_entropy.default, (logscore, x_t, x0, h, sigma, lam, perm, perm_inv, False)),
+        (torch.ops.slimrate.score_entropy.default, (logscore, x_t, x0, h.clone().requires_grad_(),
+                                                    sigma.clone().requires_grad_(), lam_g, perm, perm_inv, False)),
+        (torch.ops.slimrate.score_entropy_rate_backward.default, (torch.rand(3, dtype=torch.float64), logscore, x_t,
+                                                                  x0, h, sigma, lam, perm, perm_inv)),
     ]
     for op, args in cases:
         torch.library.opcheck(op, args)
 
 
-def test_compiled_training_step_matches_eager():
+@pytest.mark.parametrize("q_in_score", [False, True], ids=["q-frozen-in-score", "q-through-score"])
+def test_compiled_training_step_matches_eager(q_in_score):
     skip_unless_backend("native", "cpu")
     logscore, x_t, x0, h, sigma, lam, perm, perm_inv = score_case(2, 3, 5, torch.float32)
 
     def step(ls, lam):
         rows = ops.ctmc_transition_rows(x0, h, lam, perm, perm_inv)
-        return ops.score_entropy(ls, x_t, x0, h, sigma, lam.detach(), perm, perm_inv).sum() + rows.square().sum()
+        lam_s = lam if q_in_score else lam.detach()
+        return ops.score_entropy(ls, x_t, x0, h, sigma, lam_s, perm, perm_inv).sum() + rows.square().sum()
 
     compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
     results = []

@@ -1,9 +1,10 @@
 // Autograd of ctmc_transition_rows and score_entropy (schemas in csrc/ops.cpp), for every device: C++
 // torch::autograd::Functions registered for the Autograd key.  Registering them from Python
 // (torch.library.register_autograd) cost about 90 µs per forward + backward in its Python wrappers, 15–20% of a
-// whole B = 32, L = 256, V = 27 step on this 2-core machine.  The file sits in csrc/cpu because setup.py compiles
-// that folder on every build.  ctmc_rate_cols keeps its Python autograd (python/slimrate/ops/ctmc.py): it is not
-// on a training hot path.
+// whole B = 32, L = 256, V = 27 step on this 2-core machine.  score_entropy's gradient in lam, h and sigma calls back
+// into a composite op defined in Python (python/slimrate/ops/ctmc.py), only when one of them requires grad (matrix
+// learning, not the hot score step).  The file sits in csrc/cpu because setup.py compiles that folder on every
+// build.  ctmc_rate_cols keeps its Python autograd (python/slimrate/ops/ctmc.py): it is not on a training hot path.
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/autograd.h>
@@ -44,6 +45,19 @@ const auto& score_op() {
   return op;
 }
 
+// score_entropy's backward in (lam, h, sigma): a composite of the row and column kernels' own backward, defined in
+// Python (slimrate.ops.ctmc.score_entropy_rate_grads, registered as slimrate::score_entropy_rate_backward when
+// slimrate.ops is imported); found on first use.
+const auto& score_rate_backward_op() {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("slimrate::score_entropy_rate_backward", "")
+                       .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor>(
+                           const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                           const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                           const at::Tensor&)>();
+  return op;
+}
+
 // Rows of exp(hQ); d/dlam and d/dh from the closed-form backward op.  Saves the inputs, not the [B, L, V] output.
 class TransitionRows : public torch::autograd::Function<TransitionRows> {
  public:
@@ -61,27 +75,41 @@ class TransitionRows : public torch::autograd::Function<TransitionRows> {
   }
 };
 
-// The score entropy and its gradient per unit loss come from one forward pass; backward scales the latter.
-// Only logscore is differentiated (Q is frozen in score learning).
+// The score entropy and its gradient per unit loss come from one forward pass; backward scales the latter.  The
+// inputs are saved only when h, sigma or lam requires grad (training Q): the score-learning step saves one tensor.
 class ScoreEntropy : public torch::autograd::Function<ScoreEntropy> {
  public:
   static variable_list forward(AutogradContext* ctx, const at::Tensor& logscore, const at::Tensor& x_t,
                                const at::Tensor& x0, const at::Tensor& h, const at::Tensor& sigma,
                                const at::Tensor& lam, const at::Tensor& perm, const at::Tensor& perm_inv,
                                bool with_grad) {
+    const bool rates = h.requires_grad() || sigma.requires_grad() || lam.requires_grad();
     at::AutoDispatchBelowADInplaceOrView guard;
     auto [loss, grad] = score_op().call(logscore, x_t, x0, h, sigma, lam, perm, perm_inv, with_grad);
     ctx->saved_data["with_grad"] = with_grad;
-    ctx->save_for_backward({grad});
+    if (rates) {
+      ctx->save_for_backward({grad, logscore, x_t, x0, h, sigma, lam, perm, perm_inv});
+    } else {
+      ctx->save_for_backward({grad});
+    }
     ctx->mark_non_differentiable({grad});
     return {loss, grad};
   }
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    TORCH_CHECK(ctx->saved_data["with_grad"].toBool(), "score_entropy: the op ran with with_grad=False, so it kept "
-                "no gradient; call slimrate.ops.score_entropy, which sets it when logscore requires grad");
-    const at::Tensor g = ctx->get_saved_variables()[0];
+    const variable_list s = ctx->get_saved_variables();
     variable_list out(9);
-    out[0] = grads[0].view({-1, 1, 1}) * g;
+    if (ctx->needs_input_grad(0)) {
+      TORCH_CHECK(ctx->saved_data["with_grad"].toBool(), "score_entropy: the op ran with with_grad=False, so it "
+                  "kept no gradient; call slimrate.ops.score_entropy, which sets it when logscore requires grad");
+      out[0] = grads[0].view({-1, 1, 1}) * s[0];
+    }
+    if (s.size() > 1) {
+      auto [dlam, dh, dsigma] =
+          score_rate_backward_op().call(grads[0], s[1], s[2], s[3], s[4], s[5], s[6], s[7], s[8]);
+      if (ctx->needs_input_grad(3)) out[3] = dh;
+      if (ctx->needs_input_grad(4)) out[4] = dsigma;
+      if (ctx->needs_input_grad(5)) out[5] = dlam;
+    }
     return out;
   }
 };
