@@ -9,7 +9,7 @@ from test_ctmc import BACKENDS, random_ctmc, sample_rows
 
 from slimrate import ops
 
-from helpers import skip_unless_backend
+from helpers import assert_close_flash, skip_unless_backend
 
 
 def dense_rate_matrices(lam: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
@@ -84,6 +84,28 @@ def test_score_entropy_gradcheck_in_rates_h_and_sigma(backend):
 
     assert torch.autograd.gradcheck(f, (a, h, sigma))
     assert torch.autograd.gradcheck(f, (a, h, sigma, logscore.clone().requires_grad_()))
+
+
+def rate_grads(backend: str, args: tuple, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """d (loss summed) / d (lam, h) with the floats of args in dtype."""
+    logscore, x_t, x0, h, sigma, lam, perm, perm_inv = (t.to(dtype) if t.is_floating_point() else t for t in args)
+    lam, h = lam.requires_grad_(), h.requires_grad_()
+    loss = ops.score_entropy(logscore, x_t, x0, h, sigma, lam, perm, perm_inv, backend=backend)
+    return torch.autograd.grad(loss.sum(), (lam, h))
+
+
+@pytest.mark.parametrize("backend", ["native", "triton"])
+def test_score_entropy_rate_grads_in_float32(backend):
+    """float32 by the flash rule against the reference in float32, truth the reference in float64 (V = 27, text8)."""
+    skip_unless_backend(backend, "cpu")
+    args = grad_case(B=4, L=5, V=27)
+    got = rate_grads(backend, args, torch.float32)
+    same = rate_grads("reference", args, torch.float32)
+    truth = rate_grads("reference", args, torch.float64)
+    for name, g, s, t in zip(("lam", "h"), got, same, truth, strict=True):
+        assert g.dtype == torch.float32
+        # 16 ulps: d/dh sums L·V = 135 float32 products per sequence (rounding grows like √135 ≈ 12 ulps)
+        assert_close_flash(g, s, t, torch.float32, ulps=16, what=f"d loss / d {name}")
 
 
 def test_reference_grads_are_finite_where_no_rate_enters():
