@@ -4,8 +4,9 @@ One run = score learning, the loop's steps (AdamW, UBA schedule, gradient clippi
 metrics JSONL + TensorBoard, progress bar), plus for DMB the alternating outer loop of
 docs/dmb.md §9 as a hook (``slimrate.dmb.outer_loop``): matrix phases with the network frozen, one before
 the first score step and one after each outer iteration, following p̂_0 re-estimated from samples of the
-EMA network.  The baselines keep Q fixed and p̂_0 = μ̂, the training histogram.  At the end, ``model.safetensors`` (EMA weights, rates, p̂_0) and
-``dmb.json`` (settings, data, final bound), then ``manifest.json`` (format, version, SHA-256 of both;
+EMA network.  The baselines keep Q fixed and p̂_0 = μ̂, the training histogram.  At the end,
+``model.safetensors`` (EMA weights, rates, p̂_0) and ``dmb.json`` (settings, data, final bound, the matrix
+phases' records), then ``manifest.json`` (format, version, SHA-256 of both;
 ``slimrate.train.checkpoint.write_manifest``) are written to ``out_dir``; ``load_model`` verifies them.
 """
 
@@ -66,10 +67,10 @@ class DMBConfig:
     "official" = ``q_passes`` passes of matrix steps first, then ``score_passes`` passes of score steps and
     ``q_passes`` of matrix steps per outer iteration (a pass: ceil(training windows / batch) steps; outer_every
     and matrix_steps unused).  Each outer iteration starts with p̂_0 from ``p0_samples`` sequences ×
-    ``p0_steps`` Euler steps (None: 32 × 32 interleaved, the official 512 × 128 official; resolved here and
-    recorded); matrix steps are AdamW(``matrix_lr``, ``matrix_weight_decay``) on ``q_objective``: "prior"
-    (the prior KL, exact over μ̂) or "bound" (DWDSE of a training batch + prior KL) (official code: 1e-3,
-    1e-2, clip 1).
+    ``p0_steps`` Euler steps (None: 32 × 32 for interleaved, the official script's 512 × 128 for official;
+    resolved here, so dmb.json records the numbers used); matrix steps are AdamW(``matrix_lr``,
+    ``matrix_weight_decay``) on ``q_objective``: "prior" (the prior KL, exact over μ̂) or "bound" (DWDSE of a
+    training batch + prior KL) (official code: 1e-3, 1e-2, clip 1).
     eval_every: bound on ``eval_sequences`` × ``eval_samples`` times every k steps (0: at the end only).
     checkpoint_every: a checkpoint of the run every k steps and at the end (0: none), the newest
     ``keep_checkpoints`` kept; resume: continue from the newest one that verifies (docs/training.md §3).
