@@ -200,10 +200,8 @@ def score_entropy(logscore: torch.Tensor, x_t: torch.Tensor, x0: torch.Tensor, h
 
 def reference_score_entropy(logscore, x_t, x0, h, sigma, lam, perm, perm_inv, with_grad) -> tuple:
     """score_entropy's reference backend in the op's schema: (loss [B], an empty tensor), as autograd
-    differentiates the reference itself.  Q is frozen on every backend: no gradient reaches lam, h or sigma
-    (the native and Triton ops give none)."""
-    loss = reference.score_entropy(logscore, x_t, x0, h.detach(), sigma.detach(), lam.detach(), perm, perm_inv)
-    return loss, logscore.new_empty((0,))
+    differentiates the reference itself (in logscore, lam, h and sigma)."""
+    return reference.score_entropy(logscore, x_t, x0, h, sigma, lam, perm, perm_inv), logscore.new_empty((0,))
 
 
 # ---- autograd of the Triton kernels (and of the native ctmc_rate_cols) ----

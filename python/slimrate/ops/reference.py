@@ -467,13 +467,18 @@ def ctmc_rate_cols(x: torch.Tensor, lam: torch.Tensor, perm: torch.Tensor, perm_
 def score_entropy(logscore: torch.Tensor, x_t: torch.Tensor, x0: torch.Tensor, h: torch.Tensor,
                   sigma: torch.Tensor, lam: torch.Tensor, perm: torch.Tensor, perm_inv: torch.Tensor) -> torch.Tensor:
     """Σ_l Σ_{y≠x_t} σ·Q[y, x_t]·(e^{s_y} − r_y s_y + r_y(log r_y − 1)), r_y = p(y|x0)/p(x_t|x0), per sequence [B]
-    (DMB's DWDSE with the constant, docs/dmb.md §4, without its eps smoothing).  Differentiable in logscore."""
+    (DMB's DWDSE with the constant, docs/dmb.md §4, without its eps smoothing).  Differentiable in logscore, lam,
+    h and sigma; where p(y|x0) = 0 (ranks below x0's: r_y = 0 for every lam and h) the y adds e^{s_y} and nothing
+    to the lam and h gradients, so no NaN reaches the graph."""
     cond = ctmc_transition_rows(x0, h, lam, perm, perm_inv)
-    w = sigma[:, None, None] * ctmc_rate_cols(x_t, lam, perm, perm_inv)
-    w = w.scatter(-1, x_t[..., None], 0.0)  # y ≠ x_t
-    # Where w = 0 the ratio may be 0/0; zero it first so no NaN reaches the gradient through torch.where.
-    ratio = torch.where(w > 0, cond / cond.gather(-1, x_t[..., None]), 0.0)
-    term = logscore.exp() - ratio * logscore + torch.special.xlogy(ratio, ratio) - ratio
+    col = ctmc_rate_cols(x_t, lam, perm, perm_inv)
+    off = torch.ones_like(col, dtype=torch.bool).scatter(-1, x_t[..., None], False)  # y ≠ x_t
+    w = sigma[:, None, None] * torch.where(off, col, 0.0)
+    p_t = cond.gather(-1, x_t[..., None])
+    live = off & (cond > 0) & (p_t > 0)
+    # Masked entries get r = 1 before the log and the division, so neither −inf nor 0/0 reaches the backward.
+    ratio = torch.where(live, cond / torch.where(p_t > 0, p_t, 1.0), 1.0)
+    term = logscore.exp() + torch.where(live, ratio * (ratio.log() - 1 - logscore), 0.0)
     return (w * term).sum((1, 2))
 
 
