@@ -7,8 +7,9 @@ Groups "<op>-<pass>-B32-L256-V<V>-<dtype>-<device>", rows:
           score entropy adds the dense ratio and the scatter), differentiated by autograd;
 - compile: the same chain under torch.compile(dynamic=False) (inductor), compiled before the timed rounds.
 ctmc_transition_rows: forward, and forward + backward to lam and h (lam from a parameter, as in matrix learning);
-score_entropy: forward + backward to logscore (Q frozen, as in score learning).  B = 32, L = 256 (a text8 batch
-slice), V = 27 (text8) and 256 (bytes).
+score_entropy: forward + backward to logscore (Q frozen, as in score learning), and ("-lam-h" groups) forward +
+backward to lam and h (the score network fixed, as in matrix learning on the whole bound).  B = 32, L = 256 (a
+text8 batch slice), V = 27 (text8) and 256 (bytes).
 
 "expm_multi_t-T64-n256-<dtype>-<device>": exp(t·Q) for 64 times of one 256×256 rate matrix (exit rates ≈ 1,
 t log-spaced over [1e-3, 10]: the σ̄ range of DMB's log-linear schedule), native (slimrate.ops.expm_multi_t) vs
@@ -90,15 +91,20 @@ def rows_step(backend: str, x: dict, with_backward: bool) -> Callable[[], object
     return step
 
 
-def score_step(backend: str, x: dict) -> Callable[[], object]:
+def score_step(backend: str, x: dict, wrt: str = "logscore") -> Callable[[], object]:
+    """Forward + backward of the summed loss to logscore (score learning) or to lam and h (wrt="rates": matrix
+    learning on the whole bound, the score network held fixed)."""
     fn = op_for(backend, "score_entropy")
-    logscore = x["logscore"].clone().requires_grad_()
+    names = ("logscore",) if wrt == "logscore" else ("lam", "h")
+    leaves = {k: x[k].clone().requires_grad_() for k in names}
+    args = {**x, **leaves}
 
     def step():
-        logscore.grad = None
-        loss = fn(logscore, x["x_t"], x["x0"], x["h"], x["sigma"], x["lam"], x["perm"], x["perm_inv"])
+        for t in leaves.values():
+            t.grad = None
+        loss = fn(*(args[k] for k in ("logscore", "x_t", "x0", "h", "sigma", "lam", "perm", "perm_inv")))
         loss.sum().backward()
-        return loss, logscore.grad
+        return (loss, *(t.grad for t in leaves.values()))
     return step
 
 
@@ -149,6 +155,20 @@ def test_score_entropy(benchmark, backend, case):
     benchmark.extra_info.update(op="score_entropy", backend=backend, dtype=dname, device=device, passes="fwd+bwd",
                                 shape=[B, L, V])
     benchmark.pedantic(synchronized(device, score_step(backend, x)), rounds=ROUNDS, warmup_rounds=2)
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"V{c[0]}-{c[1]}-{c[2]}")
+@pytest.mark.parametrize("backend", ["native", "triton", "eager"])
+def test_score_entropy_rate_grad(benchmark, backend, case):
+    V, dname, device = case
+    skip_triton_off_gpu(backend, device)
+    x = ctmc_inputs(V, DTYPES[dname], device)
+    assert_matches_reference(score_step(backend, x, "rates"),
+                             score_step("eager", ctmc_inputs(V, torch.float64, device), "rates"), CHECK_RTOL[dname])
+    benchmark.group = f"score_entropy-fwd+bwd-lam-h-B{B}-L{L}-V{V}-{dname}-{device}"
+    benchmark.extra_info.update(op="score_entropy", backend=backend, dtype=dname, device=device,
+                                passes="fwd+bwd to lam and h", shape=[B, L, V])
+    benchmark.pedantic(synchronized(device, score_step(backend, x, "rates")), rounds=ROUNDS, warmup_rounds=2)
 
 
 EXPM_T, EXPM_N = 64, 256

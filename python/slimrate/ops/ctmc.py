@@ -183,9 +183,12 @@ def score_entropy(logscore: torch.Tensor, x_t: torch.Tensor, x0: torch.Tensor, h
     with s = logscore [B, L, V] (lam's dtype), x_t, x0 [B, L] int64, h = σ̄(t) and sigma = σ(t) [B] (≥ 0, or
     numbers).  The constant is included: every term is ≥ 0 and 0 at s_y = log r_y.  logscore[..., x_t] does not
     enter the loss (DMB's score scatter).  r is formed in log space, so it stays finite where p(·|x0) underflows.
-    Differentiable in logscore only (Q is frozen in score learning, as in DMB's code); the native and Triton
-    backends produce the gradient in the same pass as the loss.  x_t must be reachable from x0 wherever the
-    weight is nonzero (ValueError otherwise).
+    Differentiable in logscore, lam, h and sigma on every backend.  The native and Triton backends produce
+    d loss / d logscore in the same pass as the loss; the gradients in lam [L, V], h and sigma [B] (lam's dtype)
+    are computed in backward only when one of them requires grad (score_entropy_rate_grads: through the rows' and
+    columns' own backward, docs/dmb.md §4), so a step with Q frozen costs what it did.  A y with
+    p(y|x0) = 0 (ranked below x0, or behind a zero rate) adds nothing to the gradient in lam and h.  x_t must be
+    reachable from x0 wherever the weight is nonzero (ValueError otherwise).
     """
     _check_structure(lam, perm, perm_inv)
     B = _check_tokens("x_t", x_t, lam)
@@ -221,14 +224,12 @@ def _rows_backward(ctx, grad: torch.Tensor, backward_kernel) -> tuple:
 def _cols_setup(ctx, inputs, output) -> None:
     x, lam, perm, perm_inv = inputs
     ctx.save_for_backward(x, perm, perm_inv)
-    ctx.lam_shape = lam.shape
 
 
-def _cols_backward(ctx, grad: torch.Tensor) -> tuple:
-    """out[y] = a_{k−1} (rank j < k), Λ_k (j = k): ∂/∂Λ_k = Σ_{j≤k} G'_j, ∂/∂Λ_{k−1} = −Σ_{j<k} G'_j (k ≥ 1)."""
-    x, perm, perm_inv = ctx.saved_tensors
-    L, V = ctx.lam_shape
-    B = x.shape[0]
+def _cols_dlam(grad: torch.Tensor, x: torch.Tensor, perm: torch.Tensor, perm_inv: torch.Tensor) -> torch.Tensor:
+    """ctmc_rate_cols' backward, d/dlam [L, V] for the output gradient grad [B, L, V]: out[y] = a_{k−1} (rank
+    j < k), Λ_k (j = k), so ∂/∂Λ_k = Σ_{j≤k} G'_j, ∂/∂Λ_{k−1} = −Σ_{j<k} G'_j (k ≥ 1)."""
+    B, L, V = grad.shape
     g_rank = grad.gather(-1, perm_inv.expand(B, L, V))  # G' in rank order
     k = perm.gather(1, x.t()).t()  # [B, L]
     below = (torch.arange(V, device=x.device) < k[..., None]).to(grad.dtype)
@@ -238,21 +239,71 @@ def _cols_backward(ctx, grad: torch.Tensor) -> tuple:
     dlam = grad.new_zeros(L * V)
     dlam.index_add_(0, (row + k).flatten(), (s_lt + g_k).flatten())
     dlam.index_add_(0, (row + (k - 1).clamp_min(0)).flatten(), torch.where(k > 0, -s_lt, 0.0).flatten())
-    return None, dlam.view(L, V), None, None
+    return dlam.view(L, V)
+
+
+def _cols_backward(ctx, grad: torch.Tensor) -> tuple:
+    x, perm, perm_inv = ctx.saved_tensors
+    return None, _cols_dlam(grad, x, perm, perm_inv), None, None
+
+
+def score_entropy_rate_grads(grad_loss, logscore, x_t, x0, h, sigma, lam, perm, perm_inv, rows, rows_backward,
+                             cols) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """score_entropy's gradients in (lam [L, V], h [B], sigma [B]) for the loss gradient grad_loss [B].
+
+    The loss depends on lam and h through its rows p(·|x0) and columns Q[·, x_t] only, so their gradients go
+    through those families' own backward (``rows_backward``, ``_cols_dlam``); ``rows``, ``rows_backward`` and
+    ``cols`` are one backend's kernels.  With w_y = σ·Q[y, x_t], term_y = e^s − r s + r(log r − 1) (y ≠ x_t):
+    ∂/∂Q[y, x_t] = σ·term_y;  ∂/∂p(y|x0) = w_y(log r_y − s_y)/p(x_t|x0);  ∂/∂p(x_t|x0) = −Σ_y w_y(log r_y − s_y)
+    r_y/p(x_t|x0);  ∂/∂σ = Σ_y Q[y, x_t]·term_y.  A y with p(y|x0) = 0 (ranked below x0: 0 for every lam and h)
+    adds nothing to the gradient in p, so it stays finite; so does a row with p(x_t|x0) = 0 (weight 0).
+    """
+    cond = rows(x0, h, lam, perm, perm_inv)
+    col = cols(x_t, lam, perm, perm_inv)
+    off = torch.ones_like(col, dtype=torch.bool).scatter(-1, x_t[..., None], False)  # y ≠ x_t
+    p_t = cond.gather(-1, x_t[..., None])
+    live = off & (cond > 0) & (p_t > 0)
+    p_safe = torch.where(p_t > 0, p_t, 1.0)
+    ratio = torch.where(live, cond / p_safe, 1.0)  # 1 where masked: no log(0) or 0/0
+    log_ratio = ratio.log()
+    term = torch.where(off & (p_t > 0), logscore.exp() + torch.where(live, ratio * (log_ratio - 1 - logscore), 0.0),
+                       0.0)
+    scale = (grad_loss * sigma)[:, None, None]
+    g_cond = torch.where(live, scale * col * (log_ratio - logscore) / p_safe, 0.0)
+    g_cond = g_cond.scatter(-1, x_t[..., None], -(g_cond * ratio).sum(-1, keepdim=True))
+    dlam, dh = rows_backward(g_cond.contiguous(), x0, h, lam, perm, perm_inv)
+    dlam = dlam + _cols_dlam(scale * term, x_t, perm, perm_inv)
+    return dlam, dh, grad_loss * (torch.where(off, col, 0.0) * term).sum((1, 2))
 
 
 def _score_setup(ctx, inputs, output) -> None:
-    ctx.save_for_backward(output[1])  # d loss[b] / d logscore from the forward pass
+    need = ctx.needs_input_grad
+    rates = need[3] or need[4] or need[5]  # h, sigma, lam: the score-learning step (logscore only) saves no input
+    ctx.save_for_backward(output[1], *(inputs[:8] if rates else ()))  # output[1]: d loss[b] / d logscore
     ctx.with_grad = inputs[-1]
     ctx.mark_non_differentiable(output[1])
 
 
 def _score_backward(ctx, grad_loss: torch.Tensor, _grad_of_grad) -> tuple:
-    if not ctx.with_grad:
-        raise RuntimeError("score_entropy: the op ran with with_grad=False, so it kept no gradient; call "
-                           "slimrate.ops.score_entropy, which sets it when logscore requires grad")
-    (g,) = ctx.saved_tensors
-    return (grad_loss[:, None, None] * g,) + (None,) * 8
+    need = ctx.needs_input_grad
+    g, *inputs = ctx.saved_tensors
+    dlogscore = dlam = dh = dsigma = None
+    if need[0]:
+        if not ctx.with_grad:
+            raise RuntimeError("score_entropy: the op ran with with_grad=False, so it kept no gradient; call "
+                               "slimrate.ops.score_entropy, which sets it when logscore requires grad")
+        dlogscore = grad_loss[:, None, None] * g
+    if inputs:
+        from slimrate.triton_kernels import (
+            ctmc_rate_cols_triton,
+            ctmc_transition_rows_backward_triton,
+            ctmc_transition_rows_triton,
+        )
+
+        dlam, dh, dsigma = score_entropy_rate_grads(grad_loss, *inputs, ctmc_transition_rows_triton,
+                                                    ctmc_transition_rows_backward_triton, ctmc_rate_cols_triton)
+    return (dlogscore, None, None, dh if need[3] else None, dsigma if need[4] else None,
+            dlam if need[5] else None, None, None, None)
 
 
 class TritonTransitionRows(torch.autograd.Function):
@@ -287,7 +338,8 @@ class TritonRateCols(torch.autograd.Function):
 
 
 class TritonScoreEntropy(torch.autograd.Function):
-    """score_entropy's Triton backend: (loss, gradient) from one pass."""
+    """score_entropy's Triton backend: (loss, d loss / d logscore) from one pass; lam, h and sigma through
+    score_entropy_rate_grads with the Triton row and column kernels."""
 
     @staticmethod
     def forward(logscore, x_t, x0, h, sigma, lam, perm, perm_inv, with_grad):
@@ -316,6 +368,21 @@ if extension_available():
     def _score_entropy_fake(logscore, x_t, x0, h, sigma, lam, perm, perm_inv, with_grad):
         grad = lam.new_empty(logscore.shape) if with_grad else lam.new_empty((0,))
         return lam.new_empty((x_t.shape[0],)), grad
+
+    @torch.library.custom_op("slimrate::score_entropy_rate_backward", mutates_args=())
+    def score_entropy_rate_backward(grad_loss: torch.Tensor, logscore: torch.Tensor, x_t: torch.Tensor,
+                                    x0: torch.Tensor, h: torch.Tensor, sigma: torch.Tensor, lam: torch.Tensor,
+                                    perm: torch.Tensor, perm_inv: torch.Tensor
+                                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The native score_entropy's backward in (lam, h, sigma): score_entropy_rate_grads with the native
+        kernels, on any device that has them (called by csrc/cpu/ctmc_autograd.cpp)."""
+        ns = torch.ops.slimrate
+        return score_entropy_rate_grads(grad_loss, logscore, x_t, x0, h, sigma, lam, perm, perm_inv,
+                                        ns.ctmc_transition_rows, ns.ctmc_transition_rows_backward, ns.ctmc_rate_cols)
+
+    @score_entropy_rate_backward.register_fake
+    def _score_entropy_rate_backward_fake(grad_loss, logscore, x_t, x0, h, sigma, lam, perm, perm_inv):
+        return lam.new_empty(lam.shape), lam.new_empty(h.shape), lam.new_empty(sigma.shape)
 
     # ctmc_transition_rows and score_entropy have C++ autograd (csrc/cpu/ctmc_autograd.cpp: the Python wrappers of
     # register_autograd cost about 90 µs per step); the same backward formulas serve the Triton classes above.
