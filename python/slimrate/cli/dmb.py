@@ -33,6 +33,7 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     from slimrate.dmb.driver import METHODS, DMBConfig
     from slimrate.dmb.model import MODEL_PRESETS
+    from slimrate.dmb.outer_loop import P0_DEFAULTS, PHASES, Q_OBJECTIVES
 
     defaults = DMBConfig(out_dir="")
     parser.add_argument("--data", default="text8", help="text8 (the embedded corpus), digits, a text file, or a "
@@ -54,6 +55,27 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
                         help="σ̄-scaled network output (default: on for sedd-absorb only, as the official codes)")
     parser.add_argument("--learn-q", action=argparse.BooleanOptionalAction, default=True,
                         help="DMB: matrix learning and p̂_0 re-estimation (--no-learn-q keeps Q at its init)")
+    parser.add_argument("--phases", choices=PHASES, default=defaults.phases,
+                        help="DMB's schedule of matrix and score learning: interleaved (a matrix phase of 50 steps "
+                             "first and every 500 score steps) or official (the authors': --q-passes of matrix "
+                             "steps first, then --score-passes of score steps and --q-passes of matrix steps per "
+                             "outer iteration) (default %(default)s)")
+    parser.add_argument("--q-passes", type=positive_finite_float, default=defaults.q_passes, metavar="PASSES",
+                        help="--phases official: passes over the training windows per matrix phase "
+                             "(default %(default)s)")
+    parser.add_argument("--score-passes", type=positive_finite_float, default=defaults.score_passes,
+                        metavar="PASSES", help="--phases official: passes of score steps per outer iteration "
+                                               "(default %(default)s)")
+    parser.add_argument("--q-objective", choices=Q_OBJECTIVES, default=defaults.q_objective,
+                        help="DMB's matrix objective: prior (the prior KL) or bound (DWDSE + prior KL, the "
+                             "network held fixed) (default %(default)s)")
+    interleaved, official = P0_DEFAULTS["interleaved"], P0_DEFAULTS["official"]
+    parser.add_argument("--p0-samples", type=positive_int, default=None, metavar="N",
+                        help=f"DMB: sequences sampled per p̂_0 re-estimate (default {interleaved[0]} interleaved, "
+                             f"{official[0]} official)")
+    parser.add_argument("--p0-steps", type=positive_int, default=None, metavar="N",
+                        help=f"DMB: Euler steps per p̂_0 sample (default {interleaved[1]} interleaved, "
+                             f"{official[1]} official)")
     parser.add_argument("--seed", type=int, default=defaults.seed)
     parser.add_argument("--checkpoint-every", type=positive_int, default=defaults.checkpoint_every, metavar="N",
                         help="checkpoint every N steps and at the end (default %(default)s)")
@@ -83,7 +105,9 @@ def run_train(args: argparse.Namespace) -> int:
                                    checkpoint_every=args.checkpoint_every, keep_checkpoints=args.keep_checkpoints,
                                    resume=args.resume, progress=not args.no_progress,
                                    scale_by_sigma=args.scale_by_sigma, learn_q=args.learn_q,
-                                   parallel=args.parallel))
+                                   phases=args.phases, q_objective=args.q_objective, q_passes=args.q_passes,
+                                   score_passes=args.score_passes, p0_samples=args.p0_samples,
+                                   p0_steps=args.p0_steps, parallel=args.parallel))
     final = manifest["final_eval"]
     print(f"{args.method} on {manifest['data']['name']}: bound {final['bits_per_token']:.4f} ± "
           f"{final['bits_per_token_se']:.4f} bits/token after {args.budget} steps; wrote {args.out}")

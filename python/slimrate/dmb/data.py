@@ -53,6 +53,12 @@ class TokenData:
     def is_text(self) -> bool:
         return self.image_shape is None
 
+    @property
+    def train_windows(self) -> int:
+        """Training sequences in one pass over the data: non-overlapping windows of ``seq_len`` for text (the
+        official text8 chunking), images for image data."""
+        return len(self.train) // self.seq_len if self.is_text else len(self.train)
+
     def batch_fn(self, batch: int, seed: int) -> Callable[[int, int, int], torch.Tensor]:
         """``get_batch(step, rank, world_size) -> x0 (batch/world_size, L) int64``, a function of the step
         (the shared loop's contract), this rank's share of the step's global batch."""

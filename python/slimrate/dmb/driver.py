@@ -2,11 +2,11 @@
 
 One run = score learning, the loop's steps (AdamW, UBA schedule, gradient clipping, checkpoint/resume,
 metrics JSONL + TensorBoard, progress bar), plus for DMB the alternating outer loop of
-docs/dmb.md §9 as a hook: every ``outer_every`` score steps, p̂_0 is re-estimated from samples of
-the EMA network and the rate matrix is trained for ``matrix_steps`` steps with the network frozen
-(one such phase also runs before the first score step).  The baselines keep Q fixed and
-p̂_0 = μ̂, the training histogram.  At the end, ``model.safetensors`` (EMA weights, rates, p̂_0) and
-``dmb.json`` (settings, data, final bound), then ``manifest.json`` (format, version, SHA-256 of both;
+docs/dmb.md §9 as a hook (``slimrate.dmb.outer_loop``): matrix phases with the network frozen, one before
+the first score step and one after each outer iteration, following p̂_0 re-estimated from samples of the
+EMA network.  The baselines keep Q fixed and p̂_0 = μ̂, the training histogram.  At the end,
+``model.safetensors`` (EMA weights, rates, p̂_0) and ``dmb.json`` (settings, data, final bound, the matrix
+phases' records), then ``manifest.json`` (format, version, SHA-256 of both;
 ``slimrate.train.checkpoint.write_manifest``) are written to ``out_dir``; ``load_model`` verifies them.
 """
 
@@ -28,11 +28,11 @@ from torch import nn
 from slimrate.dmb.baselines import AbsorbingRates, UniformRates
 from slimrate.dmb.data import TokenData, load_token_data
 from slimrate.dmb.elbo import elbo_bits
-from slimrate.dmb.losses import TRAIN_T_MIN, matrix_loss, score_loss
+from slimrate.dmb.losses import TRAIN_T_MIN, score_loss
 from slimrate.dmb.model import ScoreNet, ScoreNetConfig
 from slimrate.dmb.noise import NOISE_SCHEDULES, make_noise, noise_from_dict
+from slimrate.dmb.outer_loop import P0_DEFAULTS, PHASES, Q_OBJECTIVES, OuterLoop, phase_lengths, random_p0
 from slimrate.dmb.rate_matrix import RATE_INITS, RateMatrix
-from slimrate.dmb.sampler import estimate_p0, reverse_sample
 from slimrate.files import write_bytes_atomic, write_text_atomic
 from slimrate.schedules import UBA
 from slimrate.train import TrainConfig, full_state_dict, latest_checkpoint, shard_model, train
@@ -62,9 +62,15 @@ class DMBConfig:
     92M parameters; 1e-3 here for nets of 10⁴–10⁵ parameters, not tuned), UBA schedule with ``phi``
     after ``warmup_share`` of the steps.
     ema: EMA decay, warmed up as min(ema, (1+n)/(10+n)) (the official code; it uses 0.9999 for millions
-    of steps).  DMB only: ``init`` of the rates; every ``outer_every`` steps p̂_0 from ``p0_samples``
-    sequences × ``p0_steps`` Euler steps, then ``matrix_steps`` of AdamW(``matrix_lr``,
-    ``matrix_weight_decay``) on the matrix loss (official code: 1e-3, 1e-2, clip 1).
+    of steps).  DMB only: ``init`` of the rates; ``phases`` the schedule (``slimrate.dmb.outer_loop``):
+    "interleaved" = ``matrix_steps`` matrix steps first and after every ``outer_every`` score steps;
+    "official" = ``q_passes`` passes of matrix steps first, then ``score_passes`` passes of score steps and
+    ``q_passes`` of matrix steps per outer iteration (a pass: ceil(training windows / batch) steps; outer_every
+    and matrix_steps unused).  Each outer iteration starts with p̂_0 from ``p0_samples`` sequences ×
+    ``p0_steps`` Euler steps (None: 32 × 32 for interleaved, the official script's 512 × 128 for official;
+    resolved here, so dmb.json records the numbers used); matrix steps are AdamW(``matrix_lr``,
+    ``matrix_weight_decay``) on ``q_objective``: "prior" (the prior KL, exact over μ̂) or "bound" (DWDSE of a
+    training batch + prior KL) (official code: 1e-3, 1e-2, clip 1).
     eval_every: bound on ``eval_sequences`` × ``eval_samples`` times every k steps (0: at the end only).
     checkpoint_every: a checkpoint of the run every k steps and at the end (0: none), the newest
     ``keep_checkpoints`` kept; resume: continue from the newest one that verifies (docs/training.md §3).
@@ -89,12 +95,16 @@ class DMBConfig:
     warmup_share: float = 0.05
     ema: float = 0.999
     init: str = "gather"
+    phases: str = "interleaved"
+    q_objective: str = "prior"
     outer_every: int = 500
     matrix_steps: int = 50
+    q_passes: float = 15.0
+    score_passes: float = 10.0
     matrix_lr: float = 1e-3
     matrix_weight_decay: float = 0.01
-    p0_samples: int = 32
-    p0_steps: int = 32
+    p0_samples: int | None = None
+    p0_steps: int | None = None
     eval_every: int = 0
     eval_sequences: int = 64
     eval_samples: int = 4
@@ -120,6 +130,7 @@ class DMBConfig:
             raise ValueError(f"parallel: expected one of {', '.join(PARALLEL_MODES)}, got {self.parallel!r}")
         if self.init not in RATE_INITS:
             raise ValueError(f"init: expected one of {RATE_INITS}, got {self.init!r}")
+        self._check_outer_loop()
         for name, low in (("steps", 1), ("batch", 1), ("seq_len", 1), ("outer_every", 1), ("matrix_steps", 1),
                           ("p0_samples", 1), ("p0_steps", 1), ("eval_sequences", 1), ("log_every", 1),
                           ("checkpoint_every", 0), ("keep_checkpoints", 1)):
@@ -130,6 +141,31 @@ class DMBConfig:
             raise ValueError(f"eval_samples: expected >= 2 (the standard error needs two), got {self.eval_samples}")
         if not 0 <= self.ema < 1:
             raise ValueError(f"ema: expected a decay in [0, 1), got {self.ema!r}")
+
+    def _check_outer_loop(self) -> None:
+        """Check the schedule and objective settings and resolve p0_samples / p0_steps (None) per schedule."""
+        if self.phases not in PHASES:
+            raise ValueError(f"phases: expected one of {PHASES}, got {self.phases!r}")
+        if self.q_objective not in Q_OBJECTIVES:
+            raise ValueError(f"q_objective: expected one of {Q_OBJECTIVES}, got {self.q_objective!r}")
+        for name in ("q_passes", "score_passes"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
+                raise ValueError(f"{name}: expected a finite number of passes > 0, got {value!r}")
+        learned = {"phases": (self.phases, "interleaved"), "q_objective": (self.q_objective, "prior")}
+        for name, (value, default) in learned.items():
+            if value != default and self.method != "dmb":
+                raise ValueError(f"{name}: {value!r} concerns DMB's matrix learning; {self.method} has a fixed Q "
+                                 f"(leave it {default!r} or use method='dmb')")
+            if value != default and not self.learn_q:
+                raise ValueError(f"{name}: {value!r} concerns matrix learning, which learn_q=False turns off "
+                                 f"(leave it {default!r} or set learn_q=True)")
+        if self.q_objective == "bound" and self.batch == 1:
+            raise ValueError(f"batch: q_objective='bound' needs >= 2 sequences per batch (the leave-one-out "
+                             f"baseline of its gradient), got {self.batch}")
+        samples, steps = P0_DEFAULTS[self.phases]
+        self.p0_samples = samples if self.p0_samples is None else self.p0_samples
+        self.p0_steps = steps if self.p0_steps is None else self.p0_steps
 
 
 class EMA:
@@ -198,7 +234,7 @@ def build_model(config: DMBConfig, data: TokenData) -> DMBModel:
     h_T = float(noise.total(torch.tensor(1.0, dtype=torch.float64)))
     if config.method == "dmb":
         rates = RateMatrix.from_data(mu_hat, config.init, h_T=h_T, learnable=config.learn_q)
-        p0 = mu_hat
+        p0 = random_p0(data.seq_len, data.vocab_size, config.seed) if config.phases == "official" else mu_hat
     elif config.method == "sedd-absorb":
         rates = AbsorbingRates(data.vocab_size, data.seq_len)
         p0 = torch.cat([mu_hat, torch.zeros(data.seq_len, 1, dtype=torch.float64)], dim=1)  # [MASK] never data
@@ -209,60 +245,6 @@ def build_model(config: DMBConfig, data: TokenData) -> DMBModel:
     net_config = ScoreNetConfig.preset(config.model, rates.vocab_size, data.seq_len, scale_by_sigma=scale)
     torch.manual_seed(config.seed)
     return DMBModel(ScoreNet(net_config), rates, p0, noise)
-
-
-class OuterLoop:
-    """DMB's alternation as a hook: after every ``outer_every``-th score step, re-estimate p̂_0 with the EMA
-    network, then train the rates (``matrix_phase``); its optimizer state is checkpointed."""
-
-    def __init__(self, model: DMBModel, ema: EMA, data: TokenData, config: DMBConfig) -> None:
-        self.model, self.ema, self.data, self.config = model, ema, data, config
-        self.mu_hat = data.histogram()
-        self.optimizer = torch.optim.AdamW([model.rates.raw], lr=config.matrix_lr,
-                                           weight_decay=config.matrix_weight_decay)
-        self.last_kl = math.nan
-
-    def matrix_phase(self) -> float:
-        """``matrix_steps`` AdamW steps on the matrix loss (network untouched); returns the last loss."""
-        raw = self.model.rates.raw
-        for _ in range(self.config.matrix_steps):
-            loss = matrix_loss(self.model.rates, self.mu_hat, self.model.p0_hat, self.model.total_noise_T)
-            self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            nn.utils.clip_grad_norm_([raw], 1.0)  # the official code's clip
-            self.optimizer.step()
-        raw.grad = None  # keep the loop's gradient clipping of the network free of a stale rate gradient
-        self.last_kl = loss.item()
-        return self.last_kl
-
-    @torch.no_grad()
-    def estimate_p0(self) -> None:
-        net = self.model.net
-        was_training = net.training
-        net.eval()
-        try:
-            with self.ema.applied():
-                result = reverse_sample(net, self.model.rates, self.model.noise, self.model.prior(),
-                                        self.config.p0_samples, self.config.p0_steps)
-        finally:
-            net.train(was_training)
-        self.model.p0_hat.copy_(estimate_p0(result.last_probs, self.data.shared_positions))
-
-    def after_step(self, step: int) -> None:
-        done = step + 1
-        if done % self.config.outer_every == 0 and done < self.config.steps:
-            self.estimate_p0()
-            self.matrix_phase()
-
-    def metrics(self) -> dict[str, float]:
-        return {"matrix_kl": self.last_kl}
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"optimizer": self.optimizer.state_dict(), "last_kl": self.last_kl}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.last_kl = float(state["last_kl"])
 
 
 class BoundEvaluator:
@@ -297,11 +279,12 @@ def train_dmb(config: DMBConfig) -> dict[str, Any]:
     out = Path(config.out_dir)
     ema = EMA(model.net, config.ema)
     hooks: list[Any] = [ema]
+    outer = None
     if config.method == "dmb" and config.learn_q:
         outer = OuterLoop(model, ema, data, config)
         hooks.append(outer)
         if latest_checkpoint(out / CHECKPOINTS_DIR) is None:  # a fresh run: matrix learning comes first
-            outer.matrix_phase()
+            outer.matrix_phase(0)
     optimizer = torch.optim.AdamW(model.net.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     scheduler = UBA(optimizer, config.steps, phi=config.phi, warmup_steps=int(config.warmup_share * config.steps))
     x_eval = data.eval_subset(config.eval_sequences)
@@ -313,18 +296,25 @@ def train_dmb(config: DMBConfig) -> dict[str, Any]:
     result = train(model, optimizer, lambda m, x0: m(x0), data.batch_fn(config.batch, config.seed), loop_config,
                    scheduler=scheduler, evaluate=BoundEvaluator(ema, x_eval, config.eval_samples), hooks=hooks)
     with ema.applied():
-        return save_model(out, model, config, data, result.eval)
+        return save_model(out, model, config, data, result.eval, outer.history if outer else [])
 
 
-def save_model(out: Path, model: DMBModel, config: DMBConfig, data: TokenData, final: dict) -> dict[str, Any]:
+def save_model(out: Path, model: DMBModel, config: DMBConfig, data: TokenData, final: dict,
+               matrix_phases: list[dict[str, float]]) -> dict[str, Any]:
     """Write model.safetensors (the module's current state, whole when sharded), dmb.json and their manifest
-    atomically; returns dmb.json's content (the run record)."""
+    atomically; returns dmb.json's content (the run record: settings, network, noise, data, final bound, and
+    for DMB the schedule's lengths and one record per matrix phase, ``OuterLoop.history``)."""
     state = {name: t.detach().contiguous() for name, t in full_state_dict(model).items()}
     write_bytes_atomic(out / MODEL_FILE, save_safetensors(state, metadata={"format": FORMAT}))
     record = {"config": asdict(config), "net": asdict(model.net.cfg), "noise": model.noise.to_dict(),
               "data": {"name": data.name, "vocab_size": data.vocab_size, "seq_len": data.seq_len,
                        "image_shape": data.image_shape},
-              "parameters": sum(p.numel() for p in model.net.parameters()), "final_eval": final}
+              "parameters": sum(p.numel() for p in model.net.parameters()), "final_eval": final,
+              "matrix_phases": matrix_phases}
+    if config.method == "dmb" and config.learn_q:
+        score_steps, matrix_steps = phase_lengths(config, data.train_windows)
+        record["schedule"] = {"train_windows": data.train_windows, "score_steps_per_iteration": score_steps,
+                              "matrix_steps_per_phase": matrix_steps}
     write_text_atomic(out / RUN_FILE, json.dumps(record, indent=1) + "\n")
     write_manifest(out, FORMAT, VERSION, (MODEL_FILE, RUN_FILE))
     return record

@@ -2,13 +2,17 @@
 
 - Score learning: the diffusion-weighted denoising score entropy (DWDSE, SEDD eq. 10 in row form) of
   the score network at one random time per sequence, in nats per sequence.
-- Matrix learning: E_{x0∼μ} KL(p_{T|0}(·|x0) ‖ p̂_0·exp(σ̄(1)Q)), summed over positions.  The KL
-  factorises over positions and depends on x0 only through its per-position marginals, so it is computed
-  exactly from the training histogram μ̂ (the official code averages it over minibatches; same
-  expectation, no sampling noise).
+- Matrix learning on the prior term ("prior", the paper's eq. 5): E_{x0∼μ} KL(p_{T|0}(·|x0) ‖ p̂_0·exp(σ̄(1)Q)),
+  summed over positions.  The KL factorises over positions and depends on x0 only through its per-position
+  marginals, so it is computed exactly from the training histogram μ̂ (the official code averages it over
+  minibatches; same expectation, no sampling noise).
+- Matrix learning on the whole bound ("bound"): the DWDSE of a training batch (network held fixed) plus the
+  prior term above; its gradient w.r.t. the rates is estimated without bias (``matrix_bound_loss``).
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 
@@ -75,3 +79,50 @@ def matrix_loss(rates, mu_hat: torch.Tensor, p0_hat: torch.Tensor, h_T: float) -
     log_ratio = torch.log(rows.clamp_min(PROB_FLOOR)) - torch.log(p_T.clamp_min(PROB_FLOOR))
     kl = (rows * log_ratio).sum(-1)  # (V, L)
     return (mu_hat.t().double() * kl).sum()
+
+
+@dataclass
+class BoundLoss:
+    """One matrix step on the whole bound: ``surrogate`` (a scalar to backpropagate; its value means nothing, its
+    gradient w.r.t. the rates is an unbiased estimate of the bound's), and the two terms of the bound, detached,
+    in nats per sequence: ``score`` (the batch mean of the DWDSE) and ``prior`` (``matrix_loss``)."""
+
+    surrogate: torch.Tensor
+    score: float
+    prior: float
+
+    @property
+    def bound(self) -> float:
+        return self.score + self.prior
+
+
+def matrix_bound_loss(net, rates, noise: Noise, x0: torch.Tensor, mu_hat: torch.Tensor, p0_hat: torch.Tensor,
+                      h_T: float, t: torch.Tensor | None = None,
+                      generator: torch.Generator | None = None) -> BoundLoss:
+    """Matrix learning on the bound E_{t, x_t} DWDSE(x0) + J_Q for a training batch x0 (B, L), B ≥ 2, with the
+    network held fixed (evaluated without gradient, as score learning sees it: current weights, train mode).
+
+    t (B,): one time per sequence, default U(TRAIN_T_MIN, 1) as in score learning.  x_t ~ p_{t|0}(·|x0; Q)
+    depends on Q, so ∇_Q E[f(x_t; Q)] = E[∇_Q f] + E[f·∇_Q log p(x_t|x0; Q)]: the pathwise part (the weights
+    σ·Q[y, x_t] and the ratios r_y inside the DWDSE at fixed x_t) plus the score-function part, here with a
+    leave-one-out baseline b_i = mean of f over the other rows (independent of row i, so still unbiased, and
+    it removes most of the variance of f ≈ its mean).  Without the second part the gradient is biased: it
+    ignores that moving the rates moves where x_t lands.  The prior term is ``matrix_loss`` (exact over μ̂).
+    """
+    B = x0.shape[0]
+    if B < 2:
+        raise ValueError(f"x0: expected a batch of >= 2 sequences (the leave-one-out baseline needs two), got {B}")
+    if t is None:
+        t = sample_times(B, TRAIN_T_MIN, generator)
+    h, sigma = noise.total(t), noise.rate(t)
+    rows = rates.transition_rows(x0, h)  # (B, L, V), differentiable in the rates
+    x_t = sample_categorical(rows.detach(), generator)
+    with torch.no_grad():
+        logscore = net(x_t, h.float())
+    dwdse = rates.score_entropy(logscore, x_t, x0, h, sigma, rate_grad=True).double()  # (B,) pathwise
+    log_p = torch.log(rows.gather(-1, x_t[..., None])).sum((1, 2))  # (B,) log p(x_t|x0; Q), > −inf: drawn from rows
+    f = dwdse.detach()
+    baseline = (f.sum() - f) / (B - 1)
+    prior = matrix_loss(rates, mu_hat, p0_hat, h_T)
+    surrogate = dwdse.mean() + ((f - baseline) * log_p).mean() + prior
+    return BoundLoss(surrogate=surrogate, score=f.mean().item(), prior=prior.item())

@@ -185,13 +185,16 @@ class RateMatrix(nn.Module):
         return ops.ctmc_rate_cols(x, self.lam(), self.perm, self.perm_inv)
 
     def score_entropy(self, logscore: torch.Tensor, x_t: torch.Tensor, x0: torch.Tensor, h: torch.Tensor,
-                      sigma: torch.Tensor) -> torch.Tensor:
+                      sigma: torch.Tensor, *, rate_grad: bool = False) -> torch.Tensor:
         """DWDSE per sequence (B,) in nats: Σ_l Σ_{y≠x_t} σ·Q[y, x_t]·(e^{s_y} − r_y s_y + r_y(log r_y − 1)),
-        r_y = p(y|x0)/p(x_t|x0) (docs/dmb.md §4); gradient w.r.t. logscore (B, L, V) only."""
+        r_y = p(y|x0)/p(x_t|x0) (docs/dmb.md §4).  Differentiable w.r.t. logscore (B, L, V); with
+        ``rate_grad`` also w.r.t. the rates (matrix learning on the whole bound), else they are held fixed
+        (score learning: no rate gradient may leak into the network's step)."""
         check_tokens("x_t", x_t, self.vocab_size, self.seq_len)
         check_tokens("x0", x0, self.vocab_size, self.seq_len)
         check_total_noise("h", h, x0.shape[0])
-        lam = self.lam().detach().to(logscore.dtype)  # the op computes in logscore's dtype (float32 from the net)
+        lam = self.lam() if rate_grad else self.lam().detach()
+        lam = lam.to(logscore.dtype)  # the op computes in logscore's dtype (float32 from the net)
         return ops.score_entropy(logscore, x_t, x0, h.to(logscore.dtype), sigma.to(logscore.dtype), lam,
                                  self.perm, self.perm_inv)
 

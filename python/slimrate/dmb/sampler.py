@@ -70,16 +70,19 @@ def reverse_sample(net, rates, noise: Noise, p_T: torch.Tensor, n: int, steps: i
     return SampleResult(tokens=x, last_probs=probs)
 
 
-def estimate_p0(last_probs: torch.Tensor, shared_positions: bool) -> torch.Tensor:
-    """DMB's p̂_0 (L, V) float64 from the last sampling step (official code ``pred.py``): the mean over
+def estimate_p0(last_probs: torch.Tensor, shared_positions: bool, smoothed: bool = True) -> torch.Tensor:
+    """DMB's p̂_0 (L, V) float64 from the last sampling step (n, L, V) (official code ``pred.py``): the mean over
     samples of the step's probabilities, relu-clamped and renormalised; pooled over positions when they
-    are exchangeable (text), and mixed with one uniform pseudo-sample so no state gets probability 0
-    (a zero would make the prior KL of a sequence holding that state infinite)."""
+    are exchangeable (text) and ``shared_positions``, and, when ``smoothed``, mixed with one uniform
+    pseudo-sample so no state gets probability 0 (a zero makes the prior KL of a sequence holding that state
+    large: the KL clamps p_T at 1e-30).  The official code neither pools nor smooths."""
     p = last_probs.double().clamp_min(0.0)
     p = p / p.sum(-1, keepdim=True).clamp_min(1e-300)  # (n, L, V)
     n, L, V = p.shape
     mean = p.mean(0)
     if shared_positions:
         mean = mean.mean(0, keepdim=True).expand(L, V)
+    if not smoothed:
+        return mean.clone()
     samples = n * (L if shared_positions else 1)
     return (mean * samples + 1.0 / V) / (samples + 1.0)
