@@ -108,8 +108,14 @@ def test_model_option_names_the_outputs_and_the_run_folders(tmp_path):
     assert STUDIES["dmb"].output_stem(study.DMBStudyConfig()) == "dmb"
 
 
-def test_study_training_is_what_earlier_runs_were_trained_with():
-    """Runs trained before the study kept its folders used these settings; changing them would retrain them."""
+def test_study_training_is_what_earlier_runs_were_trained_with(tmp_path):
+    """Runs trained before the study kept its folders used these settings and
+    train_dmb(replace(study_training(), out_dir=…, seed=…, **overrides)); changing them would retrain them."""
+    cfg = study.DMBStudyConfig()
+    for arm in study.arms_supported():
+        expected = dataclasses.replace(study.study_training(), out_dir=str(tmp_path / f"{arm.slug}-s2"), seed=2,
+                                       **arm.overrides)
+        assert study.arm_config(cfg, arm, 2, tmp_path) == expected
     assert dataclasses.asdict(study.study_training()) == dataclasses.asdict(DMBConfig(
         out_dir="", steps=10000, eval_every=500, checkpoint_every=0, log_every=500, progress=False))
     assert [(arm.label, arm.slug) for arm in study.ARMS if arm.slug in (

@@ -102,19 +102,28 @@ def arms_supported() -> tuple[Arm, ...]:
     return tuple(arm for arm in ARMS if set(arm.overrides) <= names)
 
 
+# The quick version's official schedule: phases of a few steps (a pass is ~42000 steps of batch 8 on windows of 16).
+QUICK_PASSES = {"q_passes": 1e-4, "score_passes": 1e-4}
+
+
 def quick_config() -> DMBStudyConfig:
     """A seconds-long version for the tests: every arm, two seeds, a few steps of the tiny net on short windows."""
+    fields = {f.name for f in dataclasses.fields(DMBConfig)}
     train = dataclasses.replace(study_training(), steps=6, eval_every=3, batch=8, seq_len=16, model="tiny",
                                 eval_sequences=4, eval_samples=2, outer_every=3, matrix_steps=2, p0_samples=4,
-                                p0_steps=4, log_every=1)
+                                p0_steps=4, log_every=1, **{k: v for k, v in QUICK_PASSES.items() if k in fields})
     return DMBStudyConfig(arms=tuple(arm.slug for arm in arms_supported()), seeds=(0, 1), train=train,
                           final_sequences=8, final_samples=2, official_repeats=3, sample_count=1, sample_steps=4)
 
 
 def arm_config(cfg: DMBStudyConfig, arm: Arm, seed: int, runs: Path) -> DMBConfig:
-    """The settings of ``arm``'s run with ``seed``; TypeError for a field DMBConfig lacks, ValueError for a
-    combination it refuses."""
-    return dataclasses.replace(cfg.train, **arm.overrides, seed=seed, out_dir=str(runs / f"{arm.slug}-s{seed}"))
+    """The settings of ``arm``'s run with ``seed``: the study's shared settings that differ from DMBConfig's
+    defaults, then the arm's overrides; a setting left at its default is resolved for the arm (a schedule's own
+    p̂_0 sampling, say).  TypeError for a field DMBConfig lacks, ValueError for a combination it refuses."""
+    defaults = DMBConfig(out_dir="")
+    shared = {f.name: getattr(cfg.train, f.name) for f in dataclasses.fields(DMBConfig)
+              if getattr(cfg.train, f.name) != getattr(defaults, f.name)}
+    return DMBConfig(**{**shared, **arm.overrides, "seed": seed, "out_dir": str(runs / f"{arm.slug}-s{seed}")})
 
 
 def same_settings(saved: DMBConfig, wanted: DMBConfig) -> bool:

@@ -50,8 +50,8 @@ def paired(a: list[dict], b: list[dict]) -> str:
     else:
         words = "lower (better)" if mean < 0 else "higher (worse)"
     per_seed = ", ".join(f"s{x['seed']} {d:+.3f}" for (x, _), d in zip(pairs, diffs, strict=True))
-    return (f"{a[0]['arm']} − {b[0]['arm']}: {mean:+.3f} bits/char over {n} seeds ({per_seed}; Monte Carlo "
-            f"error {mc:.3f}): {words}.")
+    return (f"{a[0]['arm']} − {b[0]['arm']}: {mean:+.3f} bits/char over {n} seed{'s' * (n > 1)} ({per_seed}; "
+            f"Monte Carlo error {mc:.3f}): {words}.")
 
 
 def verdicts(groups: dict[str, list[dict]]) -> list[str]:
