@@ -170,6 +170,21 @@ else
   fi
 fi
 
+publish
+
+# --- DMB at the size of SEDD's small text8 net: learned Q vs frozen at init, SEDD-absorb beside them -------------
+section "DMB learned vs frozen Q at the sedd-small size (bench/dmb_sedd_small.py)"
+if [ "$(remaining)" -lt 60 ]; then
+  echo "- skipped: the time budget is spent" >>"$RESULTS"
+else
+  t0=$SECONDS
+  # 20 steps per arm, meant to fit ~3 minutes on 16 cores (not yet measured: the DMB driver trains on the CPU, and
+  # 2 steps per arm took 9.7 minutes on 2 shared cores)
+  timeout -k 10 "$(limit 200)" $PY bench/dmb_sedd_small.py --steps 20 --out "$LOGS" >"$LOGS/dmb_sedd_small.log" 2>&1
+  status_line "bench/dmb_sedd_small.py --steps 20 (sedd-small preset, 1 seed)" $? $((SECONDS - t0))
+  { cat "$LOGS/dmb_sedd-small.md" 2>/dev/null || tail -n 30 "$LOGS/dmb_sedd_small.log"; } | fenced
+fi
+
 echo >>"$RESULTS"
 echo "Total: $((SECONDS - START_S)) s" >>"$RESULTS"
 publish

@@ -2,6 +2,7 @@
 the generic formulas, the ELBO of the exact score against the true NLL, the sampler, and bad inputs."""
 
 import math
+import statistics
 
 import pytest
 import scipy.linalg
@@ -13,12 +14,15 @@ from slimrate.dmb import (
     GeometricNoise,
     LogLinearNoise,
     RateMatrix,
+    ScoreNet,
+    ScoreNetConfig,
     UniformRates,
     data_permutation,
     elbo_bits,
     estimate_p0,
     initial_rates,
     matrix_loss,
+    official_bits,
     reverse_sample,
 )
 from slimrate.dmb.losses import sample_categorical
@@ -191,8 +195,9 @@ class ExactScore(nn.Module):
         return torch.stack([logp[b, :, x[:, 1]], logp[b, x[:, 0], :]], dim=1) - base[:, None, None]
 
 
+@pytest.mark.parametrize("protocol", ["ours", "official"])
 @pytest.mark.parametrize("name", FORWARD_PROCESSES)
-def test_elbo_of_the_exact_score_equals_the_true_nll(name):
+def test_elbo_of_the_exact_score_equals_the_true_nll(name, protocol):
     """With the exact score the bound of x0 is −log p_data(x0) + E_{x_T|x0} log(p_T(x_T)/p_base(x_T)): the
     true NLL plus the (exactly computable, here < 1%) cost of starting the reverse chain from the factorised
     prior p_base instead of the true p_T.  The Monte Carlo estimate must agree within 4 standard errors."""
@@ -211,13 +216,44 @@ def test_elbo_of_the_exact_score_equals_the_true_nll(name):
         log_mismatch = p_T.clamp_min(1e-300).log() - (p_base[0][:, None] * p_base[1][None, :]).log()  # (S, S)
         flat = torch.multinomial(p.reshape(-1), 4000, replacement=True)
         x0 = torch.stack([flat // S, flat % S], 1)
-        result = elbo_bits(net, rates, noise, p_base, x0, samples=2, batch=4000)
+        if protocol == "ours":
+            result = elbo_bits(net, rates, noise, p_base, x0, samples=2, batch=4000)
+        else:
+            result = official_bits(net, rates, noise, p_base, x0, repeats=4, batch=4000)
         rows_T = rates.transition_rows(x0, torch.full((4000,), h_T, dtype=torch.float64))  # (N, 2, S)
         mismatch = torch.einsum("na,nb,ab->n", rows_T[:, 0], rows_T[:, 1], log_mismatch)
         nll = -p[x0[:, 0], x0[:, 1]].log()
     expected = float((nll + mismatch).mean()) / (2 * math.log(2))
     assert abs(result.bits_per_token - expected) < 4 * result.standard_error, (result, expected)
     assert float(mismatch.mean()) < 0.01 * float(nll.mean())
+
+
+def test_official_protocol_agrees_with_ours_on_a_random_net():
+    """Both protocols estimate ∫₀¹ DWDSE dt + the prior KL (the official one up to its ∫₀^ε part, ~10⁻¹⁰): on one
+    untrained net with a perturbed output layer they must agree within 3 combined standard errors, and their
+    prior terms (computed exactly by both) must be equal."""
+    rates, noise = random_rate_matrix(L=6, V=5), LogLinearNoise()
+    net = ScoreNet(ScoreNetConfig.preset("tiny", 5, 6))
+    with torch.no_grad():
+        net.output.weight.normal_(0, 0.05)  # zero-initialised: a non-trivial score
+        h_T = float(noise.total(torch.tensor(1.0, dtype=torch.float64)))
+        p_T = rates.push_forward(torch.softmax(torch.randn(6, 5, dtype=torch.float64), -1), h_T)
+        x0 = torch.randint(0, 5, (200, 6))
+        ours = elbo_bits(net, rates, noise, p_T, x0, samples=8, generator=torch.Generator().manual_seed(1))
+        theirs = official_bits(net, rates, noise, p_T, x0, repeats=20, generator=torch.Generator().manual_seed(2))
+    se = math.hypot(ours.standard_error, theirs.standard_error)
+    assert abs(ours.bits_per_token - theirs.bits_per_token) < 3 * se, (ours, theirs)
+    assert theirs.prior_bits == pytest.approx(ours.prior_bits, rel=1e-12)
+    assert len(theirs.per_repeat) == 20 and theirs.bits_per_token == pytest.approx(sum(theirs.per_repeat) / 20)
+    assert theirs.standard_error == pytest.approx(statistics.stdev(theirs.per_repeat) / math.sqrt(20))
+
+
+@pytest.mark.parametrize("repeats", [0, 1, True, 2.5])
+def test_official_protocol_rejects_fewer_than_two_repeats(repeats):
+    rates = random_rate_matrix(L=2, V=3)
+    with pytest.raises(ValueError, match=f"repeats: expected an int >= 2 .*got {repeats!r}"):
+        official_bits(None, rates, LogLinearNoise(), torch.full((2, 3), 1 / 3, dtype=torch.float64),
+                      torch.zeros(1, 2, dtype=torch.int64), repeats=repeats)
 
 
 @pytest.mark.parametrize("name, method", [("dmb", "euler"), ("absorb", "euler"), ("absorb", "analytic"),

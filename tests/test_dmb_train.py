@@ -135,7 +135,11 @@ def test_cli_trains_evaluates_and_samples_text(tmp_path, capsys):
     assert (out / "metrics.jsonl").is_file() and (out / "model.safetensors").is_file()
     assert main(["dmb", "eval", str(out), "--sequences", "4", "--samples", "2"]) == 0
     line = capsys.readouterr().out
-    assert "bound" in line and "±" in line and "4 sequences × 2 times" in line and "bits per character" in line
+    assert "bound, protocol ours:" in line and "±" in line and "4 sequences × 2 times" in line
+    assert "bits per character" in line
+    assert main(["dmb", "eval", str(out), "--sequences", "4", "--protocol", "official", "--repeats", "3"]) == 0
+    line = capsys.readouterr().out
+    assert "bound, protocol official:" in line and "SE over 3 repeats of one uniform t per sequence" in line
     assert main(["dmb", "sample", str(out), "-n", "3", "--steps", "4"]) == 0
     samples = capsys.readouterr().out.splitlines()
     assert len(samples) == 3 and all(len(s) == 16 and set(s) <= set(" abcdefghijklmnopqrstuvwxyz") for s in samples)
@@ -168,10 +172,12 @@ def test_cli_rejects_bad_inputs(argv, message, capsys):
     assert message in capsys.readouterr().err
 
 
-def test_cli_rejects_one_sample_per_window(tmp_path, capsys):
+@pytest.mark.parametrize("flag", ["--samples", "--repeats"])
+@pytest.mark.parametrize("value", ["0", "1"])
+def test_cli_rejects_fewer_than_two_samples_or_repeats(tmp_path, capsys, flag, value):
     (tmp_path / "dmb.json").write_text("{}")
-    assert main(["dmb", "eval", str(tmp_path), "--samples", "1"]) == 2
-    assert "--samples: expected >= 2" in capsys.readouterr().err
+    assert main(["dmb", "eval", str(tmp_path), flag, value]) == 2
+    assert f"{flag}: expected >= 2 (the standard error needs two), got {value}" in capsys.readouterr().err
 
 
 @pytest.fixture(scope="module")

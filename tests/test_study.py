@@ -9,7 +9,9 @@ import pytest
 
 from slimrate.cli import main
 from slimrate.studies import STUDIES, run_study
-from slimrate.studies.backslash_finetune import ARMS, lam_factor
+from slimrate.studies.backslash_finetune import ARMS as FINETUNE_ARMS
+from slimrate.studies.backslash_finetune import lam_factor
+from slimrate.studies.dmb import ARMS, arms_supported
 from slimrate.studies.schedules import SchedulesStudyConfig, quick_config, run_one, schedule_variants
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -52,7 +54,7 @@ def check_backslash(cfg, payload, table):
 
 def check_backslash_finetune(cfg, payload, table):
     rows = payload["rows"]
-    runs = {("plain", 0.0), ("plain finetune", 0.0), ("scratch", 50.0)} | {(arm, 50.0) for arm in ARMS}
+    runs = {("plain", 0.0), ("plain finetune", 0.0), ("scratch", 50.0)} | {(arm, 50.0) for arm in FINETUNE_ARMS}
     assert {(r["arm"], r["lam"], r["quant_step"], r["seed"]) for r in rows} == {
         (arm, lam, step, 1) for arm, lam in runs for step in cfg.quant_steps}
     by_run = {(r["arm"], r["quant_step"]): r for r in rows}
@@ -66,18 +68,27 @@ def check_backslash_finetune(cfg, payload, table):
 
 def check_dmb(cfg, payload, table):
     rows = payload["rows"]
-    assert [(r["method"], r["scale_by_sigma"], r["learn_q"]) for r in rows] == [
-        ("dmb", False, True), ("dmb", True, True), ("dmb", False, False), ("sedd-absorb", True, True),
-        ("sedd-uniform", False, True)]
+    arms = [arm for arm in ARMS if arm.slug in cfg.arms]
+    assert [(r["arm"], r["seed"]) for r in rows] == [(arm.label, seed) for arm in arms for seed in (1, 2)]
+    assert [arm.label for arm in arms_supported()] == [arm.label for arm in arms]  # quick: every arm that runs here
     for row in rows:
-        assert row["bpc"] > 0 and row["se"] > 0 and [p["step"] for p in row["curve"]] == [3, 6]
+        assert row["bpc"] > 0 and row["se"] > 0 and row["official_bpc"] > 0 and row["official_se"] > 0
+        assert [p["step"] for p in row["curve"]] == [3, 6] and row["trained"]
         assert len(row["samples"]) == 1 and len(row["samples"][0]) == 16
-    assert rows[2]["rates"] == {"absorbing_rate": pytest.approx(1.0), "other_rate_mean": pytest.approx(1e-10),
-                                "other_rate_max": pytest.approx(1e-10)}  # the gather init, untouched
-    assert rows[3]["rates"] is None
+        assert Path(row["folder"]).name == f"{row['slug']}-s{row['seed']}"
+        assert (row["rates"] is None) == (row["method"] != "dmb")
+    frozen = [r for r in rows if r["arm"] == "dmb frozen at init"]
+    assert [r["rates"] for r in frozen] == 2 * [{"absorbing_rate": pytest.approx(1.0),
+                                                 "other_rate_mean": pytest.approx(1e-10),
+                                                 "other_rate_max": pytest.approx(1e-10)}]  # the gather init, untouched
     assert payload["config"]["train"]["steps"] == cfg.train.steps  # the shared training settings are stored
-    assert "| dmb | no |" in table and "| sedd-absorb | yes |" in table and "Does the learned Q help" in table
-    assert table.count(" SE), ") == 3 * 2 + 1  # each DMB run against each baseline, learned against frozen Q
+    assert payload["arms_not_run"] == {}
+    for arm in arms:
+        assert f"| {arm.label} | 2 |" in table
+    learning = sum(arm.overrides.get("method") == "dmb" and arm.overrides.get("learn_q", True) for arm in arms)
+    assert table.count(" − dmb frozen at init: ") == learning
+    assert table.count(" − sedd-absorb: ") == table.count(" − sedd-uniform: ") == learning + 1
+    assert "Does the learned Q help?" in table and "![BPC vs steps](dmb.png)" in table
 
 
 CHECKS = {"schedules": check_schedules, "backslash": check_backslash, "backslash-finetune": check_backslash_finetune,

@@ -27,7 +27,7 @@ from torch import nn
 
 from slimrate.dmb.baselines import AbsorbingRates, UniformRates
 from slimrate.dmb.data import TokenData, load_token_data
-from slimrate.dmb.elbo import elbo_bits
+from slimrate.dmb.elbo import elbo_bits, official_bits
 from slimrate.dmb.losses import TRAIN_T_MIN, score_loss
 from slimrate.dmb.model import ScoreNet, ScoreNetConfig
 from slimrate.dmb.noise import NOISE_SCHEDULES, make_noise, noise_from_dict
@@ -265,6 +265,13 @@ def bound_of(model: DMBModel, x_eval: torch.Tensor, samples: int, seed: int):
     generator = torch.Generator().manual_seed(seed)
     return elbo_bits(model.net, model.rates, model.noise, model.prior(), x_eval, samples=samples,
                      generator=generator)
+
+
+def official_bound_of(model: DMBModel, x_eval: torch.Tensor, repeats: int, seed: int):
+    """``official_bits`` (the DMB authors' protocol) of ``model`` on x_eval with a generator seeded by ``seed``."""
+    generator = torch.Generator().manual_seed(seed)
+    return official_bits(model.net, model.rates, model.noise, model.prior(), x_eval, repeats=repeats,
+                         generator=generator)
 
 
 def train_dmb(config: DMBConfig) -> dict[str, Any]:

@@ -63,6 +63,11 @@ class Study(Generic[C]):
     run_all: Callable[[C], tuple[list[dict], dict]]
     table: Callable[[C, StudyResults], str]
     plot: Callable[[C, StudyResults], bytes]
+    stem_of: Callable[[C], str] | None = None  # an output name that depends on the config (default: stem)
+
+    def output_stem(self, config: C) -> str:
+        """The output files' name for ``config``."""
+        return self.stem if self.stem_of is None else self.stem_of(config)
 
     def run(self, config: C) -> StudyResults:
         """Train and measure every run of ``config``."""
@@ -75,12 +80,12 @@ class Study(Generic[C]):
 
     def write(self, config: C, results: StudyResults, out_dir: str | os.PathLike) -> list[Path]:
         """Write <stem>.md (title, machine line, table), <stem>.png and <stem>.json (config, facts, rows)
-        atomically into ``out_dir``; returns the three paths."""
+        atomically into ``out_dir``, stem = ``output_stem(config)``; returns the three paths."""
         header = (f"# {self.title}\n\n{platform.machine()} {cpu_model()}, {os.cpu_count()} cores, "
                   f"torch {torch.__version__} with {torch.get_num_threads()} threads, "
                   f"{len(results.rows)} runs in {results.minutes:.1f} min, {datetime.date.today()}.\n\n")
         payload = {"config": dataclasses.asdict(config), **results.facts, "rows": results.rows}
-        out = Path(out_dir)
-        return [write_text_atomic(out / f"{self.stem}.md", header + self.table(config, results)),
-                write_bytes_atomic(out / f"{self.stem}.png", self.plot(config, results)),
-                write_text_atomic(out / f"{self.stem}.json", json.dumps(payload, indent=1) + "\n")]
+        out, stem = Path(out_dir), self.output_stem(config)
+        return [write_text_atomic(out / f"{stem}.md", header + self.table(config, results)),
+                write_bytes_atomic(out / f"{stem}.png", self.plot(config, results)),
+                write_text_atomic(out / f"{stem}.json", json.dumps(payload, indent=1) + "\n")]
