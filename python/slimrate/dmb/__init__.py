@@ -20,4 +20,5 @@ __all__ = ["METHODS", "MODEL_PRESETS", "RATE_INITS", "AbsorbingRates", "DMBConfi
            "GeometricNoise", "LogLinearNoise", "OfficialResult", "RateMatrix", "ScoreNet", "ScoreNetConfig",
            "TokenData", "UniformRates", "bound_of", "data_permutation", "elbo_bits", "estimate_p0", "image_grid_png",
            "initial_rates", "load_model", "load_token_data", "make_noise", "matrix_bound_loss", "matrix_loss",
-           "official_bits", "official_bound_of", "prior_kl", "read_cifar10_batch", "reverse_sample", "score_loss", "train_dmb"]
+           "official_bits", "official_bound_of", "prior_kl", "read_cifar10_batch", "reverse_sample", "score_loss",
+           "train_dmb"]
