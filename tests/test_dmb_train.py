@@ -40,8 +40,8 @@ def test_train_resumes_bit_identically_after_a_crash(tmp_path, monkeypatch, meth
 
     batch_fn = TokenData.batch_fn
 
-    def crashing_batch_fn(self, batch, seed):
-        get_batch = batch_fn(self, batch, seed)
+    def crashing_batch_fn(self, batch, seed, device="cpu"):
+        get_batch = batch_fn(self, batch, seed, device)
 
         def get(step, rank, world_size):
             if step == 4:

@@ -88,7 +88,8 @@ class UniformRates(nn.Module):
         """Q[y, x]: 1/N for y ≠ x, −(N−1)/N at y = x, (B, L, V) float64."""
         check_tokens("x", x, self._vocab, self._seq_len)
         N = self._vocab
-        return torch.full((*x.shape, N), 1.0 / N, dtype=torch.float64) - nn.functional.one_hot(x.long(), N).double()
+        return (torch.full((*x.shape, N), 1.0 / N, dtype=torch.float64, device=x.device)
+                - nn.functional.one_hot(x.long(), N).double())
 
     def score_entropy(self, logscore: torch.Tensor, x_t: torch.Tensor, x0: torch.Tensor, h: torch.Tensor,
                       sigma: torch.Tensor) -> torch.Tensor:

@@ -59,9 +59,11 @@ class TokenData:
         official text8 chunking), images for image data."""
         return len(self.train) // self.seq_len if self.is_text else len(self.train)
 
-    def batch_fn(self, batch: int, seed: int) -> Callable[[int, int, int], torch.Tensor]:
-        """``get_batch(step, rank, world_size) -> x0 (batch/world_size, L) int64``, a function of the step
-        (the shared loop's contract), this rank's share of the step's global batch."""
+    def batch_fn(self, batch: int, seed: int,
+                 device: torch.device | str = "cpu") -> Callable[[int, int, int], torch.Tensor]:
+        """``get_batch(step, rank, world_size) -> x0 (batch/world_size, L) int64`` on ``device``, a function of
+        the step (the shared loop's contract), this rank's share of the step's global batch; drawn on the CPU, so
+        a seed gives the same batches on every device."""
         def get_batch(step: int, rank: int, world_size: int) -> torch.Tensor:
             generator = torch.Generator().manual_seed(seed * 1_000_003 + step)
             if self.is_text:
@@ -69,7 +71,7 @@ class TokenData:
                 x0 = self.train[starts[:, None] + torch.arange(self.seq_len)]
             else:
                 x0 = self.train[torch.randint(0, len(self.train), (batch,), generator=generator)]
-            return x0.long().tensor_split(world_size)[rank]
+            return x0.long().tensor_split(world_size)[rank].to(device)
         return get_batch
 
     def histogram(self) -> torch.Tensor:

@@ -35,7 +35,7 @@ from slimrate.dmb.outer_loop import P0_DEFAULTS, PHASES, Q_OBJECTIVES, OuterLoop
 from slimrate.dmb.rate_matrix import RATE_INITS, RateMatrix
 from slimrate.files import write_bytes_atomic, write_text_atomic
 from slimrate.schedules import UBA
-from slimrate.train import TrainConfig, full_state_dict, latest_checkpoint, shard_model, train
+from slimrate.train import TrainConfig, check_device, full_state_dict, latest_checkpoint, shard_model, train
 from slimrate.train.checkpoint import (
     DEFAULT_KEEP,
     CheckpointError,
@@ -78,7 +78,9 @@ class DMBConfig:
     (SEDD-absorb yes, DMB's example script and SEDD-uniform no).
     learn_q: DMB only; False keeps Q at its ``init`` and p̂_0 = μ̂ (no outer loop): the control that shows
     what matrix learning adds.  parallel: under torchrun (baselines only), "ddp" or "fsdp" (the model
-    sharded with FSDP2, sharded checkpoints; docs/training.md §6)."""
+    sharded with FSDP2, sharded checkpoints; docs/training.md §6).  device: where the run trains, evaluates and
+    samples: "cpu", "cuda" (under torchrun: each process's cuda:LOCAL_RANK) or "cuda:N"; data, initial weights and
+    seeded draws (batches, times) come from the CPU, so a seed starts the same run on every device."""
 
     out_dir: str
     data: str = "text8"
@@ -117,6 +119,7 @@ class DMBConfig:
     scale_by_sigma: bool | None = None
     learn_q: bool = True
     parallel: str = "ddp"
+    device: str = "cpu"
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -128,6 +131,7 @@ class DMBConfig:
                              "nothing there (leave it True)")
         if self.parallel not in PARALLEL_MODES:
             raise ValueError(f"parallel: expected one of {', '.join(PARALLEL_MODES)}, got {self.parallel!r}")
+        check_device(self.device)
         if self.init not in RATE_INITS:
             raise ValueError(f"init: expected one of {RATE_INITS}, got {self.init!r}")
         self._check_outer_loop()
@@ -219,6 +223,11 @@ class DMBModel(nn.Module):
         return score_loss(self.net, self.rates, self.noise, x0, TRAIN_T_MIN)
 
     @property
+    def device(self) -> torch.device:
+        """Where the model's tensors are (those of p̂_0, a buffer every model has)."""
+        return self.p0_hat.device
+
+    @property
     def total_noise_T(self) -> float:
         return float(self.noise.total(torch.tensor(1.0, dtype=torch.float64)))
 
@@ -261,17 +270,27 @@ class BoundEvaluator:
 
 
 def bound_of(model: DMBModel, x_eval: torch.Tensor, samples: int, seed: int):
-    """``elbo_bits`` of ``model`` (current weights) on x_eval with a generator seeded by ``seed``."""
+    """``elbo_bits`` of ``model`` (current weights) on x_eval (moved to the model's device) with a CPU generator
+    seeded by ``seed`` (the same times and uniforms on every device)."""
     generator = torch.Generator().manual_seed(seed)
-    return elbo_bits(model.net, model.rates, model.noise, model.prior(), x_eval, samples=samples,
+    return elbo_bits(model.net, model.rates, model.noise, model.prior(), x_eval.to(model.device), samples=samples,
                      generator=generator)
 
 
 def official_bound_of(model: DMBModel, x_eval: torch.Tensor, repeats: int, seed: int):
-    """``official_bits`` (the DMB authors' protocol) of ``model`` on x_eval with a generator seeded by ``seed``."""
+    """``official_bits`` (the DMB authors' protocol) of ``model`` on x_eval, as ``bound_of``."""
     generator = torch.Generator().manual_seed(seed)
-    return official_bits(model.net, model.rates, model.noise, model.prior(), x_eval, repeats=repeats,
-                         generator=generator)
+    return official_bits(model.net, model.rates, model.noise, model.prior(), x_eval.to(model.device),
+                         repeats=repeats, generator=generator)
+
+
+def run_device(config: DMBConfig) -> torch.device:
+    """The device of ``config``'s run: config.device, where "cuda" under torchrun is this process's GPU,
+    cuda:LOCAL_RANK (where the shared loop expects the model)."""
+    device = check_device(config.device)
+    if device.type == "cuda" and device.index is None and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return device
 
 
 def train_dmb(config: DMBConfig) -> dict[str, Any]:
@@ -280,7 +299,8 @@ def train_dmb(config: DMBConfig) -> dict[str, Any]:
         raise ValueError("method: DMB's outer loop (p̂_0 sampling, matrix learning) runs in one process; run it "
                          "without torchrun, or train a baseline (sedd-absorb, sedd-uniform) under torchrun")
     data = load_token_data(config.data, config.seq_len)
-    model = build_model(config, data)
+    device = run_device(config)
+    model = build_model(config, data).to(device)  # built on the CPU: the same initial weights on every device
     if config.parallel == "fsdp":  # the network is the root: evaluation and sampling call it, not model
         shard_model(model.net)  # before the EMA and the optimizer, which keep the parameters
     out = Path(config.out_dir)
@@ -294,24 +314,25 @@ def train_dmb(config: DMBConfig) -> dict[str, Any]:
             outer.matrix_phase(0)
     optimizer = torch.optim.AdamW(model.net.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     scheduler = UBA(optimizer, config.steps, phi=config.phi, warmup_steps=int(config.warmup_share * config.steps))
-    x_eval = data.eval_subset(config.eval_sequences)
+    x_eval = data.eval_subset(config.eval_sequences).to(device)
     loop_config = TrainConfig(steps=config.steps, out_dir=str(out), eval_every=config.eval_every,
                               log_every=config.log_every, checkpoint_every=config.checkpoint_every,
                               keep_checkpoints=config.keep_checkpoints, resume=config.resume,
                               max_grad_norm=config.grad_clip, seed=config.seed, progress=config.progress,
                               desc=f"dmb {config.method}", parallel=config.parallel)
-    result = train(model, optimizer, lambda m, x0: m(x0), data.batch_fn(config.batch, config.seed), loop_config,
-                   scheduler=scheduler, evaluate=BoundEvaluator(ema, x_eval, config.eval_samples), hooks=hooks)
+    result = train(model, optimizer, lambda m, x0: m(x0), data.batch_fn(config.batch, config.seed, device),
+                   loop_config, scheduler=scheduler, evaluate=BoundEvaluator(ema, x_eval, config.eval_samples),
+                   hooks=hooks)
     with ema.applied():
         return save_model(out, model, config, data, result.eval, outer.history if outer else [])
 
 
 def save_model(out: Path, model: DMBModel, config: DMBConfig, data: TokenData, final: dict,
                matrix_phases: list[dict[str, float]]) -> dict[str, Any]:
-    """Write model.safetensors (the module's current state, whole when sharded), dmb.json and their manifest
-    atomically; returns dmb.json's content (the run record: settings, network, noise, data, final bound, and
+    """Write model.safetensors (the module's current state on the CPU, whole when sharded), dmb.json and their
+    manifest atomically; returns dmb.json's content (the run record: settings, network, noise, data, final bound, and
     for DMB the schedule's lengths and one record per matrix phase, ``OuterLoop.history``)."""
-    state = {name: t.detach().contiguous() for name, t in full_state_dict(model).items()}
+    state = {name: t.detach().cpu().contiguous() for name, t in full_state_dict(model).items()}
     write_bytes_atomic(out / MODEL_FILE, save_safetensors(state, metadata={"format": FORMAT}))
     record = {"config": asdict(config), "net": asdict(model.net.cfg), "noise": model.noise.to_dict(),
               "data": {"name": data.name, "vocab_size": data.vocab_size, "seq_len": data.seq_len,
@@ -327,10 +348,11 @@ def save_model(out: Path, model: DMBModel, config: DMBConfig, data: TokenData, f
     return record
 
 
-def load_model(directory: str | Path) -> tuple[DMBModel, DMBConfig, dict[str, Any]]:
-    """The trained model of a run folder, its config and run record (dmb.json), after checking both files
-    against the folder's manifest; ``CheckpointError`` naming the file if either is missing, corrupt, edited or
-    not one this slimrate can build a model from."""
+def load_model(directory: str | Path, device: str = "cpu") -> tuple[DMBModel, DMBConfig, dict[str, Any]]:
+    """The trained model of a run folder on ``device`` ("cpu", "cuda", "cuda:N"), its config (with that device)
+    and run record (dmb.json), after checking both files against the folder's manifest; ``CheckpointError``
+    naming the file if either is missing, corrupt, edited or not one this slimrate can build a model from."""
+    check_device(device)
     directory = Path(directory)
     fix = "pass the --out folder of a finished `slimrate dmb train` run of this slimrate version, or train it again"
     verify_manifest(directory, FORMAT, VERSION, (MODEL_FILE, RUN_FILE), fix)
@@ -338,20 +360,22 @@ def load_model(directory: str | Path) -> tuple[DMBModel, DMBConfig, dict[str, An
     state = read_tensors(directory / MODEL_FILE, fix)
     # Verified, yet perhaps not written by this code: a missing or ill-typed field, weights that do not fit.
     try:
-        model, config = _build_trained(record, state)
+        model, config = _build_trained(record, state, device)
     except (KeyError, TypeError, ValueError, RuntimeError) as e:
         raise CheckpointError(f"{directory / RUN_FILE}: does not describe the model in {MODEL_FILE} "
                               f"({type(e).__name__}: {e})", fix) from e
-    return model, config, record
+    return model.to(device), config, record
 
 
-def _build_trained(record: dict[str, Any], state: dict[str, torch.Tensor]) -> tuple[DMBModel, DMBConfig]:
-    """The model and config that dmb.json's ``record`` describes, with the weights ``state``, in eval mode."""
+def _build_trained(record: dict[str, Any], state: dict[str, torch.Tensor],
+                   device: str) -> tuple[DMBModel, DMBConfig]:
+    """The model (on the CPU) and config (with ``device``: the run's own may be absent here) that dmb.json's
+    ``record`` describes, with the weights ``state``, in eval mode."""
     unknown = set(record["config"]) - {f.name for f in dataclasses.fields(DMBConfig)}
     if unknown:
         raise ValueError(f"settings {sorted(unknown)} are unknown to this slimrate; the run was written by another "
                          "version")
-    config = DMBConfig(**{**record["config"], "resume": False})
+    config = DMBConfig(**{**record["config"], "resume": False, "device": device})
     noise = noise_from_dict(record["noise"])
     V, L = record["net"]["vocab_size"], record["net"]["seq_len"]
     if config.method == "dmb":

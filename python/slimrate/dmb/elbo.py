@@ -71,7 +71,7 @@ def elbo_bits(net, rates, noise: Noise, p_T: torch.Tensor, x0: torch.Tensor, sam
     for chunk in x0.split(per_call):
         b = chunk.shape[0]
         repeated = chunk.repeat_interleave(samples, dim=0)  # (b·k, L)
-        u = sample_times(b * samples, 0.0, generator)  # (0, 1]
+        u = sample_times(b * samples, 0.0, generator, x0.device)  # (0, 1]
         values = 2 * u * score_entropy_at(net, rates, noise, repeated, u * u, generator).double()
         values = values.view(b, samples)
         score_means.append(values.mean(1))
@@ -123,7 +123,8 @@ def official_bits(net, rates, noise: Noise, p_T: torch.Tensor, x0: torch.Tensor,
     scores = []
     for _ in range(repeats):
         per_sequence = [score_entropy_at(net, rates, noise, chunk, sample_times(chunk.shape[0], OFFICIAL_T_MIN,
-                                                                                generator), generator).double()
+                                                                                generator, x0.device),
+                                         generator).double()
                         for chunk in x0.split(batch)]
         scores.append(torch.cat(per_sequence).mean())
     score = torch.stack(scores)  # (repeats,) nats per sequence

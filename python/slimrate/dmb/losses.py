@@ -28,15 +28,21 @@ PROB_FLOOR = 1e-30
 
 def sample_categorical(probs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
     """One draw per row of unnormalised non-negative ``probs`` (..., V) by the exponential race
-    argmax p_v / E_v, E_v ~ Exp(1) (SEDD catsample.py); a zero-probability state is never drawn."""
-    u = torch.rand(probs.shape, generator=generator, dtype=torch.float64, device=probs.device)
+    argmax p_v / E_v, E_v ~ Exp(1) (SEDD catsample.py); a zero-probability state is never drawn.
+    The uniforms come from ``generator`` on its own device (a seeded CPU generator gives the same draws for
+    probs on any device), else from probs' device's default generator."""
+    source = probs.device if generator is None else generator.device
+    u = torch.rand(probs.shape, generator=generator, dtype=torch.float64, device=source).to(probs.device)
     race = -torch.log1p(-u)  # Exp(1), finite since u < 1
     return (probs.double() / race).argmax(-1)
 
 
-def sample_times(n: int, t_min: float, generator: torch.Generator | None = None) -> torch.Tensor:
-    """n times in (t_min, 1], float64: t = 1 − (1 − t_min)·U (never exactly t_min, where σ̄ may be 0)."""
-    return 1 - (1 - t_min) * torch.rand(n, generator=generator, dtype=torch.float64)
+def sample_times(n: int, t_min: float, generator: torch.Generator | None = None,
+                 device: torch.device | str = "cpu") -> torch.Tensor:
+    """n times in (t_min, 1], float64 on ``device``: t = 1 − (1 − t_min)·U (never exactly t_min, where σ̄ may be
+    0).  U is drawn on the CPU (``generator``, else torch's default one) whatever the device, so the times of a
+    seed are the same on every device."""
+    return (1 - (1 - t_min) * torch.rand(n, generator=generator, dtype=torch.float64)).to(device)
 
 
 def score_entropy_at(net, rates, noise: Noise, x0: torch.Tensor, t: torch.Tensor,
@@ -51,7 +57,7 @@ def score_entropy_at(net, rates, noise: Noise, x0: torch.Tensor, t: torch.Tensor
 
 def score_loss(net, rates, noise: Noise, x0: torch.Tensor, t_min: float = TRAIN_T_MIN) -> torch.Tensor:
     """Score learning's loss: the batch mean of the DWDSE at one random t per sequence, nats/sequence."""
-    return score_entropy_at(net, rates, noise, x0, sample_times(x0.shape[0], t_min)).mean()
+    return score_entropy_at(net, rates, noise, x0, sample_times(x0.shape[0], t_min, device=x0.device)).mean()
 
 
 def row_kl(rows: torch.Tensor, p_T: torch.Tensor) -> torch.Tensor:
@@ -62,7 +68,7 @@ def row_kl(rows: torch.Tensor, p_T: torch.Tensor) -> torch.Tensor:
 
 def prior_kl(rates, x0: torch.Tensor, p_T: torch.Tensor, h_T: float) -> torch.Tensor:
     """KL(p_{T|0}(·|x0) ‖ p_T) per sequence (B,) in nats, summed over positions (the ELBO's prior term)."""
-    h = torch.full((x0.shape[0],), float(h_T), dtype=torch.float64)
+    h = torch.full((x0.shape[0],), float(h_T), dtype=torch.float64, device=x0.device)
     return row_kl(rates.transition_rows(x0, h), p_T)
 
 
@@ -74,8 +80,9 @@ def matrix_loss(rates, mu_hat: torch.Tensor, p0_hat: torch.Tensor, h_T: float) -
     """
     L, V = mu_hat.shape
     p_T = rates.push_forward(p0_hat, h_T)  # (L, V)
-    states = torch.arange(V).expand(L, V).t().contiguous()  # (V, L): row v holds state v everywhere
-    rows = rates.transition_rows(states, torch.full((V,), float(h_T), dtype=torch.float64))  # (V, L, V)
+    states = torch.arange(V, device=mu_hat.device).expand(L, V).t().contiguous()  # (V, L): state v everywhere
+    h = torch.full((V,), float(h_T), dtype=torch.float64, device=mu_hat.device)
+    rows = rates.transition_rows(states, h)  # (V, L, V)
     log_ratio = torch.log(rows.clamp_min(PROB_FLOOR)) - torch.log(p_T.clamp_min(PROB_FLOOR))
     kl = (rows * log_ratio).sum(-1)  # (V, L)
     return (mu_hat.t().double() * kl).sum()
@@ -113,7 +120,7 @@ def matrix_bound_loss(net, rates, noise: Noise, x0: torch.Tensor, mu_hat: torch.
     if B < 2:
         raise ValueError(f"x0: expected a batch of >= 2 sequences (the leave-one-out baseline needs two), got {B}")
     if t is None:
-        t = sample_times(B, TRAIN_T_MIN, generator)
+        t = sample_times(B, TRAIN_T_MIN, generator, x0.device)
     h, sigma = noise.total(t), noise.rate(t)
     rows = rates.transition_rows(x0, h)  # (B, L, V), differentiable in the rates
     x_t = sample_categorical(rows.detach(), generator)

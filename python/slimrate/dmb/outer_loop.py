@@ -53,13 +53,13 @@ class OuterLoop:
     matrix phase (``matrix_phase``, also run once before score learning by ``train_dmb``).  Each phase appends a
     record to ``history`` (the step it followed, its length, the last prior KL, for "bound" the phase's mean
     bound, and the mean rates into the last rank and into the others); optimizer, step count and history are
-    checkpointed."""
+    checkpointed.  Everything runs on the model's device."""
 
     def __init__(self, model, ema, data, config) -> None:
         self.model, self.ema, self.data, self.config = model, ema, data, config
-        self.mu_hat = data.histogram()
+        self.mu_hat = data.histogram().to(model.device)
         self.score_steps, self.matrix_steps = phase_lengths(config, data.train_windows)
-        self.batches = data.batch_fn(config.batch, config.seed + MATRIX_BATCH_SEED)
+        self.batches = data.batch_fn(config.batch, config.seed + MATRIX_BATCH_SEED, model.device)
         self.optimizer = torch.optim.AdamW([model.rates.raw], lr=config.matrix_lr,
                                            weight_decay=config.matrix_weight_decay)
         self.updates = 0  # matrix steps so far: the index of the next bound batch

@@ -126,7 +126,7 @@ class RateMatrix(nn.Module):
             raise ValueError(f"perm: expected shape (L, V) with V >= 2, got {tuple(perm.shape)}")
         L, V = perm.shape
         perm = perm.long()
-        if not torch.equal(perm.sort(dim=1).values, torch.arange(V).expand(L, V)):
+        if not torch.equal(perm.sort(dim=1).values, torch.arange(V, device=perm.device).expand(L, V)):
             raise ValueError("perm: expected each row to be a permutation of 0..V-1")
         if tuple(rates.shape) != (L, V - 1):
             raise ValueError(f"rates: expected shape (L, V-1) = {(L, V - 1)}, got {tuple(rates.shape)}")

@@ -46,7 +46,7 @@ def reverse_sample(net, rates, noise: Noise, p_T: torch.Tensor, n: int, steps: i
         raise ValueError(f"n, steps: expected >= 1, got {n}, {steps}")
     L, V = p_T.shape
     x = sample_categorical(p_T.expand(n, L, V), generator)  # (n, L)
-    times = torch.linspace(1.0, t_min, steps + 1, dtype=torch.float64)
+    times = torch.linspace(1.0, t_min, steps + 1, dtype=torch.float64, device=p_T.device)
     dt = (1.0 - t_min) / steps
     probs = F.one_hot(x, V).double()
     for i in range(steps):
