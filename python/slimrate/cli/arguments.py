@@ -35,6 +35,23 @@ def add_parallel_argument(parser: argparse.ArgumentParser) -> None:
                              "(default %(default)s; one process runs it whole either way)")
 
 
+def add_device_argument(parser: argparse.ArgumentParser, what: str) -> None:
+    """``--device cpu|cuda|cuda:N``: where the command ``what`` runs (default cpu), checked while parsing."""
+    parser.add_argument("--device", type=device_name, default="cpu",
+                        help=f"where to {what}: cpu, cuda or cuda:N (default %(default)s)")
+
+
+def device_name(text: str) -> str:
+    """A device slimrate.train.check_device accepts here ('cuda' only where this process sees a GPU)."""
+    from slimrate.train import check_device
+
+    try:
+        check_device(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e).removeprefix("device: ")) from None
+    return text
+
+
 def positive_int(text: str) -> int:
     value = int(text)
     if value <= 0:

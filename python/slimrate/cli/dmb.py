@@ -7,6 +7,7 @@ from pathlib import Path
 
 from slimrate.cli.arguments import (
     add_command,
+    add_device_argument,
     add_parallel_argument,
     nonnegative_int,
     positive_finite_float,
@@ -85,6 +86,7 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
                         help="continue from the newest checkpoint in --out that verifies (an older one when the "
                              "newest is damaged, with a warning)")
     add_parallel_argument(parser)
+    add_device_argument(parser, "train (the data and initial weights are the same on every device)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -107,7 +109,7 @@ def run_train(args: argparse.Namespace) -> int:
                                    scale_by_sigma=args.scale_by_sigma, learn_q=args.learn_q,
                                    phases=args.phases, q_objective=args.q_objective, q_passes=args.q_passes,
                                    score_passes=args.score_passes, p0_samples=args.p0_samples,
-                                   p0_steps=args.p0_steps, parallel=args.parallel))
+                                   p0_steps=args.p0_steps, parallel=args.parallel, device=args.device))
     final = manifest["final_eval"]
     print(f"{args.method} on {manifest['data']['name']}: bound {final['bits_per_token']:.4f} ± "
           f"{final['bits_per_token_se']:.4f} bits/token after {args.budget} steps; wrote {args.out}")
@@ -130,6 +132,7 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--repeats", type=int, default=20,
                         help="official: passes over the windows, >= 2 (default 20, the authors' test script)")
     parser.add_argument("--seed", type=int, default=0)
+    add_device_argument(parser, "evaluate")
 
 
 def check_eval(args: argparse.Namespace) -> None:
@@ -144,7 +147,7 @@ def run_eval(args: argparse.Namespace) -> int:
     from slimrate.dmb.data import load_token_data
     from slimrate.dmb.driver import bound_of, load_model, official_bound_of
 
-    model, config, _ = load_model(args.dir)
+    model, config, _ = load_model(args.dir, args.device)
     data = load_token_data(config.data, config.seq_len)
     x_eval = data.eval_subset(args.sequences)
     if args.protocol == "ours":
@@ -164,6 +167,7 @@ def add_sample_arguments(parser: argparse.ArgumentParser) -> None:
                         help="analytic: SEDD's Tweedie step, baselines only (default %(default)s)")
     parser.add_argument("-o", "--output", help="PNG path for images (default DIR/samples.png)")
     parser.add_argument("--seed", type=int, default=0)
+    add_device_argument(parser, "sample")
 
 
 def check_sample(args: argparse.Namespace) -> None:
@@ -179,12 +183,12 @@ def run_sample(args: argparse.Namespace) -> int:
     from slimrate.dmb.driver import load_model
     from slimrate.dmb.sampler import reverse_sample
 
-    model, config, _ = load_model(args.dir)
+    model, config, _ = load_model(args.dir, args.device)
     data = load_token_data(config.data, config.seq_len)
-    torch.manual_seed(args.seed)
+    torch.manual_seed(args.seed)  # seeds the CUDA generators too
     with torch.no_grad():
         tokens = reverse_sample(model.net, model.rates, model.noise, model.prior(), args.n, args.steps,
-                                method=args.sampler).tokens
+                                method=args.sampler).tokens.cpu()
     if data.is_text:
         for line in data.describe(tokens):
             print(line)

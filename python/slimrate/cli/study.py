@@ -1,5 +1,6 @@
 """`slimrate study NAME`: one sub-command per entry of slimrate.studies.STUDIES; each writes a table, a plot
-and every run as JSON.  `slimrate study dmb` also takes its arms, seeds, network, run folders and jobs."""
+and every run as JSON.  `slimrate study dmb` also takes its arms, seeds, network, device, run folders
+and jobs."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import dataclasses
 from functools import partial
 from pathlib import Path
 
-from slimrate.cli.arguments import add_command, positive_int
+from slimrate.cli.arguments import add_command, device_name, positive_int
 from slimrate.cli.errors import UsageError
 from slimrate.cli.paths import check_output_folder
 
@@ -55,6 +56,8 @@ def add_dmb_arguments(parser: argparse.ArgumentParser) -> None:
                         help="run folders, kept and reused when their settings match (default OUT/<stem>-runs)")
     parser.add_argument("--jobs", type=positive_int, default=1,
                         help="runs trained at once, one thread each (default %(default)s)")
+    parser.add_argument("--device", type=device_name,
+                        help="where the runs train and are evaluated: cpu, cuda or cuda:N (default cpu)")
 
 
 def check(args: argparse.Namespace) -> None:
@@ -70,11 +73,11 @@ def check(args: argparse.Namespace) -> None:
 
 
 def dmb_config(config, args: argparse.Namespace):
-    """The dmb study's config with the command line's arms, seeds, model, run folders and jobs."""
+    """The dmb study's config with the command line's arms, seeds, model, device, run folders and jobs."""
     from slimrate.studies import STUDIES
 
-    if args.model is not None:
-        config = dataclasses.replace(config, train=dataclasses.replace(config.train, model=args.model))
+    train = {k: v for k, v in {"model": args.model, "device": args.device}.items() if v is not None}
+    config = dataclasses.replace(config, train=dataclasses.replace(config.train, **train))
     overrides = {"arms": args.arms, "seeds": args.seeds}
     config = dataclasses.replace(config, jobs=args.jobs, **{k: v for k, v in overrides.items() if v is not None})
     runs_dir = args.runs_dir or str(Path(args.out) / f"{STUDIES['dmb'].output_stem(config)}-runs")

@@ -7,7 +7,8 @@ control: what matrix learning adds).  Arms whose settings this slimrate's ``DMBC
 as not run.  Every run keeps its folder, ``<runs_dir>/<slug>-s<seed>``; a folder whose manifest verifies and
 whose saved settings equal the run's is reused, not retrained, so runs trained earlier with the same settings
 (``train_dmb``) enter the study.  Each run's final EMA model is evaluated on held-out windows with our bound and
-the DMB authors' protocol (``slimrate.dmb.elbo``); nothing is selected on those windows.  The report is
+the DMB authors' protocol (``slimrate.dmb.elbo``); nothing is selected on those windows.  Runs train and are
+evaluated on the shared settings' ``device``.  The report is
 ``slimrate.studies.dmb_report``.
 """
 
@@ -51,8 +52,9 @@ ARMS = (Arm("sedd-absorb", "sedd-absorb", {"method": "sedd-absorb"}),
                                                           "q_objective": "bound"}),
         Arm("dmb frozen at init", "dmb-frozen-init", {"method": "dmb", "learn_q": False}))
 ARM_SLUGS = tuple(arm.slug for arm in ARMS)
-# Settings that do not change what a run computes: a saved run that differs only in these is reused.
-IGNORED_FIELDS = ("out_dir", "progress", "resume")
+# Settings that do not change what a run computes (the device changes its rounding only): a saved run that differs
+# only in these is reused.
+IGNORED_FIELDS = ("out_dir", "progress", "resume", "device")
 
 
 def study_training() -> DMBConfig:
@@ -177,14 +179,14 @@ def evaluate_run(cfg: DMBStudyConfig, arm: Arm, config: DMBConfig, trained: bool
     curve = [{"step": r["step"], "bpc": r["eval/bits_per_token"], "se": r["eval/bits_per_token_se"]}
              for r in records if "eval/bits_per_token" in r]
     speeds = [r["samples_per_s"] / config.batch for r in records if "samples_per_s" in r]
-    model, _, record = load_model(out)
+    model, _, record = load_model(out, config.device)
     data = load_token_data(config.data, config.seq_len)
     x_eval = data.eval_subset(cfg.final_sequences)
     final = bound_of(model, x_eval, cfg.final_samples, EVAL_SEED + 1)
     official = official_bound_of(model, x_eval, cfg.official_repeats, EVAL_SEED + 2)
     with torch.no_grad():
         tokens = reverse_sample(model.net, model.rates, model.noise, model.prior(), cfg.sample_count, cfg.sample_steps,
-                                generator=torch.Generator().manual_seed(config.seed)).tokens
+                                generator=torch.Generator().manual_seed(config.seed)).tokens.cpu()
     return {"arm": arm.label, "slug": arm.slug, "seed": config.seed, "method": config.method,
             "learn_q": config.learn_q, "trained": trained, "folder": str(out),
             "rates": rate_summary(model.rates) if config.method == "dmb" else None,
