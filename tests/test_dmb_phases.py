@@ -297,8 +297,8 @@ def test_official_run_resumes_bit_identically_after_a_crash(tmp_path, monkeypatc
     expected = load_model(tmp_path / "full")[0].state_dict()
     batch_fn = TokenData.batch_fn
 
-    def crashing_batch_fn(self, batch, seed):
-        get_batch = batch_fn(self, batch, seed)
+    def crashing_batch_fn(self, batch, seed, device="cpu"):
+        get_batch = batch_fn(self, batch, seed, device)
 
         def get(step, rank, world_size):
             if step == 5 and seed == 0:  # score learning's stream (matrix batches use their own seed)

@@ -101,7 +101,7 @@ def test_model_option_names_the_outputs_and_the_run_folders(tmp_path):
     from slimrate.cli.study import dmb_config
 
     args = type("Args", (), {"model": "medium", "arms": ("dmb-interleaved-prior", "dmb-frozen-init"),
-                             "seeds": (0,), "jobs": 2, "runs_dir": None, "out": str(tmp_path)})()
+                             "seeds": (0,), "jobs": 2, "runs_dir": None, "out": str(tmp_path), "device": None})()
     cfg = dmb_config(study.DMBStudyConfig(), args)
     assert cfg.train.model == "medium" and cfg.train.steps == 10000 and cfg.seeds == (0,) and cfg.jobs == 2
     assert STUDIES["dmb"].output_stem(cfg) == "dmb_medium" and cfg.runs_dir == str(tmp_path / "dmb_medium-runs")
