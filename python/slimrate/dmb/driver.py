@@ -79,8 +79,8 @@ class DMBConfig:
     learn_q: DMB only; False keeps Q at its ``init`` and p̂_0 = μ̂ (no outer loop): the control that shows
     what matrix learning adds.  parallel: under torchrun (baselines only), "ddp" or "fsdp" (the model
     sharded with FSDP2, sharded checkpoints; docs/training.md §6).  device: where the run trains, evaluates and
-    samples: "cpu", "cuda" (under torchrun: each process's cuda:LOCAL_RANK) or "cuda:N"; data, initial weights and
-    seeded draws (batches, times) come from the CPU, so a seed starts the same run on every device."""
+    samples: "cpu", "cuda" (under torchrun: each process's cuda:LOCAL_RANK) or "cuda:N"; the initial weights, the
+    batches and the times are drawn on the CPU (the same on every device), x_t and p̂_0's samples on the device."""
 
     out_dir: str
     data: str = "text8"
