@@ -35,7 +35,7 @@ def test_finished_runs_are_reused_and_changed_settings_retrain(tmp_path):
     train_dmb(plain)
     first, facts = study.run_all(cfg)
     assert [(r["slug"], r["trained"]) for r in first] == [("sedd-absorb", True), ("dmb-frozen-init", False)]
-    assert facts == {"arms_not_run": {}, "jobs": 1}
+    assert facts == {"arms_not_run": {}, "jobs": 1, "runs_not_run": []}
     before = weights_mtimes(first)
     second, _ = study.run_all(cfg)
     assert not any(r["trained"] for r in second) and weights_mtimes(second) == before
@@ -83,6 +83,24 @@ def test_two_jobs_train_both_runs_in_worker_processes(tmp_path):
     assert study.train_missing(configs, jobs=2) == []
 
 
+def test_without_training_only_finished_runs_are_reported_and_the_rest_listed(tmp_path):
+    cfg = tiny_study(tmp_path, seeds=(0, 1))
+    done = dataclasses.replace(cfg.train, out_dir=str(tmp_path / "runs" / "dmb-frozen-init-s1"), seed=1,
+                               method="dmb", learn_q=False)
+    train_dmb(done)
+    rows, facts = study.run_all(dataclasses.replace(cfg, train_missing=False))
+    assert [(r["slug"], r["seed"], r["trained"]) for r in rows] == [("dmb-frozen-init", 1, False)]
+    assert facts["runs_not_run"] == ["sedd-absorb, seed 0", "sedd-absorb, seed 1", "dmb frozen at init, seed 0"]
+    assert not (tmp_path / "runs" / "sedd-absorb-s0").exists()
+
+
+def test_paired_verdict_uses_the_seeds_both_arms_have():
+    a = [{"arm": "a", "seed": s, "bpc": 3.0 + s, "se": 0.01} for s in (0, 1, 2)]
+    b = [{"arm": "b", "seed": 1, "bpc": 3.5, "se": 0.01}]
+    assert "+0.500 bits/char over 1 seed (s1 +0.500;" in paired(a, b)
+    assert paired(a, [{"arm": "c", "seed": 5, "bpc": 3.0, "se": 0.01}]) == "a − c: no seed in common."
+
+
 def test_paired_verdict_needs_one_sign_and_twice_the_monte_carlo_error():
     def rows(arm, bpcs, se):
         return [{"arm": arm, "seed": s, "bpc": b, "se": se} for s, b in enumerate(bpcs)]
@@ -101,9 +119,11 @@ def test_model_option_names_the_outputs_and_the_run_folders(tmp_path):
     from slimrate.cli.study import dmb_config
 
     args = type("Args", (), {"model": "medium", "arms": ("dmb-interleaved-prior", "dmb-frozen-init"),
-                             "seeds": (0,), "jobs": 2, "runs_dir": None, "out": str(tmp_path), "device": None})()
+                             "seeds": (0,), "jobs": 2, "runs_dir": None, "out": str(tmp_path), "device": None,
+                             "train_missing": False})()
     cfg = dmb_config(study.DMBStudyConfig(), args)
     assert cfg.train.model == "medium" and cfg.train.steps == 10000 and cfg.seeds == (0,) and cfg.jobs == 2
+    assert not cfg.train_missing
     assert STUDIES["dmb"].output_stem(cfg) == "dmb_medium" and cfg.runs_dir == str(tmp_path / "dmb_medium-runs")
     assert STUDIES["dmb"].output_stem(study.DMBStudyConfig()) == "dmb"
 

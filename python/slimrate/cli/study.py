@@ -58,6 +58,8 @@ def add_dmb_arguments(parser: argparse.ArgumentParser) -> None:
                         help="runs trained at once, one thread each (default %(default)s)")
     parser.add_argument("--device", type=device_name,
                         help="where the runs train and are evaluated: cpu, cuda or cuda:N (default cpu)")
+    parser.add_argument("--no-train", dest="train_missing", action="store_false",
+                        help="report only the runs whose folders are finished; list the others as not run")
 
 
 def check(args: argparse.Namespace) -> None:
@@ -79,7 +81,8 @@ def dmb_config(config, args: argparse.Namespace):
     train = {k: v for k, v in {"model": args.model, "device": args.device}.items() if v is not None}
     config = dataclasses.replace(config, train=dataclasses.replace(config.train, **train))
     overrides = {"arms": args.arms, "seeds": args.seeds}
-    config = dataclasses.replace(config, jobs=args.jobs, **{k: v for k, v in overrides.items() if v is not None})
+    config = dataclasses.replace(config, jobs=args.jobs, train_missing=args.train_missing,
+                                 **{k: v for k, v in overrides.items() if v is not None})
     runs_dir = args.runs_dir or str(Path(args.out) / f"{STUDIES['dmb'].output_stem(config)}-runs")
     return dataclasses.replace(config, runs_dir=runs_dir)
 

@@ -68,15 +68,18 @@ class DMBStudyConfig:
     """The default: every arm × seeds 0, 1, 2, 10000 steps of the `small` net each (≈ 5–6 minutes a run on 2
     idle CPU cores, torch 2.13; 3–5× that on a shared machine).  Run seeds are ``seed`` + each of ``seeds``.
     runs_dir: where run folders are kept (None: a temporary folder, deleted after); jobs: runs trained at once,
-    each in its own process with one thread.  Each run ends with our bound on ``final_sequences`` ×
-    ``final_samples`` times, the official protocol's ``official_repeats`` passes over the same windows, and
-    ``sample_count`` samples of ``sample_steps`` Euler steps (the text in the report)."""
+    each in its own process with one thread; train_missing: False reports only the runs whose folders are
+    finished and lists the others as not run (a study trained elsewhere, or not all done).  Each run ends with
+    our bound on ``final_sequences`` × ``final_samples`` times, the official protocol's ``official_repeats``
+    passes over the same windows, and ``sample_count`` samples of ``sample_steps`` Euler steps (the text in the
+    report)."""
 
     arms: tuple[str, ...] = ARM_SLUGS
     seeds: tuple[int, ...] = (0, 1, 2)
     train: DMBConfig = field(default_factory=study_training)  # its eval_* settings: the curve
     runs_dir: str | None = None
     jobs: int = 1
+    train_missing: bool = True
     final_sequences: int = 256
     final_samples: int = 8
     official_repeats: int = 20
@@ -207,9 +210,15 @@ def run_in(cfg: DMBStudyConfig, runs: Path) -> tuple[list[dict], dict]:
             planned += [(arm, arm_config(cfg, arm, seed, runs)) for seed in cfg.run_seeds]
         except (TypeError, ValueError) as e:
             not_run[arm.label] = f"{type(e).__name__}: {e}"
-    trained = {c.out_dir for c in train_missing([c for _, c in planned], cfg.jobs)}
+    if cfg.train_missing:
+        trained = {c.out_dir for c in train_missing([c for _, c in planned], cfg.jobs)}
+        missing = []
+    else:
+        trained, missing = set(), [(arm, c) for arm, c in planned if not finished(c)]
+        planned = [(arm, c) for arm, c in planned if (arm, c) not in missing]
     rows = [evaluate_run(cfg, arm, c, c.out_dir in trained) for arm, c in planned]
-    return rows, {"arms_not_run": not_run, "jobs": cfg.jobs}
+    return rows, {"arms_not_run": not_run, "jobs": cfg.jobs,
+                  "runs_not_run": [f"{arm.label}, seed {c.seed}" for arm, c in missing]}
 
 
 def run_all(cfg: DMBStudyConfig) -> tuple[list[dict], dict]:

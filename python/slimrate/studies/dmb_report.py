@@ -39,9 +39,11 @@ def spread(group: list[dict], value: Callable[[dict], float], digits: int = 3) -
 
 
 def paired(a: list[dict], b: list[dict]) -> str:
-    """A against B paired by seed (module docstring), in words; every arm of a study runs the same seeds."""
+    """A against B paired by seed (module docstring), over the seeds both have, in words."""
     b_by_seed = {r["seed"]: r for r in b}
-    pairs = [(r, b_by_seed[r["seed"]]) for r in a]
+    pairs = [(r, b_by_seed[r["seed"]]) for r in a if r["seed"] in b_by_seed]
+    if not pairs:
+        return f"{a[0]['arm']} − {b[0]['arm']}: no seed in common."
     diffs = [x["bpc"] - y["bpc"] for x, y in pairs]
     mean, n = statistics.fmean(diffs), len(pairs)
     mc = math.sqrt(sum(x["se"] ** 2 + y["se"] ** 2 for x, y in pairs)) / n
@@ -105,6 +107,10 @@ def results_table(cfg, results: StudyResults) -> str:
     if not_run:
         lines += ["", "Arms not run (this slimrate's DMBConfig cannot express them):", "",
                   *(f"- {label}: {reason}" for label, reason in not_run.items())]
+    runs_not_run = results.facts.get("runs_not_run")
+    if runs_not_run:
+        lines += ["", f"Runs not trained (reported without training, and their folders were not finished): "
+                  f"{'; '.join(runs_not_run)}."]
     lines += ["", *verdicts(groups), "",
               "A difference is significant when every seed has the same sign and |mean| ≥ 2 × the Monte Carlo "
               "error √(Σ_seeds (SE_A² + SE_B²)) / n.", "",
