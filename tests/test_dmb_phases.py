@@ -7,8 +7,9 @@ import json
 
 import pytest
 import torch
+from test_dmb_train import Crash, crash_score_batches_at
 
-from slimrate.dmb import DMBConfig, TokenData, load_model, load_token_data, train_dmb
+from slimrate.dmb import DMBConfig, load_model, load_token_data, train_dmb
 from slimrate.dmb.driver import DMBModel, build_model
 from slimrate.dmb.losses import matrix_bound_loss
 from slimrate.dmb.noise import LogLinearNoise
@@ -277,10 +278,6 @@ def test_cli_rejects_bad_schedule_flags(tmp_path, capsys, argv, message):
     assert message in capsys.readouterr().err
 
 
-class Crash(Exception):
-    pass
-
-
 @pytest.mark.parametrize("objective", ["prior", "bound"])
 def test_official_run_resumes_bit_identically_after_a_crash(tmp_path, monkeypatch, objective):
     """8 steps of the official schedule (3 score steps and 2 matrix steps per iteration), a checkpoint every 4:
@@ -295,21 +292,8 @@ def test_official_run_resumes_bit_identically_after_a_crash(tmp_path, monkeypatc
                   steps=8, checkpoint_every=4, **TINY)
     full = train_dmb(DMBConfig(out_dir=str(tmp_path / "full"), **config))
     expected = load_model(tmp_path / "full")[0].state_dict()
-    batch_fn = TokenData.batch_fn
-
-    def crashing_batch_fn(self, batch, seed, device="cpu"):
-        get_batch = batch_fn(self, batch, seed, device)
-
-        def get(step, rank, world_size):
-            if step == 5 and seed == 0:  # score learning's stream (matrix batches use their own seed)
-                raise Crash
-            return get_batch(step, rank, world_size)
-        return get
-
-    monkeypatch.setattr(TokenData, "batch_fn", crashing_batch_fn)
-    with pytest.raises(Crash):
+    with crash_score_batches_at(5), pytest.raises(Crash):
         train_dmb(DMBConfig(out_dir=str(tmp_path / "part"), **config))
-    monkeypatch.setattr(TokenData, "batch_fn", batch_fn)
     resumed = train_dmb(DMBConfig(out_dir=str(tmp_path / "part"), resume=True, **config))
     got = load_model(tmp_path / "part")[0].state_dict()
     for name, tensor in expected.items():

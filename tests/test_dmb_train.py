@@ -1,6 +1,7 @@
 """DMB end to end: training through the shared loop and its resume, the CLI (train, eval, sample), the
 data loaders (text files, digits, CIFAR-10 pickles) and the model folder's manifest check."""
 
+import contextlib
 import json
 import pickle
 import shutil
@@ -28,6 +29,28 @@ class Crash(Exception):
     pass
 
 
+@contextlib.contextmanager
+def crash_score_batches_at(step: int, seed: int = 0):
+    """Within the block, the batch stream of seed ``seed`` (score learning's; matrix batches of the bound
+    objective draw from their own seed) raises Crash when asked for ``step``."""
+    batch_fn = TokenData.batch_fn
+
+    def crashing_batch_fn(self, batch, stream_seed, device="cpu"):
+        get_batch = batch_fn(self, batch, stream_seed, device)
+
+        def get(at, rank, world_size):
+            if at == step and stream_seed == seed:
+                raise Crash
+            return get_batch(at, rank, world_size)
+        return get
+
+    TokenData.batch_fn = crashing_batch_fn
+    try:
+        yield
+    finally:
+        TokenData.batch_fn = batch_fn
+
+
 @pytest.mark.parametrize("method", ["dmb", "sedd-absorb"])
 def test_train_resumes_bit_identically_after_a_crash(tmp_path, monkeypatch, method):
     """6 steps, DMB's outer loop every 2, a checkpoint every 3.  A run that crashes at step 4 and is resumed
@@ -38,22 +61,9 @@ def test_train_resumes_bit_identically_after_a_crash(tmp_path, monkeypatch, meth
     expected, manifest = load_model(tmp_path / "full")[0].state_dict(), json.loads(
         (tmp_path / "full" / "dmb.json").read_text())
 
-    batch_fn = TokenData.batch_fn
-
-    def crashing_batch_fn(self, batch, seed, device="cpu"):
-        get_batch = batch_fn(self, batch, seed, device)
-
-        def get(step, rank, world_size):
-            if step == 4:
-                raise Crash
-            return get_batch(step, rank, world_size)
-        return get
-
-    monkeypatch.setattr(TokenData, "batch_fn", crashing_batch_fn)
-    with pytest.raises(Crash):
+    with crash_score_batches_at(4), pytest.raises(Crash):
         train_dmb(DMBConfig(out_dir=str(tmp_path / "part"), **config))
     assert [step for step, _ in list_checkpoints(tmp_path / "part" / "checkpoints")] == [3]
-    monkeypatch.setattr(TokenData, "batch_fn", batch_fn)
     with pytest.raises(ValueError, match="resume=True"):
         train_dmb(DMBConfig(out_dir=str(tmp_path / "part"), **config))
     resumed = train_dmb(DMBConfig(out_dir=str(tmp_path / "part"), resume=True, **config))
