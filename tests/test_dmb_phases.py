@@ -2,6 +2,8 @@
 the official p̂_0, the bound's rate gradient against an exact float64 computation, settings checks, resume."""
 
 import contextlib
+import copy
+import dataclasses
 import itertools
 import json
 
@@ -235,11 +237,22 @@ def test_interleaved_first_phase_is_the_prior_kl_descent_it_always_was(tmp_path)
 
 
 def test_p0_settings_resolve_per_schedule(tmp_path):
-    assert (DMBConfig(out_dir=str(tmp_path)).p0_samples, DMBConfig(out_dir=str(tmp_path)).p0_steps) == (32, 32)
+    assert DMBConfig(out_dir=str(tmp_path)).p0_sampling == (32, 32)
     official = DMBConfig(out_dir=str(tmp_path), phases="official")
-    assert (official.p0_samples, official.p0_steps) == (512, 128)
+    assert official.p0_sampling == (512, 128)
+    assert dataclasses.replace(DMBConfig(out_dir=str(tmp_path)), phases="official").p0_sampling == (512, 128)
+    assert dataclasses.replace(official, phases="interleaved").p0_sampling == (32, 32)
     given = DMBConfig(out_dir=str(tmp_path), phases="official", p0_samples=7, p0_steps=5)
-    assert (given.p0_samples, given.p0_steps) == (7, 5)
+    assert given.p0_sampling == (7, 5) and dataclasses.replace(given, phases="interleaved").p0_sampling == (7, 5)
+    resolved = official.resolved()
+    assert (resolved.p0_samples, resolved.p0_steps) == (512, 128) and resolved.resolved() == resolved
+
+
+def test_run_record_holds_the_p0_sampling_used(tmp_path):
+    settings = {k: v for k, v in TINY.items() if k not in ("p0_samples", "p0_steps")}
+    train_dmb(DMBConfig(out_dir=str(tmp_path / "run"), steps=1, matrix_steps=1, **settings))
+    saved = load_model(tmp_path / "run")[1]
+    assert (saved.p0_samples, saved.p0_steps) == (32, 32)
 
 
 @pytest.mark.parametrize("setting, message", [
@@ -303,3 +316,24 @@ def test_official_run_resumes_bit_identically_after_a_crash(tmp_path, monkeypatc
     assert ("matrix_bound" in full["matrix_phases"][-1]) == (objective == "bound")
     assert not torch.equal(expected["p0_hat"], build_model(DMBConfig(out_dir="", **config),
                                                            load_token_data(config["data"], 16)).p0_hat)
+
+
+def test_outer_loop_resumes_the_state_of_versions_before_the_phase_history(tmp_path):
+    """Such checkpoints kept {"optimizer", "last_kl"}: the matrix steps continue from AdamW's step count, as if the
+    run had never stopped, and the missing history is warned about, not a KeyError."""
+    config = DMBConfig(out_dir=str(tmp_path), matrix_steps=3, **TINY)
+    data = load_token_data("text8", 16)
+    torch.manual_seed(0)
+    model = build_model(config, data)
+    first = OuterLoop(model, NoEma(), data, config)
+    first.matrix_phase(0)
+    resumed = OuterLoop(model, NoEma(), data, config)
+    with pytest.warns(UserWarning, match="before DMB runs kept a matrix-phase history"):
+        resumed.load_state_dict({"optimizer": copy.deepcopy(first.optimizer.state_dict()), "last_kl": 0.25})
+    assert resumed.updates == first.updates == 3 and resumed.history == []
+    rates = model.rates.raw.detach().clone()
+    first.matrix_phase(3)
+    expected = model.rates.raw.detach().clone()
+    model.rates.raw.data.copy_(rates)
+    resumed.matrix_phase(3)
+    assert torch.equal(model.rates.raw, expected)

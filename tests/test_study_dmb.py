@@ -120,12 +120,18 @@ def test_model_option_names_the_outputs_and_the_run_folders(tmp_path):
 
     args = type("Args", (), {"model": "medium", "arms": ("dmb-interleaved-prior", "dmb-frozen-init"),
                              "seeds": (0,), "jobs": 2, "runs_dir": None, "out": str(tmp_path), "device": None,
-                             "train_missing": False})()
+                             "train_missing": False, "steps": None})()
     cfg = dmb_config(study.DMBStudyConfig(), args)
     assert cfg.train.model == "medium" and cfg.train.steps == 10000 and cfg.seeds == (0,) and cfg.jobs == 2
     assert not cfg.train_missing
     assert STUDIES["dmb"].output_stem(cfg) == "dmb_medium" and cfg.runs_dir == str(tmp_path / "dmb_medium-runs")
     assert STUDIES["dmb"].output_stem(study.DMBStudyConfig()) == "dmb"
+    args.steps = 3000
+    cfg = dmb_config(study.DMBStudyConfig(), args)
+    assert cfg.train.steps == 3000 and cfg.train.eval_every == 500
+    assert STUDIES["dmb"].output_stem(cfg) == "dmb_medium_3000steps"
+    args.model = None
+    assert STUDIES["dmb"].output_stem(dmb_config(study.DMBStudyConfig(), args)) == "dmb_3000steps"
 
 
 def test_study_training_is_what_earlier_runs_were_trained_with(tmp_path):
@@ -135,9 +141,9 @@ def test_study_training_is_what_earlier_runs_were_trained_with(tmp_path):
     for arm in study.arms_supported():
         expected = dataclasses.replace(study.study_training(), out_dir=str(tmp_path / f"{arm.slug}-s2"), seed=2,
                                        **arm.overrides)
-        if arm.overrides.get("phases") == "official":  # replace() keeps the interleaved p̂_0 sampling: name it
+        if arm.overrides.get("phases") == "official":  # the study's lanes named the official p̂_0 sampling
             expected = dataclasses.replace(expected, p0_samples=512, p0_steps=128)
-        assert study.arm_config(cfg, arm, 2, tmp_path) == expected
+        assert study.same_settings(study.arm_config(cfg, arm, 2, tmp_path), expected)
     assert dataclasses.asdict(study.study_training()) == dataclasses.asdict(DMBConfig(
         out_dir="", steps=10000, eval_every=500, checkpoint_every=0, log_every=500, progress=False))
     assert [(arm.label, arm.slug) for arm in study.ARMS if arm.slug in (
@@ -164,6 +170,7 @@ def test_study_config_rejects_bad_arms_seeds_and_jobs(overrides, message):
     (["--seeds", "0,x"], "--seeds: expected comma-separated integers like 0,1,2, got '0,x'"),
     (["--jobs", "0"], "--jobs: expected an integer > 0, got 0"),
     (["--model", "huge"], "--model: invalid choice: 'huge'"),
+    (["--steps", "0"], "--steps: expected an integer > 0, got 0"),
 ])
 def test_cli_rejects_bad_study_options(tmp_path, capsys, argv, message):
     assert main(["study", "dmb", "--quick", "-o", str(tmp_path), *argv]) == 2

@@ -52,6 +52,8 @@ def add_dmb_arguments(parser: argparse.ArgumentParser) -> None:
                         help="seeds added to --seed, comma-separated (default 0,1,2; --quick 0,1)")
     parser.add_argument("--model", choices=sorted(MODEL_PRESETS),
                         help="network preset (default small; another writes dmb_<model>.{md,png,json})")
+    parser.add_argument("--steps", type=positive_int, metavar="N",
+                        help="score steps per run (default 10000; another adds _<N>steps to the output name)")
     parser.add_argument("--runs-dir", metavar="DIR",
                         help="run folders, kept and reused when their settings match (default OUT/<stem>-runs)")
     parser.add_argument("--jobs", type=positive_int, default=1,
@@ -75,10 +77,11 @@ def check(args: argparse.Namespace) -> None:
 
 
 def dmb_config(config, args: argparse.Namespace):
-    """The dmb study's config with the command line's arms, seeds, model, device, run folders and jobs."""
+    """The dmb study's config with the command line's arms, seeds, model, steps, device, run folders and jobs."""
     from slimrate.studies import STUDIES
 
-    train = {k: v for k, v in {"model": args.model, "device": args.device}.items() if v is not None}
+    train = {k: v for k, v in {"model": args.model, "device": args.device, "steps": args.steps}.items()
+             if v is not None}
     config = dataclasses.replace(config, train=dataclasses.replace(config.train, **train))
     overrides = {"arms": args.arms, "seeds": args.seeds}
     config = dataclasses.replace(config, jobs=args.jobs, train_missing=args.train_missing,

@@ -67,10 +67,10 @@ class DMBConfig:
     "official" = ``q_passes`` passes of matrix steps first, then ``score_passes`` passes of score steps and
     ``q_passes`` of matrix steps per outer iteration (a pass: ceil(training windows / batch) steps; outer_every
     and matrix_steps unused).  Each outer iteration starts with p̂_0 from ``p0_samples`` sequences ×
-    ``p0_steps`` Euler steps (None: 32 × 32 for interleaved, the official script's 512 × 128 for official;
-    resolved here, so dmb.json records the numbers used); matrix steps are AdamW(``matrix_lr``,
-    ``matrix_weight_decay``) on ``q_objective``: "prior" (the prior KL, exact over μ̂) or "bound" (DWDSE of a
-    training batch + prior KL) (official code: 1e-3, 1e-2, clip 1).
+    ``p0_steps`` Euler steps (None: the schedule's own, 32 × 32 for interleaved, the official script's 512 × 128
+    for official; ``p0_sampling`` gives the numbers used, and dmb.json records them); matrix steps are
+    AdamW(``matrix_lr``, ``matrix_weight_decay``) on ``q_objective``: "prior" (the prior KL, exact over μ̂) or
+    "bound" (DWDSE of a training batch + prior KL) (official code: 1e-3, 1e-2, clip 1).
     eval_every: bound on ``eval_sequences`` × ``eval_samples`` times every k steps (0: at the end only).
     checkpoint_every: a checkpoint of the run every k steps and at the end (0: none), the newest
     ``keep_checkpoints`` kept; resume: continue from the newest one that verifies (docs/training.md §3).
@@ -139,6 +139,8 @@ class DMBConfig:
                           ("p0_samples", 1), ("p0_steps", 1), ("eval_sequences", 1), ("log_every", 1),
                           ("checkpoint_every", 0), ("keep_checkpoints", 1)):
             value = getattr(self, name)
+            if value is None and name in ("p0_samples", "p0_steps"):
+                continue
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ValueError(f"{name}: expected an int >= {low}, got {value!r}")
         if self.eval_samples < 2:
@@ -147,7 +149,7 @@ class DMBConfig:
             raise ValueError(f"ema: expected a decay in [0, 1), got {self.ema!r}")
 
     def _check_outer_loop(self) -> None:
-        """Check the schedule and objective settings and resolve p0_samples / p0_steps (None) per schedule."""
+        """Check the schedule and objective settings."""
         if self.phases not in PHASES:
             raise ValueError(f"phases: expected one of {PHASES}, got {self.phases!r}")
         if self.q_objective not in Q_OBJECTIVES:
@@ -167,9 +169,19 @@ class DMBConfig:
         if self.q_objective == "bound" and self.batch == 1:
             raise ValueError(f"batch: q_objective='bound' needs >= 2 sequences per batch (the leave-one-out "
                              f"baseline of its gradient), got {self.batch}")
+
+    @property
+    def p0_sampling(self) -> tuple[int, int]:
+        """(sequences, Euler steps) of each p̂_0 estimate: p0_samples / p0_steps, or the schedule's own where None
+        (resolved when used, so ``dataclasses.replace(config, phases=...)`` takes the new schedule's)."""
         samples, steps = P0_DEFAULTS[self.phases]
-        self.p0_samples = samples if self.p0_samples is None else self.p0_samples
-        self.p0_steps = steps if self.p0_steps is None else self.p0_steps
+        return (samples if self.p0_samples is None else self.p0_samples,
+                steps if self.p0_steps is None else self.p0_steps)
+
+    def resolved(self) -> DMBConfig:
+        """This config with p0_samples / p0_steps set to ``p0_sampling`` (what dmb.json records)."""
+        samples, steps = self.p0_sampling
+        return dataclasses.replace(self, p0_samples=samples, p0_steps=steps)
 
 
 class EMA:
@@ -334,7 +346,7 @@ def save_model(out: Path, model: DMBModel, config: DMBConfig, data: TokenData, f
     for DMB the schedule's lengths and one record per matrix phase, ``OuterLoop.history``)."""
     state = {name: t.detach().cpu().contiguous() for name, t in full_state_dict(model).items()}
     write_bytes_atomic(out / MODEL_FILE, save_safetensors(state, metadata={"format": FORMAT}))
-    record = {"config": asdict(config), "net": asdict(model.net.cfg), "noise": model.noise.to_dict(),
+    record = {"config": asdict(config.resolved()), "net": asdict(model.net.cfg), "noise": model.noise.to_dict(),
               "data": {"name": data.name, "vocab_size": data.vocab_size, "seq_len": data.seq_len,
                        "image_shape": data.image_shape},
               "parameters": sum(p.numel() for p in model.net.parameters()), "final_eval": final,

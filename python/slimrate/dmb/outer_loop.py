@@ -15,6 +15,7 @@ a training batch per step (``matrix_bound_loss``).  The baselines and ``learn_q=
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Any
 
 import torch
@@ -96,15 +97,15 @@ class OuterLoop:
 
     @torch.no_grad()
     def estimate_p0(self) -> None:
-        """p̂_0 from ``p0_samples`` × ``p0_steps`` Euler samples of the EMA network: pooled over exchangeable
-        positions and smoothed (interleaved), or per position and unsmoothed (official)."""
+        """p̂_0 from Euler samples of the EMA network (the config's ``p0_sampling``: sequences × steps), pooled
+        over exchangeable positions and smoothed (interleaved), or per position and unsmoothed (official)."""
         net = self.model.net
         was_training = net.training
         net.eval()
         try:
             with self.ema.applied():
                 result = reverse_sample(net, self.model.rates, self.model.noise, self.model.prior(),
-                                        self.config.p0_samples, self.config.p0_steps)
+                                        *self.config.p0_sampling)
         finally:
             net.train(was_training)
         official = self.config.phases == "official"
@@ -125,6 +126,14 @@ class OuterLoop:
         return {"optimizer": self.optimizer.state_dict(), "updates": self.updates, "history": self.history}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Also reads the state of slimrate versions before the phase history ({"optimizer", "last_kl"}, interleaved
+        schedule only): the matrix step count comes from AdamW's own, the history starts empty (warned)."""
         self.optimizer.load_state_dict(state["optimizer"])
-        self.updates = int(state["updates"])
-        self.history = [dict(record) for record in state["history"]]
+        if "updates" in state:
+            self.updates = int(state["updates"])
+            self.history = [dict(record) for record in state["history"]]
+            return
+        steps = [int(s["step"]) for s in self.optimizer.state_dict()["state"].values()]
+        self.updates, self.history = (steps[0] if steps else 0), []
+        warnings.warn("this checkpoint was written before DMB runs kept a matrix-phase history: the run resumes, "
+                      "and dmb.json's history lists only the phases after this point", stacklevel=2)

@@ -27,7 +27,7 @@ import torch
 from slimrate.dmb.data import load_token_data
 from slimrate.dmb.driver import EVAL_SEED, DMBConfig, bound_of, load_model, official_bound_of, train_dmb
 from slimrate.dmb.sampler import reverse_sample
-from slimrate.studies.dmb_report import results_plot, results_table, study_stem
+from slimrate.studies.dmb_report import STUDY_STEPS, results_plot, results_table, study_stem
 from slimrate.studies.protocol import Study
 from slimrate.train import CheckpointError, read_jsonl
 
@@ -60,7 +60,7 @@ IGNORED_FIELDS = ("out_dir", "progress", "resume", "device")
 def study_training() -> DMBConfig:
     """The training settings every run of the full study shares; each arm overrides some, each run sets
     out_dir and seed."""
-    return DMBConfig(out_dir="", steps=10000, eval_every=500, checkpoint_every=0, log_every=500, progress=False)
+    return DMBConfig(out_dir="", steps=STUDY_STEPS, eval_every=500, checkpoint_every=0, log_every=500, progress=False)
 
 
 @dataclass
@@ -132,7 +132,9 @@ def arm_config(cfg: DMBStudyConfig, arm: Arm, seed: int, runs: Path) -> DMBConfi
 
 
 def same_settings(saved: DMBConfig, wanted: DMBConfig) -> bool:
-    """Equal field by field, except ``IGNORED_FIELDS`` (fields a saved file lacks took their defaults on load)."""
+    """Equal field by field once resolved (p̂_0 sampling left to the schedule = its numbers), except
+    ``IGNORED_FIELDS`` (fields a saved file lacks took their defaults on load)."""
+    saved, wanted = saved.resolved(), wanted.resolved()
     return all(getattr(saved, f.name) == getattr(wanted, f.name) for f in dataclasses.fields(DMBConfig)
                if f.name not in IGNORED_FIELDS)
 

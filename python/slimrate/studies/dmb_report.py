@@ -15,10 +15,17 @@ from collections.abc import Callable
 from slimrate.files import figure_png
 from slimrate.studies.protocol import StudyResults
 
+STUDY_STEPS = 10_000  # score steps of every run of the full study (the default output name's)
+
 
 def study_stem(cfg) -> str:
-    """Output name: dmb for the default `small` net (and the quick version's `tiny`), dmb_<model> for a larger."""
-    return "dmb" if cfg.train.model in ("tiny", "small") else f"dmb_{cfg.train.model}"
+    """Output name: dmb for the default `small` net at the default steps (and the quick version), dmb_<model> for
+    a larger net, with _<N>steps when the runs take another number of steps."""
+    if cfg.train.model == "tiny":
+        return "dmb"
+    model = "" if cfg.train.model == "small" else f"_{cfg.train.model}"
+    steps = "" if cfg.train.steps == STUDY_STEPS else f"_{cfg.train.steps}steps"
+    return f"dmb{model}{steps}"
 
 
 def by_arm(rows: list[dict]) -> dict[str, list[dict]]:
