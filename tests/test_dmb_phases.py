@@ -270,8 +270,10 @@ def test_run_record_holds_the_p0_sampling_used(tmp_path):
     (dict(learn_q=False, q_objective="bound"), "q_objective: 'bound' concerns matrix learning, which learn_q=False"),
     (dict(q_objective="bound", batch=1), "batch: q_objective='bound' needs >= 2 sequences per batch"),
     (dict(p0_samples=0), "p0_samples: expected an int >= 1, got 0"),
+    (dict(eval_samples=3), r"eval_samples: expected an even number >= 2 \(two times in each stratum of t"),
 ], ids=["phases", "objective", "q-passes-0", "q-passes-nan", "score-passes-negative", "score-passes-str",
-        "bound-baseline", "official-baseline", "official-fixed-q", "bound-fixed-q", "bound-batch-1", "p0-samples"])
+        "bound-baseline", "official-baseline", "official-fixed-q", "bound-fixed-q", "bound-batch-1", "p0-samples",
+        "eval-samples-odd"])
 def test_config_rejects_bad_schedule_settings(tmp_path, setting, message):
     with pytest.raises(ValueError, match=message):
         DMBConfig(out_dir=str(tmp_path), **setting)

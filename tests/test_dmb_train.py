@@ -182,12 +182,16 @@ def test_cli_rejects_bad_inputs(argv, message, capsys):
     assert message in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("flag", ["--samples", "--repeats"])
-@pytest.mark.parametrize("value", ["0", "1"])
-def test_cli_rejects_fewer_than_two_samples_or_repeats(tmp_path, capsys, flag, value):
+@pytest.mark.parametrize("flag, value, message", [
+    ("--samples", "0", "expected an even number >= 2 (two times in each stratum of t), got 0"),
+    ("--samples", "1", "expected an even number >= 2 (two times in each stratum of t), got 1"),
+    ("--samples", "7", "expected an even number >= 2 (two times in each stratum of t), got 7"),
+    ("--repeats", "0", "expected >= 2 (the standard error needs two), got 0"),
+    ("--repeats", "1", "expected >= 2 (the standard error needs two), got 1")])
+def test_cli_rejects_too_few_or_odd_samples_and_too_few_repeats(tmp_path, capsys, flag, value, message):
     (tmp_path / "dmb.json").write_text("{}")
     assert main(["dmb", "eval", str(tmp_path), flag, value]) == 2
-    assert f"{flag}: expected >= 2 (the standard error needs two), got {value}" in capsys.readouterr().err
+    assert f"{flag}: {message}" in capsys.readouterr().err
 
 
 @pytest.fixture(scope="module")

@@ -128,7 +128,7 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
                              "loss, one uniform t per window, repeated (docs/dmb.md §7; default %(default)s)")
     parser.add_argument("--sequences", type=positive_int, default=256, help="evaluation windows (default 256)")
     parser.add_argument("--samples", type=int, default=8,
-                        help="ours: Monte Carlo times per window, >= 2 (default 8)")
+                        help="ours: Monte Carlo times per window, even, >= 2 (two per stratum of t; default 8)")
     parser.add_argument("--repeats", type=int, default=20,
                         help="official: passes over the windows, >= 2 (default 20, the authors' test script)")
     parser.add_argument("--seed", type=int, default=0)
@@ -137,8 +137,9 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
 
 def check_eval(args: argparse.Namespace) -> None:
     check_run_folder(args.dir)
-    if args.samples < 2:
-        raise UsageError(f"--samples: expected >= 2 (the standard error needs two), got {args.samples}")
+    if args.samples < 2 or args.samples % 2:
+        raise UsageError(f"--samples: expected an even number >= 2 (two times in each stratum of t), "
+                         f"got {args.samples}")
     if args.repeats < 2:
         raise UsageError(f"--repeats: expected >= 2 (the standard error needs two), got {args.repeats}")
 

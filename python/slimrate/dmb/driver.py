@@ -143,8 +143,9 @@ class DMBConfig:
                 continue
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ValueError(f"{name}: expected an int >= {low}, got {value!r}")
-        if self.eval_samples < 2:
-            raise ValueError(f"eval_samples: expected >= 2 (the standard error needs two), got {self.eval_samples}")
+        if self.eval_samples < 2 or self.eval_samples % 2:
+            raise ValueError(f"eval_samples: expected an even number >= 2 (two times in each stratum of t; "
+                             f"slimrate.dmb.elbo), got {self.eval_samples}")
         if not 0 <= self.ema < 1:
             raise ValueError(f"ema: expected a decay in [0, 1), got {self.ema!r}")
 

@@ -81,7 +81,7 @@ class DMBStudyConfig:
     jobs: int = 1
     train_missing: bool = True
     final_sequences: int = 256
-    final_samples: int = 8
+    final_samples: int = 16
     official_repeats: int = 20
     sample_count: int = 3
     sample_steps: int = 128
