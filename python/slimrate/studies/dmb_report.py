@@ -101,8 +101,8 @@ def results_table(cfg, results: StudyResults) -> str:
              "gets the same times, so part of a run's Monte Carlo error is shared with the others); its per-run "
              "Monte Carlo SE is averaged over seeds. **official**: the DMB authors' protocol, "
              f"{cfg.official_repeats} passes of one uniform t per window (docs/dmb.md §7); no model is selected on "
-             "these windows. Values are mean (min–max) over seeds, bits/char. Rates: mean rate into the absorbing rank / mean (max) of the "
-             "others, after training.", "",
+             "these windows. Values are mean (min–max) over seeds, bits/char. Rates: mean rate into the absorbing "
+             "rank / mean (max) of the others, after training.", "",
              "| arm | seeds | BPC, ours | MC SE per run | BPC, official | official SE per run | score term "
              "| prior term | train steps/s | rates |", "|---|---|---|---|---|---|---|---|---|---|"]
     for label, g in groups.items():
