@@ -338,6 +338,12 @@ def test_noise_schedules_rate_is_the_derivative_of_the_total():
     assert LogLinearNoise().total(torch.tensor(0.0)) == 0
 
 
+def test_noise_schedules_time_at_inverts_the_total():
+    t = torch.cat([torch.rand(100, dtype=torch.float64), torch.tensor([1e-9, 1.0], dtype=torch.float64)])
+    for noise in (LogLinearNoise(), LogLinearNoise(eps=0.05), GeometricNoise()):
+        torch.testing.assert_close(noise.time_at(noise.total(t)), t, rtol=1e-9, atol=1e-15)
+
+
 def test_rejects_token_ids_outside_the_vocabulary():
     rates = random_rate_matrix(L=3, V=5)
     with pytest.raises(ValueError, match=r"x0: expected token ids in \[0, 5\)"):

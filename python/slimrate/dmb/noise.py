@@ -37,6 +37,10 @@ class LogLinearNoise:
         """σ(t) = dσ̄/dt, same shape and dtype as t."""
         return (1 - self.eps) / (1 - (1 - self.eps) * t)
 
+    def time_at(self, h: torch.Tensor) -> torch.Tensor:
+        """The t with σ̄(t) = h, for h in [σ̄(0), σ̄(1)]."""
+        return -torch.expm1(-h) / (1 - self.eps)
+
     def to_dict(self) -> dict:
         return {"name": self.name, **asdict(self)}
 
@@ -63,6 +67,9 @@ class GeometricNoise:
 
     def rate(self, t: torch.Tensor) -> torch.Tensor:
         return self.total(t) * math.log(self.sigma_max / self.sigma_min)
+
+    def time_at(self, h: torch.Tensor) -> torch.Tensor:
+        return torch.log(h / self.sigma_min) / math.log(self.sigma_max / self.sigma_min)
 
     def to_dict(self) -> dict:
         return {"name": self.name, **asdict(self)}
