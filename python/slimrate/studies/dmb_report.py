@@ -98,8 +98,8 @@ def results_table(cfg, results: StudyResults) -> str:
              f"the {t.init} init with p̂_0 = μ̂.", "",
              f"Final EMA model of every run on {cfg.final_sequences} held-out windows. **ours**: the bound with "
              f"{cfg.final_samples} Monte Carlo times per window, stratified in total noise (slimrate.dmb.elbo; "
-             "every run gets the same times, so part of a run's Monte Carlo error is shared with the others); its per-run "
-             "Monte Carlo SE is averaged over seeds. **official**: the DMB authors' protocol, "
+             "every run gets the same times, so part of a run's Monte Carlo error is shared with the others); its "
+             "per-run Monte Carlo SE is averaged over seeds. **official**: the DMB authors' protocol, "
              f"{cfg.official_repeats} passes of one uniform t per window (docs/dmb.md §7); no model is selected on "
              "these windows. Values are mean (min–max) over seeds, bits/char. Rates: mean rate into the absorbing "
              "rank / mean (max) of the others, after training.", "",
