@@ -128,7 +128,7 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
                              "loss, one uniform t per window, repeated (docs/dmb.md §7; default %(default)s)")
     parser.add_argument("--sequences", type=positive_int, default=256, help="evaluation windows (default 256)")
     parser.add_argument("--samples", type=int, default=8,
-                        help="ours: Monte Carlo times per window, even, >= 2 (two per stratum of t; default 8)")
+                        help="ours: Monte Carlo times per window, even, >= 2 (two per stratum of noise; default 8)")
     parser.add_argument("--repeats", type=int, default=20,
                         help="official: passes over the windows, >= 2 (default 20, the authors' test script)")
     parser.add_argument("--seed", type=int, default=0)

@@ -64,7 +64,7 @@ class ElboResult:
 def elbo_bits(net, rates, noise: Noise, p_T: torch.Tensor, x0: torch.Tensor, samples: int = 4, batch: int = 64,
               generator: torch.Generator | None = None) -> ElboResult:
     """The bound for the sequences x0 (N, L) int64 with ``samples`` (even, ≥ 2) times each, two in each of
-    samples/2 strata of u = √t, ``batch`` rows per call."""
+    samples/2 strata of u, σ̄(t) = σ̄(0) + (σ̄(1) − σ̄(0))·u² (module docstring), ``batch`` rows per call."""
     if isinstance(samples, bool) or not isinstance(samples, int) or samples < 2 or samples % 2:
         raise ValueError(f"samples: expected an even int >= 2 (two times in each of samples/2 strata of t; the "
                          f"standard error needs the pairs), got {samples!r}")
